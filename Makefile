@@ -1,0 +1,39 @@
+# The only two commands a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test test-all bench lint format install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m rmib.demo --out demo-output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --out benchmarks/BENCHMARKS.md
+
+lint: $(STAMP)
+	$(BIN)/ruff check rmib tests benchmarks
+	$(BIN)/ruff format --check rmib tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix rmib tests benchmarks
+	$(BIN)/ruff format rmib tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-output build *.egg-info

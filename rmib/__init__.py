@@ -1,0 +1,18 @@
+"""rmib: transfer learning for retinal fundus images (Keras 3 / TensorFlow).
+
+Stage 1 trains a "lesion / healthy" classifier; stage 2 reuses its frozen
+feature extractor as the encoder of per-lesion segmenters. Around that idea
+rmib carries Keras ports of the fused local-global U-Net (Yan et al. 2019),
+Dual2Net with the DSM Dice loss, and the patch-grid DR grader (Yang et al. 2017).
+"""
+
+__version__ = "0.1.0"
+
+LESIONS = ("EX", "HE", "MA", "SE")
+LESION_NAMES = {
+    "EX": "hard exudates",
+    "HE": "haemorrhages",
+    "MA": "microaneurysms",
+    "SE": "soft exudates",
+    "OD": "optic disc",
+}

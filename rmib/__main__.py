@@ -1,0 +1,3 @@
+from rmib.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""The `rmib` command line: a click group; each command hands off to the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from rmib import __version__
+from rmib.errors import RmibError
+
+
+class _Group(click.Group):
+    """Prints user errors (RmibError and friends) as one line, no traceback, exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RmibError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            name = exc.filename or ""
+            click.echo(f"Error: {name}: {exc.strerror or exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rmib")
+def cli():
+    """rmib: transfer learning for retinal fundus images.
+
+    Pretrain a lesion classifier, turn its encoder into lesion segmenters,
+    run the published local-global U-Net, Dual2Net and patch-grid grader,
+    predict whole photographs, evaluate and export.
+    """
+
+
+def _register():
+    from rmib.commands import data
+
+    cli.add_command(data.data)
+
+
+_register()
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return cli.main(args=argv, prog_name="rmib")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+
+from rmib import io
+
+on_bad_option = click.option(
+    "--on-bad",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="error: stop at the first bad file with its name; skip: go on, list it in skipped.csv.",
+)
+
+
+def _set_max_pixels(ctx, param, value):
+    io.set_max_pixels(value)
+    return value
+
+
+max_pixels_option = click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=io.DEFAULT_MAX_PIXELS,
+    show_default=True,
+    expose_value=False,
+    callback=_set_max_pixels,
+    help="Refuse images with more pixels than this, before decoding them.",
+)
+
+data_root_argument = click.argument(
+    "root", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
+)
