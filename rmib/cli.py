@@ -38,9 +38,11 @@ def cli():
 
 
 def _register():
-    from rmib.commands import data
+    from rmib.commands import data, models
 
     cli.add_command(data.data)
+    for command in (models.pretrain, models.segment, models.predict, models.evaluate):
+        cli.add_command(command)
 
 
 _register()

@@ -44,7 +44,8 @@ class Dataset:
     Attributes:
         layout: reader name ("messidor", "kaggle", "aptos", "idrid-segmentation",
             "idrid-grading", "e-ophtha", "ddr-segmentation", "ddr-grading",
-            "folder-classes", "folder-masks").
+            "folder-classes", "folder-masks"), or the family name ("idrid",
+            "ddr", "folder") when one tree holds both of its parts.
         root: the folder that was read.
         records: one Record per photograph.
         lesions: the lesion types this layout annotates with masks.

@@ -1,0 +1,340 @@
+"""`rmib pretrain`, `rmib segment`, `rmib predict`, `rmib evaluate`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import click
+
+from rmib.commands.options import max_pixels_option, on_bad_option
+
+_path = click.Path(path_type=pathlib.Path)
+_existing = click.Path(exists=True, path_type=pathlib.Path)
+
+
+def train_options(func):
+    """Flags of the one training runner, shared by every training command."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), help="Training epochs."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Images (patches) per step."),
+        click.option("--lr", "learning_rate", type=float, help="Initial learning rate."),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Optimizer."),
+        click.option(
+            "--lr-schedule", type=click.Choice(["constant", "plateau", "poly"]), help="LR schedule."
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+            help="auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16, else float32.",
+        ),
+        click.option(
+            "--strategy",
+            type=click.Choice(["auto", "default", "mirrored"]),
+            help="tf.distribute strategy (auto: mirrored when several GPUs are visible).",
+        ),
+        click.option("--seed", type=int, help="Random seed."),
+        click.option(
+            "--deterministic/--no-deterministic", default=None, help="Deterministic TF ops."
+        ),
+        click.option(
+            "--early-stopping",
+            "early_stopping_patience",
+            type=click.IntRange(min=0),
+            help="Stop after N epochs without improvement (0 = off).",
+        ),
+        click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint."),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+            help="A TOML recipe; flags override its values.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+_TRAIN_KEYS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "optimizer",
+    "lr_schedule",
+    "precision",
+    "strategy",
+    "seed",
+    "deterministic",
+    "early_stopping_patience",
+)
+
+
+def _overrides(kwargs, keys):
+    out = {}
+    for key in keys:
+        value = kwargs.get(key)
+        if isinstance(value, tuple):
+            value = [str(v) for v in value] or None
+        elif isinstance(value, pathlib.Path):
+            value = str(value)
+        out[key] = value
+    for key in _TRAIN_KEYS:
+        out[f"train.{key}"] = kwargs.get(key)
+    return out
+
+
+@click.command()
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+    help="Dataset root (repeatable: Messidor and Kaggle together).",
+)
+@click.option("--backbone", type=click.Choice(["vgg16", "resnet50"]), help="Backbone [vgg16].")
+@click.option("--cbam/--no-cbam", default=None, help="Add CBAM attention.")
+@click.option("--image-size", type=click.IntRange(min=32), help="Input side in pixels [480].")
+@click.option("--weights", type=str, help="none | imagenet | PATH to a weights file [none].")
+@click.option("--val-fraction", type=float, help="Stratified validation fraction [0.2].")
+@click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
+@click.option("--out", type=_path, help="Run directory.")
+@train_options
+@on_bad_option
+@max_pixels_option
+def pretrain(config_path, resume, on_bad, **kwargs):
+    """Train a VGG16 / ResNet50 (+CBAM) lesion / healthy classifier (stage 1)."""
+    from rmib.config import load_config
+    from rmib.pretrain import PretrainConfig, run_pretrain
+
+    overrides = _overrides(
+        kwargs,
+        ("data", "backbone", "cbam", "image_size", "weights", "val_fraction", "cache_dir", "out"),
+    )
+    overrides["on_bad"] = on_bad
+    cfg = load_config(PretrainConfig, config_path, overrides)
+    run_pretrain(cfg, resume=resume)
+
+
+@click.command()
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+    help="Dataset root with lesion masks (repeatable).",
+)
+@click.option("--lesion", type=click.Choice(["EX", "HE", "MA", "SE"]), help="Lesion type.")
+@click.option(
+    "--model",
+    type=click.Choice(["encoder-decoder", "local-global", "dual2net"]),
+    help="Segmentation method [encoder-decoder].",
+)
+@click.option(
+    "--encoder", type=str, help="A `rmib pretrain` run directory, or vgg16 | resnet50 to build one."
+)
+@click.option("--cbam/--no-cbam", default=None, help="With a backbone name: add CBAM.")
+@click.option("--weights", type=str, help="With a backbone name: none | imagenet | PATH.")
+@click.option(
+    "--fine-tune-after",
+    type=click.IntRange(min=0),
+    help="Unfreeze the encoder after N epochs, at a 10x lower learning rate.",
+)
+@click.option("--patch-size", type=click.IntRange(min=32), help="Training patch side [160].")
+@click.option("--patches-per-epoch", type=click.IntRange(min=1), help="Patches per epoch [512].")
+@click.option(
+    "--loss",
+    type=click.Choice(["bce", "dice", "bce+dice", "weighted-bce"]),
+    help="Loss [bce+dice].",
+)
+@click.option("--val-fraction", type=float, help="Whole images held out for validation [0.2].")
+@click.option("--val-names", multiple=True, help="Hold out these images (by name) instead.")
+@click.option(
+    "--image-size",
+    "dual2net_image_size",
+    nargs=2,
+    type=int,
+    default=None,
+    help="Dual2Net: HEIGHT WIDTH of the resized photograph [960 1440].",
+)
+@click.option(
+    "--global-size", type=click.IntRange(min=32), help="Local-global: GlobalNet input [640]."
+)
+@click.option(
+    "--base-filters", type=click.IntRange(min=1), help="Local-global: U-Net base width [32]."
+)
+@click.option("--phases", type=str, help="Local-global: comma-separated phases to run.")
+@click.option(
+    "--epochs-per-phase", type=click.IntRange(min=1), help="Local-global: epochs per phase."
+)
+@click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
+@click.option("--out", type=_path, help="Run directory.")
+@train_options
+@on_bad_option
+@max_pixels_option
+def segment(
+    config_path,
+    resume,
+    on_bad,
+    dual2net_image_size,
+    global_size,
+    base_filters,
+    phases,
+    epochs_per_phase,
+    **kwargs,
+):
+    """Train a lesion segmenter on patches (default: the transferred, frozen encoder)."""
+    from rmib.config import load_config
+    from rmib.segment import run_segment
+    from rmib.segment_config import SegmentConfig
+
+    overrides = _overrides(
+        kwargs,
+        (
+            "data",
+            "lesion",
+            "model",
+            "encoder",
+            "cbam",
+            "weights",
+            "fine_tune_after",
+            "patch_size",
+            "patches_per_epoch",
+            "loss",
+            "val_fraction",
+            "val_names",
+            "cache_dir",
+            "out",
+        ),
+    )
+    overrides["on_bad"] = on_bad
+    overrides["dual2net.image_size"] = list(dual2net_image_size) if dual2net_image_size else None
+    overrides["local_global.global_size"] = global_size
+    overrides["local_global.base_filters"] = base_filters
+    overrides["local_global.phases"] = (
+        [p.strip() for p in phases.split(",") if p.strip()] if phases else None
+    )
+    overrides["local_global.epochs_per_phase"] = epochs_per_phase
+    cfg = load_config(SegmentConfig, config_path, overrides)
+    run_segment(cfg, resume=resume)
+
+
+def _model_options(func):
+    for option in reversed(
+        [
+            click.option(
+                "--lesion",
+                type=click.Choice(["EX", "HE", "MA", "SE"]),
+                help="Override the lesion type stored in the model.",
+            ),
+            click.option("--tile", type=click.IntRange(min=32), help="Tile side for tiled models."),
+            click.option("--overlap", type=float, help="Tile overlap fraction in [0, 1)."),
+            click.option(
+                "--tile-batch", "batch_size", type=click.IntRange(min=1), help="Tiles per batch."
+            ),
+            click.option(
+                "--threshold",
+                type=float,
+                default=0.5,
+                show_default=True,
+                help="Probability threshold of the binary mask.",
+            ),
+            click.option(
+                "--unsafe-load",
+                is_flag=True,
+                help="Allow model files with Lambda layers (runs code from the file).",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load):
+    from rmib.errors import RmibError
+    from rmib.segmenters import load_segmenter
+
+    if overlap is not None and not 0.0 <= overlap < 1.0:
+        raise RmibError(f"--overlap must be in [0, 1), got {overlap}")
+    return load_segmenter(
+        model, unsafe=unsafe_load, tile=tile, overlap=overlap, batch_size=batch_size, lesion=lesion
+    )
+
+
+@click.command()
+@click.argument("model", type=_existing)
+@click.argument("images", nargs=-1, required=True, type=_path)
+@click.option("--out", type=_path, required=True, help="Output folder.")
+@_model_options
+@on_bad_option
+@max_pixels_option
+def predict(model, images, out, lesion, tile, overlap, batch_size, threshold, unsafe_load, on_bad):
+    """Segment whole photographs: probability map (16-bit PNG), mask and overlay per image.
+
+    MODEL is a run directory or a .keras file; IMAGES are files or folders.
+    """
+    from rmib.predict import predict_files
+
+    segmenter = _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load)
+    done, skipped = predict_files(segmenter, images, out, threshold=threshold, on_bad=on_bad)
+    click.echo(
+        f"{len(done)} image(s) predicted -> {out}"
+        + (f"; {len(skipped)} skipped (skipped.csv)" if skipped else "")
+    )
+
+
+@click.command()
+@click.argument("model", type=_existing)
+@click.option(
+    "--data",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+    help="Dataset root with masks of the model's lesion (repeatable).",
+)
+@click.option("--out", type=_path, required=True, help="Output folder.")
+@click.option("--split", type=str, help="Only images of this split of the dataset (e.g. test).")
+@click.option("--names", multiple=True, help="Only these images (by name).")
+@click.option("--fov-only", is_flag=True, help="Count only pixels inside the field of view.")
+@click.option("--no-overlays", is_flag=True, help="Do not write comparison overlays.")
+@_model_options
+@on_bad_option
+@max_pixels_option
+def evaluate(
+    model,
+    data,
+    out,
+    split,
+    names,
+    fov_only,
+    no_overlays,
+    lesion,
+    tile,
+    overlap,
+    batch_size,
+    threshold,
+    unsafe_load,
+    on_bad,
+):
+    """Evaluate a segmenter on whole photographs: AUPR, pixel and region-level scores."""
+    from rmib.predict import evaluate_dataset
+
+    segmenter = _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load)
+    result = evaluate_dataset(
+        segmenter,
+        data,
+        out,
+        lesion=lesion,
+        threshold=threshold,
+        fov_only=fov_only,
+        split=split,
+        names=names,
+        on_bad=on_bad,
+        overlays=not no_overlays,
+    )
+    shown = {k: v for k, v in result.items() if isinstance(v, float)}
+    click.echo(
+        json.dumps(
+            {"images": result["images"], **shown, "region_f_score": result["region_f_score"]},
+            indent=2,
+        )
+    )
+    click.echo(f"-> {out}/metrics.json, per_image.csv, pr_curve.png")

@@ -1,0 +1,25 @@
+"""rmib's Keras models: backbones with skip taps, the stage-1 classifier, the segmenters."""
+
+from rmib.models.backbones import BACKBONES, backbone_name, build_backbone
+from rmib.models.classifier import build_classifier
+from rmib.models.encoder_decoder import (
+    build_encoder_decoder,
+    find_encoder,
+    required_multiple,
+    set_encoder_trainable,
+)
+from rmib.models.layers import CBAM, FusedBatchNormalization, ImageNetPreprocessing
+
+__all__ = [
+    "BACKBONES",
+    "CBAM",
+    "FusedBatchNormalization",
+    "ImageNetPreprocessing",
+    "backbone_name",
+    "build_backbone",
+    "build_classifier",
+    "build_encoder_decoder",
+    "find_encoder",
+    "required_multiple",
+    "set_encoder_trainable",
+]

@@ -1,0 +1,200 @@
+"""`rmib pretrain`: the stage-1 "lesion / healthy" classifier (Ortiz-Feregrino et al.).
+
+A VGG16 or ResNet50 backbone, optionally with CBAM, a head with L2, batch
+norm and dropout, and a sigmoid output, trained on fundus photographs cropped
+to their field of view, CLAHE-enhanced and resized to 480x480 (binary label:
+DR grade > 0). Messidor and Kaggle/EyePACS roots can be given together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import click
+import keras
+import numpy as np
+
+from rmib import metrics, training
+from rmib.config import TrainConfig, _check_fields, _require, config_to_dict
+from rmib.data import readers
+from rmib.data.pipeline import (
+    PreprocessedCache,
+    Preprocessing,
+    classification_dataset,
+    evaluation_arrays,
+    stratified_split,
+)
+from rmib.errors import RmibError
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """`rmib pretrain` settings (a recipe TOML holds the same keys).
+
+    Attributes:
+        data: dataset roots with DR grades or lesion/healthy folders.
+        backbone: "vgg16" or "resnet50".
+        cbam: add CBAM attention after every VGG block / inside every ResNet bottleneck.
+        image_size: input side (480 in the paper).
+        weights: "none", "imagenet" (offline: must be in the Keras cache) or a weights file.
+        val_fraction: stratified validation split.
+        preprocessing: "clahe" (paper), "graham" or "none", after the FOV crop.
+        dense_units / dropout / l2: the classification head.
+        augment: "free", "rot90" or "none".
+        threshold: decision threshold of the reported metrics.
+        cache_dir: keep preprocessed images here (memory-mapped), else in memory.
+        on_bad: "error" or "skip".
+        out: the run directory.
+    """
+
+    data: list = dataclasses.field(default_factory=list)
+    backbone: Literal["vgg16", "resnet50"] = "vgg16"
+    cbam: bool = False
+    image_size: int = 480
+    weights: str = "none"
+    val_fraction: float = 0.2
+    preprocessing: Literal["none", "clahe", "graham"] = "clahe"
+    dense_units: int = 256
+    dropout: float = 0.5
+    l2: float = 1e-4
+    augment: Literal["none", "free", "rot90"] = "free"
+    threshold: float = 0.5
+    cache_dir: str = ""
+    on_bad: Literal["error", "skip"] = "error"
+    out: str = "runs/pretrain"
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(
+            epochs=10, batch_size=4, learning_rate=1e-4, monitor="val_auc", monitor_mode="max"
+        )
+    )
+
+    def __post_init__(self):
+        _check_fields(self)
+        _require(self, "image_size", self.image_size >= 32, "at least 32")
+        _require(self, "val_fraction", 0.0 < self.val_fraction < 1.0, "in (0, 1)")
+        _require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        _require(self, "threshold", 0.0 < self.threshold < 1.0, "in (0, 1)")
+
+
+def classification_records(data_roots, on_bad="error"):
+    """Records with a binary label from every root (grade > 0, or the folder)."""
+    if not data_roots:
+        raise RmibError("no --data given: name at least one dataset root (Messidor, Kaggle, ...)")
+    records, unlabelled = [], []
+    for root in data_roots:
+        dataset = readers.read_dataset(root, on_bad=on_bad)
+        labelled = [r for r in dataset.records if r.label is not None]
+        if not labelled:
+            unlabelled.append(f"{root} ({dataset.layout})")
+        records += labelled
+    if unlabelled:
+        raise RmibError(
+            f"no DR grade or lesion/healthy label in {', '.join(unlabelled)}; "
+            "expected a graded dataset (Messidor, Kaggle/EyePACS, APTOS, IDRiD grading, DDR grading)"
+        )
+    if len({r.label for r in records}) < 2:
+        raise RmibError(
+            f"all {len(records)} images have label {records[0].label}: "
+            "a classifier needs both healthy (grade 0) and lesion (grade > 0) images"
+        )
+    return records
+
+
+def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
+    """Train the classifier in `cfg.out`; returns the validation metrics."""
+    from rmib.models import build_classifier
+
+    weights = None if cfg.weights in ("", "none") else cfg.weights
+    records = classification_records(cfg.data, cfg.on_bad)
+    train_records, val_records = stratified_split(records, cfg.val_fraction, seed=cfg.train.seed)
+    run = training.RunDirectory(cfg.out)
+    run.write_config(config_to_dict(cfg))
+    prep = Preprocessing(method=cfg.preprocessing, fov_crop=True, size=cfg.image_size)
+    cache = PreprocessedCache(cfg.cache_dir or None)
+    problems = []
+    state = run.read_state() if resume else None
+    start = int(state["epoch"]) if state else 0
+    train_ds, steps, kept = classification_dataset(
+        train_records,
+        cfg.image_size,
+        cfg.train.batch_size,
+        preprocessing=prep,
+        augment=cfg.augment,
+        seed=cfg.train.seed,
+        start_epoch=start,
+        epochs=cfg.train.epochs,
+        cache=cache,
+        on_bad=cfg.on_bad,
+        problems=problems,
+    )
+    val_images, val_labels, val_kept = evaluation_arrays(
+        val_records, cfg.image_size, prep, cache, cfg.on_bad, problems
+    )
+    labels = np.array([r.label for r in kept])
+    echo(
+        f"{cfg.backbone}{'+CBAM' if cfg.cbam else ''} at {cfg.image_size} px: "
+        f"{len(kept)} training images ({int(labels.sum())} with lesions), "
+        f"{len(val_kept)} validation images -> {run.path}"
+    )
+    class_weight = training.class_weights_from_labels(labels) if cfg.train.class_weights else None
+    metadata = {
+        "task": "pretrain",
+        "backbone": cfg.backbone,
+        "cbam": cfg.cbam,
+        "image_size": cfg.image_size,
+        "weights": cfg.weights,
+        "preprocessing": prep.to_dict(),
+        "threshold": cfg.threshold,
+    }
+
+    def make_model():
+        return build_classifier(
+            cfg.backbone,
+            cbam=cfg.cbam,
+            image_size=cfg.image_size,
+            weights=weights,
+            dense_units=cfg.dense_units,
+            dropout=cfg.dropout,
+            l2=cfg.l2,
+        )
+
+    model, _ = training.fit(
+        make_model,
+        train_ds,
+        (val_images.astype(np.float32), val_labels.astype(np.float32)[:, None]),
+        config=cfg.train,
+        run_dir=run,
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.Precision(name="precision"),
+        ],
+        metadata=metadata,
+        resume=resume,
+        steps_per_epoch=steps,
+        class_weight=class_weight,
+    )
+    prob = model.predict(val_images.astype(np.float32), batch_size=cfg.train.batch_size, verbose=0)
+    prob = np.asarray(prob, np.float64).reshape(-1)
+    report = metrics.binary_classification_report(val_labels, prob, threshold=cfg.threshold)
+    metrics.save_roc_curve(
+        val_labels, prob, Path(run.path) / "roc_curve.png", title="Validation ROC"
+    )
+    run.update_metrics({"validation": report})
+    if problems:
+        from rmib.predict import write_skipped
+
+        write_skipped(run.path, problems)
+    cm = report["confusion_matrix"]
+    echo(
+        f"validation ({report['n']} images): accuracy {report['accuracy']:.3f}, "
+        f"recall {report['recall']:.3f}, precision {report['precision']:.3f}, "
+        f"ROC AUC {report['roc_auc']:.3f}\n"
+        f"confusion matrix [[TN FP] [FN TP]]: {cm}\n"
+        f"ROC curve: {Path(run.path) / 'roc_curve.png'}"
+    )
+    return report

@@ -1,0 +1,333 @@
+"""`rmib segment`: one binary lesion segmenter, trained on lesion-aware patches.
+
+The default model is the RMIB paper's stage 2: the feature extractor of a
+stage-1 classifier (`--encoder RUN_DIR`) becomes the frozen encoder of an
+encoder-decoder. `--model local-global` and `--model dual2net` hand the same
+configuration and data split to the ports in `rmib.methods`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import click
+import keras
+import numpy as np
+
+from rmib import losses, metrics, training
+from rmib.data import readers
+from rmib.data.pipeline import (
+    PreprocessedCache,
+    Preprocessing,
+    load_examples,
+    patch_dataset,
+    split_by_names,
+    stratified_split,
+)
+from rmib.errors import RmibError
+from rmib.segment_config import SegmentConfig
+from rmib.segmenters import SEGMENTER_TYPES
+
+METHOD_MODULES = {"local-global": "rmib.methods.local_global", "dual2net": "rmib.methods.dual2net"}
+
+
+def lesion_records(data_roots, lesion, on_bad="error"):
+    """Records of every root annotated for `lesion`.
+
+    Raises:
+        RmibError: no root, or no image annotated for the lesion.
+    """
+    if not data_roots:
+        raise RmibError("no --data given: name at least one dataset root with lesion masks")
+    records, seen = [], []
+    for root in data_roots:
+        dataset = readers.read_dataset(root, on_bad=on_bad)
+        chosen = dataset.with_lesion(lesion)
+        seen.append(f"{root} ({dataset.layout}: {len(chosen)} of {len(dataset)})")
+        records += chosen
+    if not records:
+        raise RmibError(f"no image annotated for {lesion} in {'; '.join(seen)}")
+    return records
+
+
+def split_records(records, cfg: SegmentConfig):
+    """Whole images held out for validation: --val-names, else a stratified --val-fraction."""
+    if cfg.val_names:
+        return split_by_names(records, cfg.val_names)
+    if cfg.val_fraction == 0:
+        return list(records), []
+    if len(records) < 2:
+        raise RmibError(f"{len(records)} image(s) annotated: need 2 or more to hold one out")
+    return stratified_split(
+        records,
+        cfg.val_fraction,
+        seed=cfg.train.seed,
+        key=lambda r: r.masks.get(cfg.lesion) is not None,
+    )
+
+
+class WholeImageValidation(keras.callbacks.Callback):
+    """Validation metrics on held-out whole photographs, predicted as in production.
+
+    Adds `val_aupr`, `val_f1`, `val_iou`, `val_sensitivity` and `val_ppv` to
+    the epoch's logs (every `every` epochs; in between the last values are
+    repeated, so a monitor always finds them). It must run before the
+    checkpoint callback so that the best checkpoint sees them.
+
+    Args:
+        examples: preprocessed validation `Example`s (image, mask, fov).
+        make_segmenter: model -> `rmib.segmenters.Segmenter`.
+        every: compute every this many epochs (and always at the last epoch).
+        threshold: the threshold of the pixel metrics.
+    """
+
+    def __init__(self, examples, make_segmenter, every=1, threshold=0.5, epochs=None):
+        super().__init__()
+        self.examples = examples
+        self.make_segmenter = make_segmenter
+        self.every = every
+        self.threshold = threshold
+        self.epochs = epochs
+        self.last: dict = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        last_epoch = self.epochs is not None and epoch + 1 >= self.epochs
+        if self.last and (epoch + 1) % self.every and not last_epoch:
+            logs.update(self.last)
+            return
+        self.last = {
+            f"val_{k}": v
+            for k, v in evaluate_examples(
+                self.make_segmenter(self.model), self.examples, threshold=self.threshold
+            ).items()
+            if k in ("aupr", "f1", "iou", "sensitivity", "ppv")
+        }
+        logs.update(self.last)
+
+
+def evaluate_examples(segmenter, examples, threshold=0.5, fov_only=False):
+    """AUPR (pooled, streaming) and pixel metrics at `threshold` over whole images."""
+    aupr = metrics.StreamingAUPR()
+    totals = np.zeros(4, np.int64)
+    for example in examples:
+        truth = np.asarray(example.mask)
+        fov = np.asarray(example.fov)
+        prob = segmenter.predict_prepared(np.asarray(example.image), fov)
+        region = fov if fov_only else None
+        aupr.update(truth, prob, mask=region)
+        totals += np.asarray(metrics.confusion_counts(prob >= threshold, truth, mask=region))
+    return {"aupr": aupr.result(), **metrics.pixel_metrics(*totals)}
+
+
+def _is_run(path) -> bool:
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".keras"
+
+
+def _encoder_factory(cfg: SegmentConfig):
+    """(function building the encoder inside the strategy scope, metadata, frozen?)."""
+    if _is_run(cfg.encoder):
+        source = Path(cfg.encoder)
+        if not source.exists():
+            raise RmibError(f"--encoder {source}: no such run directory or .keras file")
+        meta = training.read_run_metadata(source)
+        if meta.get("task") not in (None, "pretrain"):
+            raise RmibError(
+                f"--encoder {source}: a {meta.get('task')!r} run, expected a `rmib pretrain` run"
+            )
+
+        def build():
+            classifier = training.load_model(source)
+            try:
+                return classifier.get_layer("backbone")
+            except ValueError:
+                raise RmibError(
+                    f"--encoder {source}: the model has no 'backbone' layer; "
+                    "expected a classifier trained by `rmib pretrain`"
+                ) from None
+
+        info = {
+            "encoder": str(source),
+            "backbone": meta.get("backbone"),
+            "cbam": meta.get("cbam"),
+            "encoder_weights": "stage-1",
+        }
+        frozen = cfg.freeze_encoder != "no"
+        return build, info, frozen
+    from rmib.models import BACKBONES, build_backbone
+
+    if cfg.encoder not in BACKBONES:
+        raise RmibError(
+            f"--encoder {cfg.encoder!r}: not a run directory, a .keras file or a backbone "
+            f"(valid backbones: {', '.join(BACKBONES)})"
+        )
+    weights = None if cfg.weights in ("", "none") else cfg.weights
+
+    def build():
+        return build_backbone(cfg.encoder, cbam=cfg.cbam, weights=weights, model_name="backbone")
+
+    frozen = cfg.freeze_encoder == "yes" or (cfg.freeze_encoder == "auto" and weights is not None)
+    info = {
+        "encoder": cfg.encoder,
+        "backbone": cfg.encoder,
+        "cbam": cfg.cbam,
+        "encoder_weights": cfg.weights,
+    }
+    return build, info, frozen
+
+
+def _loss(cfg):
+    if cfg.loss == "weighted-bce":
+        return losses.get_loss("weighted-bce", gamma=cfg.gamma)
+    return losses.get_loss(cfg.loss)
+
+
+def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, resume=False):
+    """RMIB stage 2: the (stage-1) encoder, frozen, with a residual decoder, on patches."""
+    from rmib.models import build_encoder_decoder
+    from rmib.segmenters import TiledSegmenter
+
+    build_encoder, info, frozen = _encoder_factory(cfg)
+    prep = Preprocessing(method=cfg.preprocessing)
+    cache = PreprocessedCache(cfg.cache_dir or None)
+    problems = []
+    train_examples, _ = load_examples(train_records, prep, cfg.lesion, cache, cfg.on_bad, problems)
+    val_examples, _ = load_examples(val_records, prep, cfg.lesion, cache, cfg.on_bad, problems)
+    if not train_examples:
+        raise RmibError("no training image could be read")
+    metadata = {
+        "task": "segment",
+        "model": "encoder-decoder",
+        "lesion": cfg.lesion,
+        "preprocessing": prep.to_dict(),
+        "patch_size": cfg.patch_size,
+        "predict_tile": cfg.predict_tile,
+        "size_multiple": 32,
+        "loss": cfg.loss,
+        "train_images": [r.name for r in train_records],
+        "val_images": [r.name for r in val_records],
+        **info,
+    }
+    steps = max(1, cfg.patches_per_epoch // cfg.train.batch_size)
+    total_epochs = cfg.train.epochs
+    phases = [(None, total_epochs, cfg.train.learning_rate, frozen)]
+    if cfg.fine_tune_after and frozen and cfg.fine_tune_after < total_epochs:
+        phases = [
+            ("frozen", cfg.fine_tune_after, cfg.train.learning_rate, True),
+            (
+                "fine-tune",
+                total_epochs - cfg.fine_tune_after,
+                cfg.train.learning_rate * cfg.fine_tune_lr_factor,
+                False,
+            ),
+        ]
+    monitor_val = bool(val_examples)
+    model = None
+    offset = 0
+    for phase, epochs, lr, freeze in phases:
+        phase_cfg = dataclasses.replace(
+            cfg.train,
+            epochs=epochs,
+            learning_rate=lr,
+            monitor=cfg.train.monitor if monitor_val else "loss",
+        )
+        state = run.read_state(phase) if resume else None
+        start = int(state["epoch"]) if state else 0
+        train_ds = patch_dataset(
+            train_examples,
+            cfg.patch_size,
+            cfg.train.batch_size,
+            steps,
+            pos_fraction=cfg.pos_fraction,
+            augment=cfg.augment,
+            seed=cfg.train.seed,
+            start_epoch=offset + start,
+            epochs=offset + epochs,
+        )
+        previous = model
+
+        def make_model(previous=previous, freeze=freeze):
+            if previous is not None:
+                from rmib.models.encoder_decoder import set_encoder_trainable
+
+                set_encoder_trainable(previous, not freeze)
+                return previous
+            return build_encoder_decoder(build_encoder(), freeze_encoder=freeze)
+
+        callbacks = []
+        if val_examples:
+            callbacks.append(
+                WholeImageValidation(
+                    val_examples,
+                    lambda m: TiledSegmenter(
+                        m, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
+                    ),
+                    every=cfg.val_every,
+                    epochs=epochs,
+                )
+            )
+        model, _ = training.fit(
+            make_model,
+            train_ds,
+            None,
+            config=phase_cfg,
+            run_dir=run,
+            loss=_loss(cfg),
+            metrics=None,
+            metadata=metadata,
+            phase=phase,
+            resume=resume,
+            validation_callbacks=callbacks,
+            steps_per_epoch=steps,
+            save_final=phase == phases[-1][0],
+        )
+        offset += epochs
+    result = {}
+    if val_examples:
+        segmenter = TiledSegmenter(
+            model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
+        )
+        result = evaluate_examples(segmenter, val_examples)
+    if problems:
+        from rmib.predict import write_skipped
+
+        write_skipped(run.path, problems)
+    return result
+
+
+def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:
+    """Train the configured segmenter in `cfg.out`; returns the validation metrics."""
+    records = lesion_records(cfg.data, cfg.lesion, cfg.on_bad)
+    train_records, val_records = split_records(records, cfg)
+    if not train_records:
+        raise RmibError("every annotated image is held out for validation: nothing to train on")
+    run = training.RunDirectory(cfg.out)
+    from rmib.config import config_to_dict
+
+    run.write_config(config_to_dict(cfg))
+    echo(
+        f"{cfg.model} for {cfg.lesion}: {len(train_records)} training and "
+        f"{len(val_records)} validation images -> {run.path}"
+    )
+    if cfg.model == "encoder-decoder":
+        result = train_encoder_decoder(cfg, train_records, val_records, run, resume)
+    else:
+        module = importlib.import_module(METHOD_MODULES[cfg.model])
+        result = module.train(cfg, train_records, val_records, run, resume=resume)
+    result = {
+        k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in result.items()
+    }
+    if result:
+        run.update_metrics({"validation": result})
+        echo(
+            "validation: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        )
+    return result
+
+
+__all__ = ["run_segment", "WholeImageValidation", "evaluate_examples", "SEGMENTER_TYPES"]

@@ -1,0 +1,140 @@
+"""The configuration of `rmib segment` (every segmentation method shares it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rmib.config import TrainConfig, _check_fields, _require
+
+SEGMENT_MODELS = ("encoder-decoder", "local-global", "dual2net")
+SEGMENT_LOSSES = ("bce", "dice", "bce+dice", "weighted-bce")
+PREPROCESSING = ("none", "clahe", "graham")
+AUGMENT = ("none", "free", "rot90")
+LESION_CODES = ("EX", "HE", "MA", "SE")
+
+
+@dataclasses.dataclass
+class LocalGlobalConfig:
+    """Settings of the fused local-global U-Net (section `[local_global]`; Yan et al. 2019).
+
+    Attributes:
+        global_size: GlobalNet input (the whole image resized), 640 in the paper.
+        base_filters: channels of the first U-Net level (doubling per level up to `max_filters`).
+        max_filters: channel cap.
+        global_depth / local_depth: pooling levels; 0 = the paper's per-lesion default.
+        phases: which of "global", "local", "fusion", "joint" to run, in order.
+        epochs_per_phase: overrides `train.epochs` for every phase when > 0.
+        lambda_global / lambda_local / lambda_l2: loss weights l1, l2, l3.
+        centre_crop: IDRiD centre crop 2816x3328 first.
+    """
+
+    global_size: int = 640
+    base_filters: int = 32
+    max_filters: int = 512
+    global_depth: int = 0
+    local_depth: int = 0
+    phases: list = dataclasses.field(default_factory=lambda: ["global", "local", "fusion", "joint"])
+    epochs_per_phase: int = 0
+    lambda_global: float = 1.0
+    lambda_local: float = 1.0
+    lambda_l2: float = 1e-4
+    centre_crop: bool = True
+
+    def __post_init__(self):
+        _check_fields(self)
+
+
+@dataclasses.dataclass
+class Dual2NetConfig:
+    """Settings of Dual2Net with the DSM Dice loss (section `[dual2net]`).
+
+    Attributes:
+        image_size: [height, width] the whole photograph is resized to (960x1440 for IDRiD).
+        pos_fraction: N1/N of the re-balanced pixel sampler of the small-lesion branch.
+        aux_weight: weight of the auxiliary heads (0.4).
+        head: "ppm" (pyramid pooling, as PSPNet) or "decoder".
+    """
+
+    image_size: list = dataclasses.field(default_factory=lambda: [960, 1440])
+    pos_fraction: float = 0.5
+    aux_weight: float = 0.4
+    head: Literal["ppm", "decoder"] = "ppm"
+
+    def __post_init__(self):
+        _check_fields(self)
+        _require(self, "pos_fraction", 0.0 < self.pos_fraction < 1.0, "in (0, 1)")
+
+
+@dataclasses.dataclass
+class SegmentConfig:
+    """`rmib segment`: one binary segmenter for one lesion type.
+
+    Attributes:
+        data: dataset roots (any layout with lesion masks).
+        lesion: EX, HE, MA or SE.
+        model: "encoder-decoder" (RMIB stage 2), "local-global" (Yan et al.) or "dual2net".
+        out: the run directory.
+        encoder: a stage-1 run directory (its classifier's backbone becomes the
+            encoder, frozen), or a backbone name ("vgg16", "resnet50").
+        cbam: with a backbone name: add CBAM.
+        weights: with a backbone name: "none", "imagenet" or a weights file.
+        freeze_encoder: keep the encoder frozen ("auto": frozen when it carries
+            trained weights, trainable when built from scratch).
+        fine_tune_after: unfreeze the encoder after this many epochs (0 = never),
+            at `fine_tune_lr_factor` times the learning rate.
+        patch_size: training patch side (160 in the RMIB paper, 256 for LocalNet).
+        pos_fraction: fraction of training patches centred on a lesion pixel.
+        loss: "bce", "dice", "bce+dice" or "weighted-bce" (eq. 2 of Yan et al.).
+        gamma: gamma of weighted-bce.
+        val_fraction / val_names: hold out whole images for validation.
+        preprocessing: "none", "clahe" or "graham".
+        augment: "free", "rot90" or "none".
+        predict_tile / predict_overlap / predict_batch: whole-image prediction.
+        val_every: compute the whole-image validation metrics every N epochs.
+        cache_dir: keep preprocessed images here (memory-mapped), else in memory.
+        on_bad: "error" or "skip".
+    """
+
+    data: list = dataclasses.field(default_factory=list)
+    lesion: Literal[LESION_CODES] = "EX"
+    model: Literal[SEGMENT_MODELS] = "encoder-decoder"
+    out: str = "runs/segment"
+    encoder: str = "vgg16"
+    cbam: bool = False
+    weights: str = "none"
+    freeze_encoder: Literal["auto", "yes", "no"] = "auto"
+    fine_tune_after: int = 0
+    fine_tune_lr_factor: float = 0.1
+    patch_size: int = 160
+    pos_fraction: float = 0.5
+    loss: Literal[SEGMENT_LOSSES] = "bce+dice"
+    gamma: float = 1.0
+    val_fraction: float = 0.2
+    val_names: list = dataclasses.field(default_factory=list)
+    preprocessing: Literal[PREPROCESSING] = "clahe"
+    augment: Literal[AUGMENT] = "free"
+    patches_per_epoch: int = 512
+    predict_tile: int = 512
+    predict_overlap: float = 0.125
+    predict_batch: int = 2
+    val_every: int = 1
+    cache_dir: str = ""
+    on_bad: Literal["error", "skip"] = "error"
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(
+            epochs=20, batch_size=8, learning_rate=1e-3, monitor="val_aupr", monitor_mode="max"
+        )
+    )
+    local_global: LocalGlobalConfig = dataclasses.field(default_factory=LocalGlobalConfig)
+    dual2net: Dual2NetConfig = dataclasses.field(default_factory=Dual2NetConfig)
+
+    def __post_init__(self):
+        _check_fields(self)
+        _require(self, "patch_size", self.patch_size >= 32, "at least 32")
+        _require(self, "pos_fraction", 0.0 <= self.pos_fraction <= 1.0, "in [0, 1]")
+        _require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
+        _require(self, "fine_tune_after", self.fine_tune_after >= 0, ">= 0")
+        _require(self, "predict_overlap", 0.0 <= self.predict_overlap < 1.0, "in [0, 1)")
+        _require(self, "val_every", self.val_every >= 1, "at least 1")
+        _require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")

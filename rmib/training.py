@@ -1,0 +1,1084 @@
+"""The one training runner every rmib command uses.
+
+It owns what every method shares: numeric precision, the distribution
+strategy, the optimizer and learning-rate schedule, seeding, the run
+directory on disk, checkpoints, resuming, early stopping and the history.
+
+Run directory (one per training command, see DESIGN.md "Runs and models on disk"):
+
+    config.toml            the resolved config
+    rmib.json              task, lesion, backbone, preprocessing, sizes, precision,
+                           rmib version, creation time
+    history.csv            one row per epoch (history_<phase>.csv for phased methods)
+    metrics.json           summary of training (and later evaluation) results
+    checkpoints/last.keras model + optimizer state after the latest epoch
+    checkpoints/best.keras the best epoch by `TrainConfig.monitor`
+    checkpoints/state.json epoch, best value, early-stopping and plateau state
+                           (last_<phase>.keras, best_<phase>.keras, state_<phase>.json)
+    model.keras            the final model
+    tensorboard/           TensorBoard logs
+
+Every file is written atomically (`rmib.io.atomic_write` / `atomic_path`), so a
+crash leaves the previous version, never a partial one.
+
+Metadata inside `.keras` files: every model rmib saves carries the contents of
+`rmib.json` inside its archive, so a `.keras` file copied elsewhere still says
+which lesion, preprocessing and input size it expects. The dict is attached to
+the model as a Keras saveable object (`rmib_metadata`) whose `save_assets`
+writes it, so Keras itself stores it in the archive as
+`assets/rmib_metadata/rmib.json` while saving, in the same pass as the model;
+loading ignores it, and `read_run_metadata` reads it back without TensorFlow.
+Nothing is appended to an archive after Keras wrote it, and the model's
+layers, outputs and class are left untouched. Checkpoints also carry their
+training state there (key "checkpoint"), written in the same atomic rename as
+the weights, which makes `last.keras` the single commit point of an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import importlib
+import io
+import json
+import math
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Keras has no public base class for objects that save assets; this one is
+# what its own saving code walks. tests/test_training.py guards the behaviour.
+from keras.src.saving.keras_saveable import KerasSaveable
+
+import rmib
+from rmib.config import PRECISIONS, STRATEGIES, TrainConfig, config_to_dict, dump_toml
+from rmib.errors import RmibError
+from rmib.io import atomic_path, atomic_write
+
+CPUINFO = Path("/proc/cpuinfo")
+# x86 flags of CPUs with native bfloat16 maths (Intel AMX, AVX512-BF16 on
+# Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+METADATA_ATTRIBUTE = "rmib_metadata"
+METADATA_ASSET = f"assets/{METADATA_ATTRIBUTE}/rmib.json"
+_PHASE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def visible_gpus() -> list:
+    """The GPUs TensorFlow can use."""
+    return tf.config.list_physical_devices("GPU")
+
+
+def cpu_supports_bfloat16(cpuinfo=CPUINFO) -> bool:
+    """True when the CPU has native bfloat16 instructions (AMX or AVX512-BF16).
+
+    Reads the `flags` line of `/proc/cpuinfo`; False when it cannot be read.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.split(":", 1)[0].strip() == "flags":
+            flags = set(line.split(":", 1)[1].split())
+            return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_precision(name: str = "auto", allow_slow: bool = False) -> str:
+    """The Keras dtype policy name for a `--precision` value.
+
+    "auto" is mixed_float16 when a GPU is visible, mixed_bfloat16 on a CPU
+    with native bfloat16 support, float32 otherwise.
+
+    Args:
+        name: one of "auto", "float32", "mixed_float16", "mixed_bfloat16".
+        allow_slow: accept mixed_float16 without a GPU (only for tests on tiny models).
+
+    Raises:
+        RmibError: unknown name (listing the valid ones), or mixed_float16
+            without a GPU.
+    """
+    if name not in PRECISIONS:
+        raise RmibError(f"unknown precision {name!r}; valid values are: {', '.join(PRECISIONS)}")
+    has_gpu = bool(visible_gpus())
+    if name == "auto":
+        if has_gpu:
+            return "mixed_float16"
+        return "mixed_bfloat16" if cpu_supports_bfloat16() else "float32"
+    if name == "mixed_float16" and not has_gpu and not allow_slow:
+        raise RmibError(
+            "precision mixed_float16 needs a GPU: no GPU is visible, and on a CPU float16 "
+            "maths is emulated and hundreds of times slower; use --precision auto "
+            "(mixed_bfloat16 on CPUs that support it, float32 otherwise) or mixed_bfloat16"
+        )
+    return name
+
+
+def apply_precision(name: str = "auto", allow_slow: bool = False) -> str:
+    """Set the Keras global dtype policy for `name` and return the resolved name.
+
+    Models built afterwards compute in that precision; rmib models keep their
+    outputs (and all losses and metrics) in float32.
+    """
+    resolved = resolve_precision(name, allow_slow=allow_slow)
+    keras.mixed_precision.set_global_policy(resolved)
+    return resolved
+
+
+# --------------------------------------------------------------------------- strategy
+
+
+def _default_strategy():
+    return tf.distribute.get_strategy()
+
+
+def _mirrored_strategy():
+    return tf.distribute.MirroredStrategy()
+
+
+# One entry per `--strategy` name; "auto" picks one of them in `_auto_strategy`.
+# Add "multiworker" and "tpu" here (and to rmib.config.STRATEGIES).
+_STRATEGY_BUILDERS: dict[str, Callable[[], tf.distribute.Strategy]] = {
+    "default": _default_strategy,
+    "mirrored": _mirrored_strategy,
+}
+
+
+def _auto_strategy() -> str:
+    return "mirrored" if len(visible_gpus()) > 1 else "default"
+
+
+def get_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """The `tf.distribute` strategy for a `--strategy` value.
+
+    "auto" is MirroredStrategy when several GPUs are visible and the default
+    (single-device) strategy otherwise; "mirrored" asks for MirroredStrategy
+    over all visible devices.
+
+    Raises:
+        RmibError: unknown name, listing the valid ones.
+    """
+    if name not in STRATEGIES:
+        raise RmibError(f"unknown strategy {name!r}; valid values are: {', '.join(STRATEGIES)}")
+    if name == "auto":
+        name = _auto_strategy()
+    return _STRATEGY_BUILDERS[name]()
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int | None = None):
+    """The optimizer and learning-rate schedule of a `TrainConfig`.
+
+    Adam, or SGD with `cfg.momentum`; `cfg.weight_decay` > 0 adds Keras'
+    decoupled weight decay. "poly" decays the rate polynomially (power
+    `cfg.poly_power`) to 0 over `cfg.epochs * steps_per_epoch` steps;
+    "plateau" keeps it constant here and `schedule_callbacks` cuts it. Under
+    the mixed_float16 policy the optimizer is wrapped in a LossScaleOptimizer
+    (Keras' compile then leaves it as is).
+
+    Raises:
+        RmibError: "poly" without a known number of steps per epoch.
+    """
+    learning_rate = cfg.learning_rate
+    if cfg.lr_schedule == "poly":
+        if not steps_per_epoch:
+            raise RmibError(
+                "the poly learning-rate schedule needs the number of steps per epoch, and the "
+                "training data does not tell it (an infinite dataset?); set steps_per_epoch"
+            )
+        learning_rate = keras.optimizers.schedules.PolynomialDecay(
+            initial_learning_rate=cfg.learning_rate,
+            decay_steps=cfg.epochs * int(steps_per_epoch),
+            end_learning_rate=0.0,
+            power=cfg.poly_power,
+        )
+    weight_decay = cfg.weight_decay or None
+    if cfg.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(
+            learning_rate=learning_rate, momentum=cfg.momentum, weight_decay=weight_decay
+        )
+    else:  # TrainConfig validates the name; this guards hand-made objects
+        raise RmibError(f"unknown optimizer {cfg.optimizer!r}; valid values are: adam, sgd")
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+class _ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose counters survive a resume (saved in the checkpoint state)."""
+
+    def __init__(self, *args, initial_state: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.initial_state:
+            if self.initial_state.get("best") is not None:
+                self.best = float(self.initial_state["best"])
+            self.wait = int(self.initial_state.get("wait", 0))
+            self.cooldown_counter = int(self.initial_state.get("cooldown_counter", 0))
+
+    def get_state(self) -> dict:
+        best = float(self.best)
+        return {
+            "best": best if math.isfinite(best) else None,
+            "wait": int(self.wait),
+            "cooldown_counter": int(self.cooldown_counter),
+        }
+
+
+def schedule_callbacks(cfg: TrainConfig, initial_state: dict | None = None) -> list:
+    """The callbacks a learning-rate schedule needs: ReduceLROnPlateau for "plateau"."""
+    if cfg.lr_schedule != "plateau":
+        return []
+    return [
+        _ReduceLROnPlateau(
+            monitor=cfg.monitor,
+            factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience,
+            mode=cfg.resolved_monitor_mode,
+            min_delta=0.0,
+            verbose=0,
+            initial_state=initial_state,
+        )
+    ]
+
+
+def current_learning_rate(optimizer) -> float:
+    """The learning rate the optimizer applies at its current iteration."""
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+def class_weights_from_labels(labels) -> dict[int, float]:
+    """Balanced class weights {0: w0, 1: w1}, w_c = n / (2 * n_c), for binary labels.
+
+    Raises:
+        ValueError: labels other than 0 and 1.
+        RmibError: one of the two classes is absent (no weight can balance it).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    values = set(np.unique(labels).tolist())
+    if not values <= {0, 1}:
+        raise ValueError(f"class weights need binary labels 0/1, got values {sorted(values)}")
+    n = labels.size
+    counts = {c: int(np.sum(labels == c)) for c in (0, 1)}
+    missing = [c for c, k in counts.items() if k == 0]
+    if missing:
+        raise RmibError(
+            f"class weights need both classes, but the {n} training labels have no "
+            f"class {missing[0]}; turn class_weights off or add examples of it"
+        )
+    return {c: n / (2.0 * k) for c, k in counts.items()}
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and TensorFlow; with `deterministic`, also make TF ops deterministic.
+
+    Deterministic ops are slower, and some ops have no deterministic kernel
+    (TensorFlow then raises when they run).
+    """
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+class _RunMetadata(KerasSaveable):
+    """Carries rmib's metadata dict into a `.keras` archive as a Keras asset."""
+
+    def __init__(self, metadata: dict):
+        self.metadata = dict(metadata)
+
+    def _obj_type(self):
+        return "Operation"  # one of the kinds Keras' saving code knows; has no state
+
+    def save_assets(self, dir_path):
+        with open(Path(dir_path) / "rmib.json", "w", encoding="utf-8") as f:
+            f.write(_to_json(self.metadata))
+
+    def load_assets(self, dir_path):
+        pass
+
+
+def attach_metadata(model, metadata: dict) -> None:
+    """Attach `metadata` to `model`, so that saving it embeds the dict in the `.keras` file."""
+    object.__setattr__(model, METADATA_ATTRIBUTE, _RunMetadata(metadata))
+
+
+def model_metadata(model) -> dict:
+    """The metadata attached to (or loaded with) a model; {} when it has none."""
+    holder = getattr(model, METADATA_ATTRIBUTE, None)
+    return dict(holder.metadata) if isinstance(holder, _RunMetadata) else {}
+
+
+def _embedded_metadata(path: Path) -> dict:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if METADATA_ASSET not in archive.namelist():
+                return {}
+            text = archive.read(METADATA_ASSET).decode("utf-8")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise RmibError(f"{path}: not a readable .keras model file ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RmibError(f"{path}: its embedded rmib metadata is not valid JSON ({exc})") from None
+
+
+def read_run_metadata(path) -> dict:
+    """The rmib metadata of a run directory (its `rmib.json`) or of a `.keras` file.
+
+    Args:
+        path: a run directory, or a `.keras` file saved by rmib (anywhere: the
+            metadata travels inside the file).
+
+    Returns:
+        The metadata dict; {} for a `.keras` file rmib did not save.
+
+    Raises:
+        RmibError: missing path, a directory that is no run directory, or a
+            corrupt file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run = RunDirectory(path, create=False)
+        if run.metadata_path.is_file():
+            return run.read_metadata()
+        if run.model_path.is_file():
+            return _embedded_metadata(run.model_path)
+        raise RmibError(f"{path}: not an rmib run directory (it has no rmib.json or model.keras)")
+    if not path.is_file():
+        raise RmibError(f"{path}: no such file or directory")
+    return _embedded_metadata(path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _register_rmib_objects() -> None:
+    """Import the rmib modules that register layers, losses and metrics for loading."""
+    for name in ("rmib.models", "rmib.losses", "rmib.metrics", "rmib.grading"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+def _model_file(path: Path) -> Path:
+    if path.is_dir():
+        model = path / RunDirectory.MODEL
+        if model.is_file():
+            return model
+        best = path / RunDirectory.CHECKPOINTS / "best.keras"
+        hint = f"; its best checkpoint is {best}" if best.is_file() else ""
+        raise RmibError(
+            f"{path}: the run directory has no {RunDirectory.MODEL} (unfinished?){hint}"
+        )
+    if not path.is_file():
+        raise RmibError(f"{path}: no such model file or run directory")
+    return path
+
+
+def load_model(path, unsafe: bool = False, compile: bool = False):
+    """Load a model from a run directory (its `model.keras`) or a `.keras` file.
+
+    The rmib metadata in the file is attached to the model again
+    (`model_metadata(model)`), so saving it once more keeps it.
+
+    Args:
+        path: a run directory or a `.keras` file.
+        unsafe: allow deserializing Python code (e.g. a Lambda layer); only
+            for files from a trusted source (`--unsafe-load`).
+        compile: also restore the loss, metrics and optimizer.
+
+    Raises:
+        RmibError: missing or corrupt file, a model needing unsafe loading
+            without `unsafe`, or one Keras cannot rebuild.
+    """
+    path = Path(path)
+    file = _model_file(path)
+    metadata = _embedded_metadata(file) if file.suffix == ".keras" else {}
+    _register_rmib_objects()
+    try:
+        model = keras.saving.load_model(file, compile=compile, safe_mode=not unsafe)
+    except ValueError as exc:
+        if "safe_mode" in str(exc):
+            raise RmibError(
+                f"{file}: the model contains Python code (e.g. a Lambda layer) that would run "
+                "while loading it; load it only if you trust where it came from, with "
+                "--unsafe-load"
+            ) from None
+        raise RmibError(f"{file}: cannot load the model: {_first_line(exc)}") from None
+    except Exception as exc:  # Keras raises many types for corrupt archives
+        raise RmibError(
+            f"{file}: not a readable .keras model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    if metadata:
+        attach_metadata(model, metadata)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+class RunDirectory:
+    """The files of one training run (see the module docstring for the layout).
+
+    Args:
+        path: the directory; created (with `checkpoints/`) unless `create=False`.
+
+    Raises:
+        RmibError: `path` exists and is not a directory.
+    """
+
+    CONFIG = "config.toml"
+    METADATA = "rmib.json"
+    METRICS = "metrics.json"
+    MODEL = "model.keras"
+    CHECKPOINTS = "checkpoints"
+    TENSORBOARD = "tensorboard"
+
+    def __init__(self, path, create: bool = True):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RmibError(f"{self.path}: exists and is not a directory (a run directory)")
+        if create:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self):
+        return f"RunDirectory({str(self.path)!r})"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / self.METADATA
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    def history_path(self, phase: str | None = None) -> Path:
+        return self.path / _phased("history", phase, ".csv")
+
+    def checkpoint_path(self, kind: str, phase: str | None = None) -> Path:
+        """`checkpoints/last.keras` or `checkpoints/best.keras` (`last_<phase>.keras` ...)."""
+        if kind not in ("last", "best"):
+            raise ValueError(f"checkpoint kind must be 'last' or 'best', got {kind!r}")
+        return self.checkpoints_dir / _phased(kind, phase, ".keras")
+
+    def state_path(self, phase: str | None = None) -> Path:
+        return self.checkpoints_dir / _phased("state", phase, ".json")
+
+    # -- config, metadata, metrics
+
+    def write_config(self, config) -> None:
+        """Write the resolved config (a config dataclass or a dict) as `config.toml`."""
+        data = config if isinstance(config, dict) else config_to_dict(config)
+        with atomic_write(self.config_path, "w", encoding="utf-8") as f:
+            f.write(dump_toml(data))
+
+    def write_metadata(self, metadata: dict) -> dict:
+        """Merge `metadata` into `rmib.json`, adding the rmib and Keras versions and
+        the creation time (kept from the first write); returns the full dict."""
+        merged = self.read_metadata() if self.metadata_path.is_file() else {}
+        merged.update(metadata)
+        merged["rmib_version"] = rmib.__version__
+        merged["keras_version"] = keras.__version__
+        merged.setdefault("created", datetime.datetime.now().astimezone().isoformat("T", "seconds"))
+        _write_json(self.metadata_path, merged)
+        return merged
+
+    def read_metadata(self) -> dict:
+        return _read_json(self.metadata_path)
+
+    def update_metrics(self, metrics: dict) -> dict:
+        """Merge `metrics` (top-level keys) into `metrics.json`; returns the full dict."""
+        merged = self.read_metrics()
+        merged.update(metrics)
+        _write_json(self.metrics_path, merged)
+        return merged
+
+    def read_metrics(self) -> dict:
+        return _read_json(self.metrics_path) if self.metrics_path.is_file() else {}
+
+    # -- checkpoint state and history
+
+    def read_state(self, phase: str | None = None) -> dict | None:
+        path = self.state_path(phase)
+        return _read_json(path) if path.is_file() else None
+
+    def write_state(self, state: dict, phase: str | None = None) -> None:
+        _write_json(self.state_path(phase), state)
+
+    def read_history(self, phase: str | None = None) -> list[dict]:
+        """The rows of the history CSV (epoch as int, values as float); [] when absent."""
+        path = self.history_path(phase)
+        if not path.is_file():
+            return []
+        with open(path, newline="", encoding="utf-8") as f:
+            return [
+                {k: _parse_cell(k, v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)
+            ]
+
+    def write_history(self, rows: list[dict], phase: str | None = None) -> None:
+        """Rewrite the history CSV atomically with `rows` (columns: epoch, then by first use)."""
+        columns = ["epoch"]
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _format_cell(row.get(k)) for k in columns})
+        with atomic_write(self.history_path(phase), "w", encoding="utf-8", newline="") as f:
+            f.write(text.getvalue())
+
+    # -- models
+
+    def save_model(self, model, path=None, metadata: dict | None = None) -> Path:
+        """Save `model` atomically (default: `model.keras`) with the metadata embedded.
+
+        Args:
+            model: a Keras model whose layers, losses and metrics are serializable.
+            path: where to save; default `model.keras` in the run directory.
+            metadata: the dict to embed; default the run's `rmib.json`.
+
+        Raises:
+            ValueError: the model (or its compiled loss or metrics) cannot be
+                serialized, e.g. an unregistered custom object or a
+                `functools.partial` loss.
+        """
+        path = Path(path) if path is not None else self.model_path
+        if metadata is None:
+            metadata = self.read_metadata() if self.metadata_path.is_file() else {}
+        attach_metadata(model, metadata)
+        try:
+            with atomic_path(path) as tmp:
+                model.save(tmp)
+        except TypeError as exc:
+            raise ValueError(
+                f"cannot save the model to {path}: {_first_line(exc)} Every layer, loss and "
+                "metric must be serializable: a Keras class with get_config, or a function "
+                "registered with keras.saving.register_keras_serializable(package='rmib')"
+            ) from exc
+        return path
+
+
+def _phased(stem: str, phase: str | None, suffix: str) -> str:
+    return f"{stem}{suffix}" if phase is None else f"{stem}_{phase}{suffix}"
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _to_json(data) -> str:
+    return json.dumps(_finite_or_none(data), indent=2, sort_keys=False, default=str) + "\n"
+
+
+def _write_json(path: Path, data) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(_to_json(data))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RmibError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RmibError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _parse_cell(column: str, text: str):
+    if column == "epoch":
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# --------------------------------------------------------------------------- fit
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, batch: int | None, value: float):
+        super().__init__(epoch, batch, value)
+        self.epoch, self.batch, self.value = epoch, batch, value
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises as soon as a batch's loss is NaN or infinite, before anything saves it."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None:
+            value = float(np.asarray(loss))
+            if not math.isfinite(value):
+                raise _NonFiniteLoss(self.epoch + 1, batch + 1, value)
+
+
+class _RunCheckpoint(keras.callbacks.Callback):
+    """At each epoch end: history row, best and last checkpoints, state, early stopping.
+
+    `last.keras` carries the new state inside it, so it is the commit point of
+    an epoch; `state.json` mirrors it for people and tools.
+    """
+
+    def __init__(
+        self, run: RunDirectory, cfg: TrainConfig, phase, state, history, metadata, plateau
+    ):
+        super().__init__()
+        self.run, self.cfg, self.phase = run, cfg, phase
+        self.state, self.history, self.metadata = state, history, metadata
+        self.plateau = plateau
+        self.mode = cfg.resolved_monitor_mode
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_learning_rate = current_learning_rate(self.model.optimizer)
+
+    def _improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        best = self.state.get("best")
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(np.asarray(v)) for k, v in (logs or {}).items() if np.size(v) == 1}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise _NonFiniteLoss(epoch + 1, None, loss)
+        if self.cfg.monitor not in logs:
+            raise RmibError(
+                f"monitor {self.cfg.monitor!r} is not among the values logged by training: "
+                f"{', '.join(sorted(logs))}; set monitor to one of them"
+            )
+        done = epoch + 1
+        logs["learning_rate"] = self.epoch_learning_rate  # the rate the epoch started with
+        self.history[:] = [row for row in self.history if row["epoch"] < done]
+        self.history.append({"epoch": done, **logs})
+        self.run.write_history(self.history, self.phase)
+
+        value = logs[self.cfg.monitor]
+        improved = self._improved(value)
+        if improved:
+            self.state.update(best=value, best_epoch=done)
+        patience = self.cfg.early_stopping_patience
+        stop = patience > 0 and done - self.state.get("best_epoch", 0) >= patience
+        self.state.update(
+            epoch=done,
+            monitor=self.cfg.monitor,
+            mode=self.mode,
+            early_stopped=stop,
+            iterations=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
+            plateau=self.plateau.get_state() if self.plateau else None,
+        )
+        checkpoint = {**self.metadata, "checkpoint": dict(self.state)}
+        if improved:
+            self.run.save_model(
+                self.model, self.run.checkpoint_path("best", self.phase), checkpoint
+            )
+        self.run.save_model(self.model, self.run.checkpoint_path("last", self.phase), checkpoint)
+        self.run.write_state(self.state, self.phase)
+        if stop:
+            self.model.stop_training = True
+
+
+def _is_arrays(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) in (2, 3) and hasattr(data[0], "shape")
+
+
+def _steps(data, batch_size: int) -> int | None:
+    if isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        return cardinality if cardinality > 0 else None
+    if _is_arrays(data):
+        return math.ceil(len(data[0]) / batch_size)
+    try:
+        return len(data) or None
+    except TypeError:
+        return None
+
+
+def _check_float32_outputs(model) -> None:
+    outputs = getattr(model, "outputs", None) or []
+    wrong = sorted({str(t.dtype) for t in keras.tree.flatten(outputs)} - {"float32"})
+    if wrong:
+        raise ValueError(
+            f"model {model.name!r} has outputs of dtype {', '.join(wrong)}: give its output "
+            "layers dtype='float32' so outputs, losses and metrics stay in float32 under "
+            "mixed precision"
+        )
+
+
+def _finished(state: dict | None, cfg: TrainConfig) -> bool:
+    return bool(state) and (state.get("early_stopped") or state.get("epoch", 0) >= cfg.epochs)
+
+
+def _say(message: str, verbose) -> None:
+    if verbose:
+        print(f"rmib: {message}", flush=True)
+
+
+def _history_columns(rows: list[dict]) -> dict[str, list]:
+    columns: dict[str, list] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, [])
+    for row in rows:
+        for key, values in columns.items():
+            values.append(row.get(key))
+    return columns
+
+
+def fit(
+    model,
+    train_data,
+    val_data=None,
+    *,
+    config: TrainConfig,
+    run_dir,
+    loss,
+    metrics=None,
+    compile_kwargs: dict | None = None,
+    metadata: dict | None = None,
+    phase: str | None = None,
+    resume: bool = False,
+    extra_callbacks: Iterable = (),
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    class_weight: dict | None = None,
+    save_final: bool = True,
+    allow_slow: bool = False,
+    unsafe_load: bool = False,
+    verbose=1,
+):
+    """Train a model in a run directory: the one runner every rmib command uses.
+
+    Sets the (global) precision policy, the seed and the distribution strategy, builds
+    (or, on resume, reloads) the model and its optimizer inside the strategy's
+    scope, compiles, trains with Keras progress bars, and after every epoch
+    writes the history row, `checkpoints/last.keras` (with optimizer state),
+    `checkpoints/best.keras` when `config.monitor` improves, and the state.
+    Stops early after `config.early_stopping_patience` epochs without
+    improvement, and at the end keeps the best weights (`config.restore_best`)
+    and saves `model.keras` with the metadata.
+
+    Args:
+        model: a function returning a new (uncompiled) `keras.Model`, called
+            inside the strategy scope after the precision policy is set; or a
+            model already built (default strategy only). On resume the model
+            is rebuilt from the checkpoint instead, so every layer must be
+            savable (registered serializable).
+        train_data: a batched `tf.data.Dataset` of (x, y[, sample_weight]), or
+            a tuple of arrays (x, y[, sample_weight]) batched by `config.batch_size`.
+        val_data: validation data in the same form, or None.
+        config: the `TrainConfig`.
+        run_dir: the run directory (a path or a `RunDirectory`).
+        loss, metrics: for `model.compile`; they must be serializable (a Keras
+            loss/metric object or a registered function), since checkpoints
+            store them.
+        compile_kwargs: further `model.compile` arguments (loss_weights, jit_compile, ...).
+        metadata: what goes into `rmib.json` and the saved models (task,
+            lesion, backbone, preprocessing, sizes ...); the resolved precision
+            and versions are added.
+        phase: name of the phase for methods trained in phases; its files are
+            `history_<phase>.csv`, `checkpoints/last_<phase>.keras` ...
+        resume: continue from `checkpoints/last.keras` (model and optimizer
+            state, epoch, best value); a finished phase returns its model
+            without training; without a checkpoint the phase starts afresh.
+        extra_callbacks: more Keras callbacks, run after rmib's own.
+        steps_per_epoch, validation_steps: override the config's values.
+        class_weight: {class: weight}; None with `config.class_weights` computes
+            balanced weights from array labels.
+        save_final: save `model.keras` when training ends (False for the
+            intermediate phases of a phased method).
+        allow_slow: accept mixed_float16 on a CPU (tests only).
+        unsafe_load: allow Lambda layers when reloading a checkpoint.
+        verbose: Keras verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+
+    Returns:
+        (model, history): the trained model (best weights with
+        `config.restore_best`) and the history of every epoch of this phase
+        as {column: [value per epoch]}, columns "epoch", "loss", metrics and
+        "learning_rate" (the rate the epoch started with).
+
+    Raises:
+        RmibError: the loss became NaN or infinite (the last good checkpoint
+            is kept), the monitor is not logged, the run directory already
+            holds this phase and `resume` is False, and the errors of
+            `resolve_precision`, `get_strategy` and `load_model`.
+    """
+    cfg = config
+    run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
+    if phase is not None and not _PHASE.fullmatch(phase):
+        raise ValueError(f"phase must be letters, digits, '_' or '-', got {phase!r}")
+    if cfg.monitor.startswith("val_") and val_data is None:
+        raise RmibError(
+            f"monitor {cfg.monitor!r} needs validation data, and there is none; "
+            "set monitor to a training value such as 'loss'"
+        )
+    last_path = run.checkpoint_path("last", phase)
+    if not resume and last_path.exists():
+        raise RmibError(
+            f"{run.path} already holds a run ({last_path.name} exists); continue it with "
+            "--resume, or choose another output directory"
+        )
+
+    precision = apply_precision(cfg.precision, allow_slow=allow_slow)
+    run_metadata = run.write_metadata({**(metadata or {}), "precision": precision})
+    if not run.config_path.exists():
+        run.write_config({"train": config_to_dict(cfg)})
+    compile_args = dict(loss=loss, metrics=metrics, **(compile_kwargs or {}))
+
+    state = _saved_state(run, cfg, phase, verbose) if resume else {}
+    if _finished(state, cfg):
+        _say(
+            f"{run.path}{_phase_text(phase)} already finished at epoch {state['epoch']}; "
+            "nothing to train",
+            verbose,
+        )
+        return _finished_run(run, cfg, phase, run_metadata, compile_args, save_final, unsafe_load)
+
+    initial_epoch = int(state.get("epoch", 0))
+    set_seed(cfg.seed + initial_epoch, cfg.deterministic)
+    if class_weight is None and cfg.class_weights:
+        if not _is_arrays(train_data):
+            raise ValueError(
+                "config.class_weights is on: pass class_weight=class_weights_from_labels(labels)"
+            )
+        class_weight = class_weights_from_labels(train_data[1])
+    steps = steps_per_epoch or cfg.steps_per_epoch or _steps(train_data, cfg.batch_size)
+
+    strategy = get_strategy(cfg.strategy)
+    if state:
+        _say(f"resuming{_phase_text(phase)} from {last_path} after epoch {initial_epoch}", verbose)
+    elif isinstance(model, keras.Model):
+        _check_built_model(model, cfg, strategy, precision)
+    with strategy.scope():
+        if state:
+            model = load_model(last_path, unsafe=unsafe_load)
+        elif not isinstance(model, keras.Model):
+            model = model()
+        _check_float32_outputs(model)
+        _compile(model, make_optimizer(cfg, steps), compile_args)
+        if state:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(last_path)  # restores the optimizer state too
+
+    plateau = schedule_callbacks(cfg, state.get("plateau"))
+    history = [row for row in run.read_history(phase) if row["epoch"] <= initial_epoch]
+    checkpoint = _RunCheckpoint(
+        run, cfg, phase, state, history, run_metadata, plateau[0] if plateau else None
+    )
+    callbacks = [_StopOnNonFiniteLoss(), *plateau, checkpoint]
+    if cfg.tensorboard:
+        log_dir = run.tensorboard_dir / phase if phase else run.tensorboard_dir
+        callbacks.append(
+            keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False, profile_batch=0)
+        )
+    callbacks.extend(extra_callbacks)
+
+    try:
+        model.fit(
+            **_data_arguments(train_data, cfg.batch_size),
+            validation_data=tuple(val_data) if _is_arrays(val_data) else val_data,
+            epochs=cfg.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,
+            validation_steps=validation_steps or cfg.validation_steps,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    except _NonFiniteLoss as bad:
+        where = f"epoch {bad.epoch}" + (f", batch {bad.batch}" if bad.batch else "")
+        kept = (
+            f"the last good checkpoint {last_path} (epoch {state['epoch']}) is kept"
+            if state.get("epoch")
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        raise RmibError(
+            f"training stopped: the loss became {bad.value} at {where}{_phase_text(phase)}; "
+            f"{kept}. Try a lower learning rate or --precision float32, then --resume"
+        ) from None
+
+    if not _finished(state, cfg):
+        _say(
+            f"stopped after epoch {state.get('epoch', initial_epoch)} of {cfg.epochs}; "
+            "continue with --resume",
+            verbose,
+        )
+        return model, _history_columns(run.read_history(phase))
+    if state.get("early_stopped"):
+        _say(
+            f"early stopping after epoch {state['epoch']}: no improvement of {cfg.monitor} "
+            f"since epoch {state['best_epoch']}",
+            verbose,
+        )
+    return _finish(run, cfg, phase, state, model, run_metadata, save_final, unsafe_load)
+
+
+def _saved_state(run: RunDirectory, cfg: TrainConfig, phase, verbose) -> dict:
+    """The state of the last checkpoint (the copy inside last.keras is authoritative)."""
+    last_path = run.checkpoint_path("last", phase)
+    if not last_path.is_file():
+        _say(f"nothing to resume in {run.checkpoints_dir}; starting at epoch 1", verbose)
+        return {}
+    state = _embedded_metadata(last_path).get("checkpoint") or run.read_state(phase) or {}
+    if state and (state.get("monitor"), state.get("mode")) != (
+        cfg.monitor,
+        cfg.resolved_monitor_mode,
+    ):
+        _say(
+            f"the monitor is now {cfg.monitor} ({cfg.resolved_monitor_mode}): "
+            "the best epoch is chosen afresh",
+            verbose,
+        )
+        for key in ("best", "best_epoch", "plateau"):
+            state.pop(key, None)
+    return dict(state)
+
+
+def _check_built_model(model, cfg: TrainConfig, strategy, precision: str) -> None:
+    if strategy is not tf.distribute.get_strategy():
+        raise ValueError(
+            f"strategy {cfg.strategy!r} needs the model built inside its scope: pass a "
+            "function that builds the model instead of a built model"
+        )
+    if model.dtype_policy.name != precision:
+        warnings.warn(
+            f"model {model.name!r} was built with dtype policy {model.dtype_policy.name!r} "
+            f"but the precision is {precision!r}; pass a function that builds the model "
+            "so that it is built after the precision is set",
+            stacklevel=3,
+        )
+
+
+def _data_arguments(train_data, batch_size: int) -> dict:
+    if not _is_arrays(train_data):
+        return dict(x=train_data)
+    x, y, *sample_weight = train_data
+    arguments = dict(x=x, y=y, batch_size=batch_size, shuffle=True)
+    if sample_weight:
+        arguments["sample_weight"] = sample_weight[0]
+    return arguments
+
+
+def _compile(model, optimizer, compile_args: dict) -> None:
+    model.compile(optimizer=optimizer, **compile_args)
+    try:
+        model.get_compile_config()
+    except TypeError as exc:
+        raise ValueError(
+            f"the loss and metrics must be serializable to be checkpointed: {_first_line(exc)}"
+        ) from exc
+
+
+def _phase_text(phase) -> str:
+    return f" (phase {phase})" if phase else ""
+
+
+def _finished_run(run, cfg, phase, metadata, compile_args, save_final, unsafe_load):
+    """The model of a finished phase, compiled, without training."""
+    best_path = run.checkpoint_path("best", phase)
+    use_best = cfg.restore_best and best_path.is_file()
+    path = best_path if use_best else run.checkpoint_path("last", phase)
+    # A finished run needs no schedule (and its steps per epoch may be unknown).
+    constant = dataclasses.replace(cfg, lr_schedule="constant")
+    with get_strategy(cfg.strategy).scope():
+        model = load_model(path, unsafe=unsafe_load)
+        _compile(model, make_optimizer(constant), compile_args)
+    if save_final and not run.model_path.is_file():  # a crash just before the final save
+        run.save_model(model, run.model_path, metadata)
+    return model, _history_columns(run.read_history(phase))
+
+
+def _finish(run, cfg, phase, state, model, metadata, save_final, unsafe_load):
+    best_path = run.checkpoint_path("best", phase)
+    if cfg.restore_best and best_path.is_file() and state.get("best_epoch") != state.get("epoch"):
+        best = load_model(best_path, unsafe=unsafe_load)
+        model.set_weights(best.get_weights())
+    key = "training" if phase is None else f"training_{phase}"
+    rows = run.read_history(phase)
+    run.update_metrics(
+        {
+            key: {
+                "monitor": cfg.monitor,
+                "mode": cfg.resolved_monitor_mode,
+                "best": state.get("best"),
+                "best_epoch": state.get("best_epoch"),
+                "epochs_trained": state.get("epoch"),
+                "early_stopped": bool(state.get("early_stopped")),
+                "weights": "best" if cfg.restore_best and best_path.is_file() else "last",
+                "last_epoch": rows[-1] if rows else {},
+            }
+        }
+    )
+    if save_final:
+        run.save_model(model, run.model_path, metadata)
+    return model, _history_columns(rows)

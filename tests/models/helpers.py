@@ -1,0 +1,73 @@
+"""The boring, important checks every rmib layer and model gets (cf. keras-hub's TestCase).
+
+Use from a test module in this package: `from .helpers import fit_one_step, ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+
+
+def assert_config_round_trip(layer):
+    """`from_config(get_config())` rebuilds a layer with the same config."""
+    config = layer.get_config()
+    clone = layer.__class__.from_config(config)
+    assert clone.get_config() == config
+    return clone
+
+
+def assert_output(model, inputs, shape, dtype="float32"):
+    """One forward pass gives the expected shape and dtype; returns it as NumPy."""
+    outputs = model(inputs, training=False)
+    assert tuple(outputs.shape) == tuple(shape)
+    assert keras.backend.standardize_dtype(outputs.dtype) == dtype
+    return keras.ops.convert_to_numpy(outputs)
+
+
+def fit_one_step(model, x, y, loss="binary_crossentropy", run_eagerly=False):
+    """Compile, take one `fit` step; every trainable weight that gets a gradient moves.
+
+    Returns the loss of that step (finite).
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3), loss=loss, run_eagerly=run_eagerly
+    )
+    before = [np.array(w) for w in model.trainable_weights]
+    history = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    value = history.history["loss"][0]
+    assert np.isfinite(value)
+    moved = [not np.array_equal(b, np.array(w)) for b, w in zip(before, model.trainable_weights)]
+    assert all(moved), [w.path for w, m in zip(model.trainable_weights, moved) if not m]
+    return value
+
+
+def assert_save_load_equal(model, x, directory):
+    """A `.keras` round trip gives the same predictions and the same weight layout."""
+    path = directory / f"{model.name}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    assert len(loaded.trainable_weights) == len(model.trainable_weights)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    got = keras.ops.convert_to_numpy(loaded(x, training=False))
+    np.testing.assert_array_equal(got, expected)
+    return loaded
+
+
+def weights_by_path(model):
+    """{variable path: NumPy copy} of every weight of `model`."""
+    return {w.path: np.array(w) for w in model.weights}
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Run a block under a global Keras dtype policy, restoring the old one after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -1,0 +1,228 @@
+"""CBAM, the in-model ImageNet preprocessing and the fused batch norm, against references."""
+
+import keras
+import numpy as np
+import pytest
+
+from rmib.models import CBAM, FusedBatchNormalization, ImageNetPreprocessing
+
+from .helpers import (
+    assert_config_round_trip,
+    assert_output,
+    assert_save_load_equal,
+    dtype_policy,
+    fit_one_step,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _conv_same(x, kernel, bias):
+    """Cross-correlation with zero 'same' padding: x (B,H,W,Cin), kernel (k,k,Cin,Cout)."""
+    k = kernel.shape[0]
+    pad = k // 2
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    height, width = x.shape[1:3]
+    out = np.zeros(x.shape[:3] + (kernel.shape[-1],), dtype=np.float64)
+    for dy in range(k):
+        for dx in range(k):
+            window = padded[:, dy : dy + height, dx : dx + width, :]
+            out += np.einsum("bhwc,co->bhwo", window, kernel[dy, dx])
+    return out + bias
+
+
+def cbam_reference(x, w_hidden, b_hidden, w_out, b_out, kernel, bias):
+    """CBAM of Woo et al. (ECCV 2018), eqs. 2-3, written out in float64 NumPy."""
+    x = x.astype(np.float64)
+
+    def mlp(v):
+        return np.maximum(v @ w_hidden + b_hidden, 0.0) @ w_out + b_out
+
+    channel = _sigmoid(mlp(x.mean(axis=(1, 2))) + mlp(x.max(axis=(1, 2))))
+    refined = x * channel[:, None, None, :]
+    pooled = np.concatenate(
+        [refined.mean(axis=-1, keepdims=True), refined.max(axis=-1, keepdims=True)], axis=-1
+    )
+    spatial = _sigmoid(_conv_same(pooled, kernel, bias))
+    return refined * spatial
+
+
+def _randomised_cbam(channels, ratio, kernel_size, seed=0, **kwargs):
+    layer = CBAM(ratio=ratio, kernel_size=kernel_size, **kwargs)
+    layer.build((None, None, None, channels))
+    rng = np.random.default_rng(seed)
+    # Non-zero biases, so a forgotten bias shows up.
+    layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.weights])
+    return layer
+
+
+@pytest.mark.parametrize(
+    "shape, ratio, kernel_size",
+    [((2, 9, 13, 32), 16, 7), ((1, 6, 5, 8), 16, 3), ((2, 4, 4, 48), 4, 1)],
+)
+def test_cbam_matches_numpy_reference(shape, ratio, kernel_size):
+    layer = _randomised_cbam(shape[-1], ratio, kernel_size)
+    x = np.random.default_rng(1).normal(0, 2, shape).astype("float32")
+    expected = cbam_reference(x, *[np.array(w) for w in layer.weights])
+    got = assert_output(layer, x, shape, "float32")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cbam_weights_follow_the_paper_shapes():
+    # C=32, r=16 -> 2 hidden units; C=8, r=16 -> max(1, 0) = 1 hidden unit.
+    layer = _randomised_cbam(32, 16, 7)
+    assert [tuple(w.shape) for w in layer.weights] == [
+        (32, 2),
+        (2,),
+        (2, 32),
+        (32,),
+        (7, 7, 2, 1),
+        (1,),
+    ]
+    assert layer.count_params() == 32 * 2 + 2 + 2 * 32 + 32 + 7 * 7 * 2 + 1
+    assert tuple(_randomised_cbam(8, 16, 7).weights[0].shape) == (8, 1)
+
+
+def test_cbam_pools_channel_attention_over_space():
+    # Changing one corner pixel must change the output at the far corner. The 3x3
+    # spatial conv reaches one pixel only; what carries the change that far is the
+    # channel attention pooled over H, W. Pooling over channels (the defect of the
+    # authors' notebooks) would leave the far corner unchanged.
+    layer = _randomised_cbam(16, 4, 3)
+    x = np.ones((1, 4, 4, 16), "float32")
+    y = x.copy()
+    y[0, 0, 0] = 5.0
+    out_x = np.array(layer(x))
+    out_y = np.array(layer(y))
+    assert not np.allclose(out_x[0, 3, 3], out_y[0, 3, 3])
+
+
+def test_cbam_config_round_trip_and_validation():
+    clone = assert_config_round_trip(CBAM(ratio=8, kernel_size=5, name="att"))
+    assert (clone.ratio, clone.kernel_size, clone.name) == (8, 5, "att")
+    with pytest.raises(ValueError, match="ratio"):
+        CBAM(ratio=0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        CBAM(kernel_size=4)
+
+
+def test_cbam_mixed_bfloat16_computes_in_bfloat16_with_float32_variables():
+    layer = _randomised_cbam(32, 16, 7, dtype="mixed_bfloat16")
+    assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in layer.weights)
+    x = np.random.default_rng(2).normal(0, 1, (2, 8, 8, 32)).astype("float32")
+    got = np.array(keras.ops.cast(assert_output(layer, x, x.shape, "bfloat16"), "float32"))
+    expected = cbam_reference(x, *[np.array(w) for w in layer.weights])
+    np.testing.assert_allclose(got, expected, rtol=5e-2, atol=5e-2)
+
+
+def test_cbam_frozen_sublayers_stay_frozen(tmp_path):
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, CBAM(ratio=2, name="att")(inputs))
+    model.trainable = False
+    loaded = assert_save_load_equal(model, np.ones((1, 8, 8, 4), "float32"), tmp_path)
+    assert loaded.trainable_weights == []
+
+
+def test_cbam_in_a_model_fits_and_round_trips(tmp_path):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    x = CBAM(ratio=4, kernel_size=3)(x)
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (4, 16, 16, 3)).astype("float32")
+    y = (rng.uniform(size=(4, 16, 16, 1)) > 0.5).astype("float32")
+    fit_one_step(model, x, y)
+    assert_save_load_equal(model, x, tmp_path)
+
+
+def test_imagenet_preprocessing_matches_keras_applications():
+    x = np.random.default_rng(4).uniform(0, 255, (2, 5, 7, 3)).astype("float32")
+    expected = keras.applications.vgg16.preprocess_input(x.copy())
+    np.testing.assert_allclose(np.array(ImageNetPreprocessing()(x)), expected, atol=1e-4)
+    np.testing.assert_allclose(
+        keras.applications.resnet50.preprocess_input(x.copy()), expected, atol=1e-4
+    )
+    # Hand-worked pixel: RGB (10, 20, 30) -> BGR (30, 20, 10) minus (103.939, 116.779, 123.68).
+    pixel = np.array(ImageNetPreprocessing()(np.array([[[[10, 20, 30]]]], "float32")))
+    np.testing.assert_allclose(pixel[0, 0, 0], [-73.939, -96.779, -113.68], atol=1e-4)
+    with dtype_policy("mixed_bfloat16"):
+        layer = ImageNetPreprocessing()
+    assert layer.compute_dtype == "float32"
+    assert_config_round_trip(layer)
+
+
+def _twin_batch_norms(channels, seed=5):
+    rng = np.random.default_rng(seed)
+    values = [
+        rng.normal(1, 0.2, channels),
+        rng.normal(0, 0.2, channels),
+        rng.normal(0, 0.5, channels),
+        rng.uniform(0.5, 2, channels),
+    ]
+    pair = []
+    for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
+        layer = cls(epsilon=1.001e-5, momentum=0.9)
+        layer.build((None, None, None, channels))
+        layer.set_weights([v.astype("float32") for v in values])
+        pair.append(layer)
+    return pair
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_batch_norm_matches_keras_batch_norm(training):
+    reference, fused = _twin_batch_norms(6)
+    # 2 x 2 x 3 = 12 values per channel: the n/(n-1) variance correction would show.
+    x = np.random.default_rng(6).normal(3, 2, (2, 2, 3, 6)).astype("float32")
+    np.testing.assert_allclose(
+        np.array(fused(x, training=training)),
+        np.array(reference(x, training=training)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    for got, expected in zip(fused.weights, reference.weights):
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-6, atol=1e-6)
+    if training:
+        # Hand-derived update: moving = 0.9 * moving + 0.1 * biased batch statistic.
+        _, _, mean0, var0 = [np.array(w) for w in _twin_batch_norms(6)[0].weights]
+        np.testing.assert_allclose(
+            np.array(fused.moving_variance),
+            0.9 * var0 + 0.1 * x.reshape(-1, 6).var(axis=0),
+            rtol=1e-5,
+        )
+        np.testing.assert_allclose(
+            np.array(fused.moving_mean), 0.9 * mean0 + 0.1 * x.reshape(-1, 6).mean(axis=0), rtol=1e-5
+        )
+
+
+def test_fused_batch_norm_gradients_match_keras_batch_norm():
+    import tensorflow as tf
+
+    reference, fused = _twin_batch_norms(4)
+    x = tf.constant(np.random.default_rng(7).normal(0, 1, (2, 3, 3, 4)).astype("float32"))
+    weights = np.random.default_rng(8).normal(0, 1, (2, 3, 3, 4)).astype("float32")
+    grads = []
+    for layer in (reference, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * weights)
+        grads.append(tape.gradient(loss, [x, layer.gamma.value, layer.beta.value]))
+    for got, expected in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_batch_norm_bfloat16_and_fallback():
+    with dtype_policy("mixed_bfloat16"):
+        layer = FusedBatchNormalization()
+        x = np.random.default_rng(9).normal(0, 1, (2, 4, 4, 3)).astype("float32")
+        assert keras.backend.standardize_dtype(layer(x, training=True).dtype) == "bfloat16"
+    assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in layer.weights)
+    # 2-D inputs take the Keras path and still normalise: batch mean 0, variance ~1.
+    flat = np.array(FusedBatchNormalization()(np.arange(8.0).reshape(4, 2), training=True))
+    np.testing.assert_allclose(flat.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(flat.var(axis=0), 1.0, atol=1e-2)
+    assert_config_round_trip(FusedBatchNormalization(epsilon=1.001e-5, name="bn"))
