@@ -38,11 +38,12 @@ def cli():
 
 
 def _register():
-    from rmib.commands import data, models
+    from rmib.commands import data, grade, models
 
     cli.add_command(data.data)
     for command in (models.pretrain, models.segment, models.predict, models.evaluate):
         cli.add_command(command)
+    cli.add_command(grade.grade)
 
 
 _register()

@@ -278,6 +278,13 @@ def _from_dict(cls, data, source: str | None, prefix: str):
         raise RmibError(_where(source, message))
     values = {}
     for name, value in data.items():
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            # A nested section starts from its field's own default (e.g. the
+            # segment command's [train] monitors val_aupr), not the class's.
+            default = factory()
+            if dataclasses.is_dataclass(default):
+                value = {**config_to_dict(default), **value}
         values[name] = _coerce(value, hints[name], prefix + name, source)
     try:
         return cls(**values)

@@ -12,6 +12,8 @@ SEGMENT_LOSSES = ("bce", "dice", "bce+dice", "weighted-bce")
 PREPROCESSING = ("none", "clahe", "graham")
 AUGMENT = ("none", "free", "rot90")
 LESION_CODES = ("EX", "HE", "MA", "SE")
+DUAL2NET_VARIANTS = ("dual-dsm", "single-dice", "single-bce")
+LOCAL_GLOBAL_PHASES = ("global", "local", "fusion", "joint")
 
 
 @dataclasses.dataclass
@@ -23,10 +25,17 @@ class LocalGlobalConfig:
         base_filters: channels of the first U-Net level (doubling per level up to `max_filters`).
         max_filters: channel cap.
         global_depth / local_depth: pooling levels; 0 = the paper's per-lesion default.
-        phases: which of "global", "local", "fusion", "joint" to run, in order.
-        epochs_per_phase: overrides `train.epochs` for every phase when > 0.
-        lambda_global / lambda_local / lambda_l2: loss weights l1, l2, l3.
-        centre_crop: IDRiD centre crop 2816x3328 first.
+        phases: which of "global", "local", "fusion", "joint" to run, in that
+            order (["global"] or ["local"] alone train the paper's ablations).
+        epochs_per_phase: overrides the epochs of every phase when > 0.
+        lambda_global / lambda_local / lambda_l2: loss weights l1, l2, l3
+            (l3 multiplies the squared L2 norm of every convolution kernel).
+        centre_crop: IDRiD centre crop 2816x3328 first, applied to each
+            photograph at least that large (smaller ones are used whole).
+        fusion_epochs / fusion_learning_rate: phase "fusion" (paper: 10, 2e-4);
+            phases "global" and "local" use `[train]` (recipes: 2e-4, poly).
+        joint_epochs / joint_learning_rate: phase "joint" (paper: 60, 1e-4).
+        fusion_filters: width of the fusion convolutions; 0 = base_filters.
     """
 
     global_size: int = 640
@@ -40,9 +49,37 @@ class LocalGlobalConfig:
     lambda_local: float = 1.0
     lambda_l2: float = 1e-4
     centre_crop: bool = True
+    fusion_epochs: int = 10
+    fusion_learning_rate: float = 2e-4
+    joint_epochs: int = 60
+    joint_learning_rate: float = 1e-4
+    fusion_filters: int = 0
 
     def __post_init__(self):
         _check_fields(self)
+        order = list(LOCAL_GLOBAL_PHASES)
+        _require(
+            self,
+            "phases",
+            bool(self.phases)
+            and all(p in order for p in self.phases)
+            and [order.index(p) for p in self.phases]
+            == sorted({order.index(p) for p in self.phases}),
+            f"a non-empty list of {', '.join(order)}, each at most once and in that order",
+        )
+        _require(self, "global_size", self.global_size >= 32, "at least 32")
+        _require(self, "base_filters", self.base_filters >= 1, "at least 1")
+        _require(self, "max_filters", self.max_filters >= self.base_filters, ">= base_filters")
+        for name in ("global_depth", "local_depth"):
+            _require(self, name, 0 <= getattr(self, name) <= 10, "0 (the paper's) to 10")
+        for name in ("lambda_global", "lambda_local", "lambda_l2"):
+            _require(self, name, getattr(self, name) >= 0, "zero or positive")
+        for name in ("epochs_per_phase", "fusion_filters"):
+            _require(self, name, getattr(self, name) >= 0, "zero or positive")
+        for name in ("fusion_epochs", "joint_epochs"):
+            _require(self, name, getattr(self, name) >= 1, "at least 1")
+        for name in ("fusion_learning_rate", "joint_learning_rate"):
+            _require(self, name, getattr(self, name) > 0, "positive")
 
 
 @dataclasses.dataclass
@@ -50,20 +87,41 @@ class Dual2NetConfig:
     """Settings of Dual2Net with the DSM Dice loss (section `[dual2net]`).
 
     Attributes:
-        image_size: [height, width] the whole photograph is resized to (960x1440 for IDRiD).
+        image_size: [height, width] the whole photograph is resized to (aspect kept,
+            zero padding), multiples of 32: 960x1440 for IDRiD, 1024x1024 for DDR.
         pos_fraction: N1/N of the re-balanced pixel sampler of the small-lesion branch.
         aux_weight: weight of the auxiliary heads (0.4).
         head: "ppm" (pyramid pooling, as PSPNet) or "decoder".
+        variant: "dual-dsm" (two branches, DSM Dice loss: the paper's method),
+            "single-dice" or "single-bce" (one branch with Dice or class-balanced
+            cross-entropy: the paper's Table 4 ablation).
+        fov_crop: crop the photograph to its field of view's bounding box before
+            resizing (the paper's DDR preprocessing; IDRiD is resized directly).
+        head_filters: channels of the head's 3x3 convolution (512 in PSPNet).
     """
 
     image_size: list = dataclasses.field(default_factory=lambda: [960, 1440])
     pos_fraction: float = 0.5
     aux_weight: float = 0.4
     head: Literal["ppm", "decoder"] = "ppm"
+    variant: Literal[DUAL2NET_VARIANTS] = "dual-dsm"
+    fov_crop: bool = False
+    head_filters: int = 512
 
     def __post_init__(self):
         _check_fields(self)
         _require(self, "pos_fraction", 0.0 < self.pos_fraction < 1.0, "in (0, 1)")
+        _require(self, "aux_weight", self.aux_weight >= 0.0, "zero or positive")
+        _require(self, "head_filters", self.head_filters >= 1, "at least 1")
+        size = self.image_size
+        _require(
+            self,
+            "image_size",
+            len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+            and all(s >= 32 and s % 32 == 0 for s in size),
+            "[height, width], two positive multiples of 32",
+        )
 
 
 @dataclasses.dataclass

@@ -79,13 +79,14 @@ def visible_gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
-def cpu_supports_bfloat16(cpuinfo=CPUINFO) -> bool:
+def cpu_supports_bfloat16(cpuinfo=None) -> bool:
     """True when the CPU has native bfloat16 instructions (AMX or AVX512-BF16).
 
-    Reads the `flags` line of `/proc/cpuinfo`; False when it cannot be read.
+    Reads the `flags` line of `cpuinfo` (default `/proc/cpuinfo`); False when
+    it cannot be read.
     """
     try:
-        text = Path(cpuinfo).read_text(errors="replace")
+        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
     except OSError:
         return False
     for line in text.splitlines():
@@ -809,6 +810,7 @@ def fit(
     phase: str | None = None,
     resume: bool = False,
     extra_callbacks: Iterable = (),
+    validation_callbacks: Iterable = (),
     steps_per_epoch: int | None = None,
     validation_steps: int | None = None,
     class_weight: dict | None = None,
@@ -852,6 +854,9 @@ def fit(
             state, epoch, best value); a finished phase returns its model
             without training; without a checkpoint the phase starts afresh.
         extra_callbacks: more Keras callbacks, run after rmib's own.
+        validation_callbacks: callbacks that add validation values to the epoch's
+            logs themselves (e.g. whole-image metrics of a segmenter); they run
+            before the checkpoint, so `config.monitor` may name what they log.
         steps_per_epoch, validation_steps: override the config's values.
         class_weight: {class: weight}; None with `config.class_weights` computes
             balanced weights from array labels.
@@ -877,7 +882,8 @@ def fit(
     run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     if phase is not None and not _PHASE.fullmatch(phase):
         raise ValueError(f"phase must be letters, digits, '_' or '-', got {phase!r}")
-    if cfg.monitor.startswith("val_") and val_data is None:
+    validation_callbacks = list(validation_callbacks)
+    if cfg.monitor.startswith("val_") and val_data is None and not validation_callbacks:
         raise RmibError(
             f"monitor {cfg.monitor!r} needs validation data, and there is none; "
             "set monitor to a training value such as 'loss'"
@@ -935,7 +941,7 @@ def fit(
     checkpoint = _RunCheckpoint(
         run, cfg, phase, state, history, run_metadata, plateau[0] if plateau else None
     )
-    callbacks = [_StopOnNonFiniteLoss(), *plateau, checkpoint]
+    callbacks = [_StopOnNonFiniteLoss(), *validation_callbacks, *plateau, checkpoint]
     if cfg.tensorboard:
         log_dir = run.tensorboard_dir / phase if phase else run.tensorboard_dir
         callbacks.append(
@@ -1020,6 +1026,8 @@ def _check_built_model(model, cfg: TrainConfig, strategy, precision: str) -> Non
 
 
 def _data_arguments(train_data, batch_size: int) -> dict:
+    if isinstance(train_data, tf.data.Dataset):
+        return dict(x=train_data, shuffle=False)  # a dataset shuffles itself
     if not _is_arrays(train_data):
         return dict(x=train_data)
     x, y, *sample_weight = train_data

@@ -148,16 +148,13 @@ def test_auto_precision_on_this_machine():
 
 
 def test_precision_resolution_mocked(tmp_path, monkeypatch):
-    bf16 = write_cpuinfo(tmp_path, "avx2 avx512_bf16")
-    monkeypatch.setattr(training, "CPUINFO", bf16)
+    monkeypatch.setattr(training, "CPUINFO", write_cpuinfo(tmp_path, "avx2 avx512_bf16"))
     monkeypatch.setattr(training, "visible_gpus", lambda: ["GPU:0"])
     assert resolve_precision("auto") == "mixed_float16"
     assert resolve_precision("mixed_float16") == "mixed_float16"
     monkeypatch.setattr(training, "visible_gpus", lambda: [])
-    # cpu_supports_bfloat16's default argument was bound at import: patch the call.
-    monkeypatch.setattr(training, "cpu_supports_bfloat16", lambda: True)
     assert resolve_precision("auto") == "mixed_bfloat16"
-    monkeypatch.setattr(training, "cpu_supports_bfloat16", lambda: False)
+    monkeypatch.setattr(training, "CPUINFO", write_cpuinfo(tmp_path, "avx2 avx512f fma"))
     assert resolve_precision("auto") == "float32"
     assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
     assert resolve_precision("float32") == "float32"
@@ -478,10 +475,16 @@ def _plain_keras_file(tmp_path):
 
 def test_phases_have_their_own_files_under_mirrored_strategy(tmp_path):
     run = RunDirectory(tmp_path / "run")
-    cfg = config(epochs=1, strategy="mirrored")
+    cfg = config(epochs=1, strategy="mirrored", lr_schedule="poly")
+    train = tf.data.Dataset.from_tensor_slices(arrays(0)).batch(BATCH)
+    val = tf.data.Dataset.from_tensor_slices(arrays(1, 16)).batch(BATCH)
     # resume=True with nothing to resume starts the phase at epoch 1.
-    model, history = run_fit(run.path, cfg, phase="global", resume=True, save_final=False)
+    model, history = run_fit(
+        run.path, cfg, train_data=train, val_data=val, phase="global", resume=True, save_final=False
+    )
     assert history["epoch"] == [1]
+    # The poly schedule took its steps per epoch from the dataset's cardinality.
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)
     assert isinstance(model.distribute_strategy, tf.distribute.MirroredStrategy)
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == STEPS
     for path in (
@@ -500,3 +503,28 @@ def test_phases_have_their_own_files_under_mirrored_strategy(tmp_path):
 def test_built_model_needs_the_default_strategy(tmp_path):
     with pytest.raises(ValueError, match="pass a function that builds the model"):
         run_fit(tmp_path / "run", config(strategy="mirrored"), model=tiny_model())
+
+
+def test_resume_under_mixed_float16_keeps_the_loss_scale_optimizer(tmp_path):
+    cfg = config(precision="mixed_float16", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(tmp_path / "run", cfg, allow_slow=True, extra_callbacks=[InterruptAfter(0)])
+    saved = load_model(tmp_path / "run" / "checkpoints" / "last.keras", compile=True)
+    saved_state = [keras.ops.convert_to_numpy(v) for v in saved.optimizer.variables]
+
+    class OptimizerAtStart(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.state = [keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables]
+
+    at_start = OptimizerAtStart()
+    model, history = run_fit(
+        tmp_path / "run", cfg, allow_slow=True, resume=True, extra_callbacks=[at_start]
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert not isinstance(model.optimizer.inner_optimizer, keras.optimizers.LossScaleOptimizer)
+    # Loss scale, its step counter, Adam's moments: all as saved after epoch 1.
+    assert len(at_start.state) == len(saved_state) > 4
+    for restored, expected in zip(at_start.state, saved_state, strict=True):
+        np.testing.assert_array_equal(restored, expected)
+    assert int(model.optimizer.iterations) == 2 * STEPS
+    assert history["epoch"] == [1, 2] and all(math.isfinite(v) for v in history["loss"])

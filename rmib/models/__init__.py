@@ -9,16 +9,27 @@ from rmib.models.encoder_decoder import (
     set_encoder_trainable,
 )
 from rmib.models.layers import CBAM, FusedBatchNormalization, ImageNetPreprocessing
+from rmib.models.local_global import (
+    GlobalFeatureCrop,
+    LocalGlobalSegmenter,
+    build_local_global,
+)
+from rmib.models.unet import build_unet, build_unet_trunk
 
 __all__ = [
     "BACKBONES",
     "CBAM",
     "FusedBatchNormalization",
+    "GlobalFeatureCrop",
     "ImageNetPreprocessing",
+    "LocalGlobalSegmenter",
     "backbone_name",
     "build_backbone",
     "build_classifier",
     "build_encoder_decoder",
+    "build_local_global",
+    "build_unet",
+    "build_unet_trunk",
     "find_encoder",
     "required_multiple",
     "set_encoder_trainable",

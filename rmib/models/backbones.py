@@ -261,8 +261,10 @@ def _load_weights_file(model, path):
         try:
             model.load_weights(path)
         except Exception as exc:  # Keras raises ValueError, OSError, KeyError ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RmibError(
-                f"{path}: cannot load these weights into {model.name} ({exc})"
+                f"{path}: cannot load these weights into {model.name} ({reason}); "
+                "a .weights.h5 file must come from the same backbone and cbam setting"
             ) from None
     elif path.suffix.lower() in (".h5", ".hdf5"):
         _load_h5_by_name(model, path)

@@ -85,12 +85,12 @@ def build_encoder_decoder(
     inputs = keras.Input(shape=(None, None, 3), name="image")
     taps = encoder(inputs)
     x = taps[by_stride[32]]
-    for index, (width, stride) in enumerate(zip(filters, (16, 8, 4, 2, 1)), start=1):
+    for index, (width, stride) in enumerate(zip(filters, (16, 8, 4, 2, 1), strict=True), start=1):
         skip = taps[by_stride[stride]] if stride in by_stride else None
         x = _decoder_block(x, skip, width, name=f"decoder{index}")
-    outputs = keras.layers.Conv2D(
-        1, 1, activation="sigmoid", dtype="float32", name="segmentation"
-    )(x)
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="segmentation")(
+        x
+    )
     name = name or f"{backbone_name(encoder)}_encoder_decoder"
     return keras.Model(inputs, outputs, name=name)
 

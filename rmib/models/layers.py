@@ -159,8 +159,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             and self.center
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
-            and keras.backend.standardize_dtype(inputs.dtype)
-            in ("float32", "bfloat16", "float16")
+            and keras.backend.standardize_dtype(inputs.dtype) in ("float32", "bfloat16", "float16")
         )
 
     def call(self, inputs, training=None, mask=None):

@@ -32,15 +32,18 @@ def fit_one_step(model, x, y, loss="binary_crossentropy", run_eagerly=False):
 
     Returns the loss of that step (finite).
     """
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3), loss=loss, run_eagerly=run_eagerly
-    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, run_eagerly=run_eagerly)
     before = [np.array(w) for w in model.trainable_weights]
     history = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
     value = history.history["loss"][0]
     assert np.isfinite(value)
-    moved = [not np.array_equal(b, np.array(w)) for b, w in zip(before, model.trainable_weights)]
-    assert all(moved), [w.path for w, m in zip(model.trainable_weights, moved) if not m]
+    moved = [
+        not np.array_equal(b, np.array(w))
+        for b, w in zip(before, model.trainable_weights, strict=True)
+    ]
+    assert all(moved), [
+        w.path for w, m in zip(model.trainable_weights, moved, strict=True) if not m
+    ]
     return value
 
 

@@ -39,7 +39,7 @@ def write_imagenet_style_h5(model, path):
             group = file.create_group(layer.name)
             names = [f"{layer.name}/{w.name}:0" for w in layer.weights]
             group.attrs["weight_names"] = [n.encode() for n in names]
-            for name, weight in zip(names, layer.weights):
+            for name, weight in zip(names, layer.weights, strict=True):
                 group.create_dataset(name, data=np.array(weight))
     return path
 
@@ -82,12 +82,12 @@ def test_imagenet_style_file_loads_by_name_and_reproduces_keras_applications(
     # The file is in the real format: keras' own loader takes it.
     check = APPLICATIONS[name](weights=None, include_top=False, input_shape=(None, None, 3))
     check.load_weights(path)
-    for a, b in zip(check.weights, reference.weights):
+    for a, b in zip(check.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
     ours = build_backbone(name, weights=str(path))
     for layer in [layer for layer in reference.layers if layer.weights]:
-        for a, b in zip(ours.get_layer(layer.name).weights, layer.weights):
+        for a, b in zip(ours.get_layer(layer.name).weights, layer.weights, strict=True):
             np.testing.assert_array_equal(np.array(a), np.array(b))
     # Same network: the built-in preprocessing equals keras.applications' preprocess_input.
     x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
@@ -109,7 +109,7 @@ def test_cbam_backbone_loads_plain_file_and_keeps_cbam_init(applications, tmp_pa
             source = expected  # untouched: same seed, same initialisation
         else:
             source = applications["vgg16"].get_layer(layer.name).weights if layer.weights else []
-        for a, b in zip(layer.weights, source):
+        for a, b in zip(layer.weights, source, strict=True):
             np.testing.assert_array_equal(np.array(a), np.array(b))
 
 

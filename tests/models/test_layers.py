@@ -120,11 +120,15 @@ def test_cbam_mixed_bfloat16_computes_in_bfloat16_with_float32_variables():
 
 
 def test_cbam_frozen_sublayers_stay_frozen(tmp_path):
-    inputs = keras.Input((8, 8, 4))
-    model = keras.Model(inputs, CBAM(ratio=2, name="att")(inputs))
-    model.trainable = False
-    loaded = assert_save_load_equal(model, np.ones((1, 8, 8, 4), "float32"), tmp_path)
-    assert loaded.trainable_weights == []
+    # A frozen CBAM inside a trainable model (a frozen encoder) stays frozen on load.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 1, name="conv")(inputs)
+    attention = CBAM(ratio=2, name="att")
+    model = keras.Model(inputs, attention(x))
+    attention.trainable = False
+    assert len(model.trainable_weights) == 2
+    loaded = assert_save_load_equal(model, np.ones((1, 8, 8, 3), "float32"), tmp_path)
+    assert [w.path for w in loaded.trainable_weights] == ["conv/kernel", "conv/bias"]
 
 
 def test_cbam_in_a_model_fits_and_round_trips(tmp_path):
@@ -184,7 +188,7 @@ def test_fused_batch_norm_matches_keras_batch_norm(training):
         rtol=1e-5,
         atol=1e-5,
     )
-    for got, expected in zip(fused.weights, reference.weights):
+    for got, expected in zip(fused.weights, reference.weights, strict=True):
         np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-6, atol=1e-6)
     if training:
         # Hand-derived update: moving = 0.9 * moving + 0.1 * biased batch statistic.
@@ -195,7 +199,9 @@ def test_fused_batch_norm_matches_keras_batch_norm(training):
             rtol=1e-5,
         )
         np.testing.assert_allclose(
-            np.array(fused.moving_mean), 0.9 * mean0 + 0.1 * x.reshape(-1, 6).mean(axis=0), rtol=1e-5
+            np.array(fused.moving_mean),
+            0.9 * mean0 + 0.1 * x.reshape(-1, 6).mean(axis=0),
+            rtol=1e-5,
         )
 
 
@@ -211,7 +217,7 @@ def test_fused_batch_norm_gradients_match_keras_batch_norm():
             tape.watch(x)
             loss = tf.reduce_sum(layer(x, training=True) * weights)
         grads.append(tape.gradient(loss, [x, layer.gamma.value, layer.beta.value]))
-    for got, expected in zip(grads[1], grads[0]):
+    for got, expected in zip(grads[1], grads[0], strict=True):
         np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
 
 

@@ -1,0 +1,204 @@
+"""`rmib grade ...`: the patch-grid DR grader of Yang et al., MICCAI 2017."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+
+from rmib.commands.options import max_pixels_option, on_bad_option
+
+# rmib.grading.VARIANTS; repeated here so that `rmib --help` does not import
+# TensorFlow (tests/grading/test_grade_cli.py checks they agree).
+GLOBAL_NETS = ("yang", "vgg16", "resnet50")
+SPLITS = ("auto", "all", "train", "valid", "test")
+
+_existing_dir = click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
+_out_dir = click.Path(file_okay=False, path_type=pathlib.Path)
+
+
+def _progress(items, label):
+    items = list(items)
+    with click.progressbar(items, label=label, file=click.get_text_stream("stderr")) as bar:
+        yield from bar
+
+
+@click.group()
+def grade():
+    """Grade DR severity with the two-stage patch-grid grader (Yang et al., MICCAI 2017).
+
+    A local net labels the patches of an overlapping grid (normal, MA,
+    haemorrhage, exudate); their labels and probabilities weight the image,
+    and a global net grades the weighted lesion map.
+    """
+
+
+@grade.command("train")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    type=_existing_dir,
+    help="Dataset root (repeat). Patches come from images with MA/HE/EX masks, grades "
+    "from graded images; they may be different trees. Default: the recipe's data.",
+)
+@click.option("--out", required=True, type=_out_dir, help="The run directory to write.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    help="A TOML recipe (e.g. grading/idrid_yang2017.toml); flags override it.",
+)
+@click.option("--image-size", type=int, help="Side the photograph is padded and resized to [800].")
+@click.option("--patch-size", type=int, help="Grid patch side h in pixels [64].")
+@click.option("--overlap", type=int, help="Pixels shared by neighbouring patches, ov [32].")
+@click.option("--min-pixels", type=int, help="Fewest mask pixels for a lesion patch [3].")
+@click.option(
+    "--grades",
+    type=click.Choice(["4", "5"]),
+    help="4 NPDR grades (grade-4 images left out, as the paper) or 5 with PDR [4].",
+)
+@click.option("--global-net", type=click.Choice(GLOBAL_NETS), help="Global network [yang].")
+@click.option("--global-size", type=int, help="Side of the global net's input [256].")
+@click.option("--epochs", type=int, help="Epochs of each global net [30].")
+@click.option("--local-epochs", type=int, help="Epochs of the local net [10].")
+@click.option("--batch-size", type=int, help="Images per step of the global nets [16].")
+@click.option("--local-batch-size", type=int, help="Patches per step of the local net [128].")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+    help="Numeric precision [auto].",
+)
+@click.option("--seed", type=int, help="Random seed of both trainings [42].")
+@click.option("--val-fraction", type=float, help="Images held out for validation [0.1].")
+@click.option(
+    "--no-baseline",
+    "no_baseline",
+    is_flag=True,
+    help="Skip the non-weighted global net (the paper's comparison).",
+)
+@click.option("--cache-dir", type=_out_dir, help="Keep preprocessed photographs here.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option(
+    "--on-bad",
+    type=click.Choice(["error", "skip"]),
+    default=None,
+    help="error: stop at the first bad file; skip: go on, list it in skipped.csv [error].",
+)
+@max_pixels_option
+def train_command(data, out, config_path, resume, **flags):
+    """Train the local net on mask-labelled patches, then the global net on weighted lesion maps."""
+    from rmib.config import load_config
+    from rmib.grade import GradeConfig, train_grader
+
+    both = ("precision", "seed")
+    overrides = {
+        "data": [str(p) for p in data] or None,
+        "image_size": flags["image_size"],
+        "patch_size": flags["patch_size"],
+        "overlap": flags["overlap"],
+        "min_pixels": flags["min_pixels"],
+        "grades": int(flags["grades"]) if flags["grades"] else None,
+        "global_net": flags["global_net"],
+        "global_size": flags["global_size"],
+        "val_fraction": flags["val_fraction"],
+        "baseline": False if flags["no_baseline"] else None,
+        "cache_dir": str(flags["cache_dir"]) if flags["cache_dir"] else None,
+        "on_bad": flags["on_bad"],
+        "train.epochs": flags["epochs"],
+        "local_train.epochs": flags["local_epochs"],
+        "train.batch_size": flags["batch_size"],
+        "local_train.batch_size": flags["local_batch_size"],
+    }
+    for name in both:
+        overrides[f"train.{name}"] = flags[name]
+        overrides[f"local_train.{name}"] = flags[name]
+    cfg = load_config(GradeConfig, config_path, overrides)
+    summary = train_grader(cfg, out, resume=resume, echo=click.echo, progress=_progress)
+    click.echo(f"Wrote the grading run to {out}")
+    if summary.get("skipped_files"):
+        click.echo(f"{summary['skipped_files']} bad file(s) skipped; see {out / 'skipped.csv'}")
+
+
+@grade.command("predict")
+@click.argument("run", type=_existing_dir)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=pathlib.Path))
+@click.option("--out", required=True, type=_out_dir, help="Folder for predictions and maps.")
+@click.option(
+    "--patch-batch",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Patches per local-net call.",
+)
+@on_bad_option
+@max_pixels_option
+def predict_command(run, images, out, patch_batch, on_bad):
+    """Grade IMAGES (files or folders) with the grader trained in RUN.
+
+    Prints each image's grade and class probabilities, writes them to
+    predictions.csv and a picture of the weighted lesion map beside the
+    lesion patches (<image>_lesion_map.png) to --out.
+    """
+    from rmib.grade import Grader, predict_images
+    from rmib.predict import collect_images
+
+    grader = Grader.load(run, batch_size=patch_batch)
+    rows = predict_images(
+        grader, collect_images(images), out, on_bad=on_bad, echo=click.echo, progress=_progress
+    )
+    click.echo(f"Graded {len(rows)} image(s); wrote {out / 'predictions.csv'}")
+
+
+@grade.command("evaluate")
+@click.argument("run", type=_existing_dir)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    type=_existing_dir,
+    help="Dataset root (repeat).",
+)
+@click.option("--out", required=True, type=_out_dir, help="Folder for metrics and ROC curves.")
+@click.option(
+    "--split",
+    type=click.Choice(SPLITS),
+    default="auto",
+    show_default=True,
+    help="auto: the trees' own test split when they have one, else every image.",
+)
+@click.option(
+    "--patch-batch",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Patches per local-net call.",
+)
+@click.option("--cache-dir", type=_out_dir, help="Keep preprocessed photographs here.")
+@on_bad_option
+@max_pixels_option
+def evaluate_command(run, data, out, split, patch_batch, cache_dir, on_bad):
+    """Evaluate the grader in RUN on the images of --data.
+
+    Patch level (images with MA/HE/EX masks): per-class recall and
+    precision, confusion matrix, lesion-vs-normal ROC AUC. Image level
+    (graded images): quadratic weighted kappa, accuracy, any-DR and
+    referable-DR ROC AUC, weighted beside non-weighted. Writes metrics.json,
+    per_image.csv and ROC curves to --out.
+    """
+    from rmib.grade import Grader, evaluate_grader, format_metrics
+
+    grader = Grader.load(run, batch_size=patch_batch)
+    result = evaluate_grader(
+        grader,
+        data,
+        out,
+        split=split,
+        on_bad=on_bad,
+        cache_dir=cache_dir,
+        echo=click.echo,
+        progress=_progress,
+    )
+    click.echo(format_metrics(result))
+    click.echo(f"Wrote {out / 'metrics.json'}")

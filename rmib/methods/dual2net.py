@@ -1,0 +1,451 @@
+"""Training of Dual2Net with the dual-sampling modulated (DSM) Dice loss (`rmib segment --model dual2net`).
+
+The model and its loss are in `rmib.models.dual2net`; this module feeds it the
+way the paper does and runs it through `rmib.training.fit`:
+
+- Data: every photograph is preprocessed once (`cfg.preprocessing`; with
+  `[dual2net] fov_crop` first cropped to its field of view, the paper's DDR
+  preprocessing) and resized whole to `[dual2net] image_size` (aspect kept,
+  centred zero padding: 960x1440 for IDRiD, 1024x1024 for DDR), the mask by
+  nearest neighbour. Training sees only these resized photographs, never tiles.
+- Each step takes two independently drawn batches, one per branch: each
+  branch runs through its own permutation of the training images every epoch
+  (the last batch filled from a further permutation), so an epoch is
+  ceil(images / batch_size) steps and every image reaches each branch at
+  least once per epoch. The small-lesion batch carries the re-balanced pixel
+  sample (`rmib.losses.sample_rebalanced_pixels`, N1/N = `pos_fraction`)
+  drawn in the pipeline. Augmentation: flips and quarter turns only (`rot90`;
+  on a non-square size a quarter turn would change the shape, so it is a half
+  turn there). All draws are stateless, seeded by (seed, epoch, example).
+- alpha = 1 - (epoch / epochs)^2 is set per epoch by
+  `rmib.models.dual2net.DSMAlphaSchedule` and logged as "dsm_alpha".
+- Validation: whole held-out photographs at full resolution through
+  `Dual2NetSegmenter`, exactly as `rmib predict` (`rmib.segment.WholeImageValidation`).
+
+Paper defaults (applied by `resolve_config` to every `[train]` value still at
+its `SegmentConfig` default, so whatever a recipe or flag sets wins; a value
+set to exactly the default is indistinguishable from an unset one): SGD,
+learning rate 0.03 with poly decay (power 0.9), momentum 0.9, weight decay
+5e-4 (Keras' decoupled form), batch size 2; `augment` "free" becomes "rot90".
+Without validation images a `val_*` monitor left at its default becomes
+"loss" with `restore_best` off (the paper keeps the last epoch). The encoder
+is fine-tuned (`freeze_encoder` "auto" and "no"), as in the paper; "yes"
+freezes the shared trunk (the branches' copies of the last block stay trainable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from rmib import training
+from rmib.data import augment as augment_lib
+from rmib.data.pipeline import AUTOTUNE, PreprocessedCache, Preprocessing, load_examples
+from rmib.errors import RmibError
+from rmib.losses import sample_rebalanced_pixels
+from rmib.metrics import (
+    REGION_SIGMAS,
+    RegionScore,
+    StreamingAUPR,
+    confusion_counts,
+    pixel_metrics,
+)
+from rmib.models.dual2net import (
+    DSMAlphaSchedule,
+    Dual2NetSegmenter,
+    build_dual2net,
+    resize_to_model,
+)
+from rmib.segment_config import SegmentConfig
+
+# The loss of each `[dual2net] variant` (rmib.models.dual2net.LOSS_VARIANTS).
+VARIANT_LOSS = {"dual-dsm": "dsm", "single-dice": "dice", "single-bce": "bce"}
+# The paper's optimisation (section 4.2), applied where `[train]` keeps SegmentConfig's defaults.
+PAPER_TRAIN = {
+    "optimizer": "sgd",
+    "learning_rate": 0.03,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "lr_schedule": "poly",
+    "poly_power": 0.9,
+    "batch_size": 2,
+}
+PAPER_AUGMENT = "rot90"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolve_config(cfg: SegmentConfig, has_validation: bool = True) -> tuple[SegmentConfig, list]:
+    """`cfg` with Dual2Net's paper defaults where the user kept SegmentConfig's.
+
+    Returns:
+        (config, notes): the resolved config and one line per change made.
+
+    Raises:
+        RmibError: settings Dual2Net cannot honour (class weights, fine_tune_after,
+            a non-default validation monitor without validation images).
+    """
+    defaults = SegmentConfig()
+    notes = []
+    changes = {
+        key: value
+        for key, value in PAPER_TRAIN.items()
+        if getattr(cfg.train, key) == getattr(defaults.train, key)
+        and getattr(cfg.train, key) != value
+    }
+    if changes:
+        notes.append(
+            "paper settings for [train]: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+        )
+    train = dataclasses.replace(cfg.train, **changes)
+    augment = cfg.augment
+    if augment == defaults.augment and augment != PAPER_AUGMENT:
+        augment = PAPER_AUGMENT
+        notes.append(f"augment={PAPER_AUGMENT} (flips and quarter turns, as the paper)")
+    if not has_validation and train.monitor.startswith("val_"):
+        if train.monitor != defaults.train.monitor:
+            raise RmibError(
+                f"monitor {train.monitor!r} needs validation images, and none are held out; "
+                "set val_fraction or val_names, or monitor 'loss'"
+            )
+        train = dataclasses.replace(train, monitor="loss", monitor_mode="min", restore_best=False)
+        notes.append("no validation images: keeping the last epoch (monitor=loss, no restore)")
+    if cfg.train.class_weights:
+        raise RmibError(
+            "class_weights does not apply to dual2net: its losses balance the classes "
+            "themselves (DSM Dice, or class-balanced cross-entropy for variant single-bce)"
+        )
+    if cfg.fine_tune_after:
+        raise RmibError(
+            "fine_tune_after does not apply to dual2net: it fine-tunes the whole network from "
+            "the first epoch (freeze_encoder=yes keeps the shared trunk frozen throughout)"
+        )
+    return dataclasses.replace(cfg, train=train, augment=augment), notes
+
+
+def preprocessing_of(cfg: SegmentConfig) -> Preprocessing:
+    """How photographs are prepared before the resize to `image_size` (stored in the metadata)."""
+    return Preprocessing(method=cfg.preprocessing, fov_crop=cfg.dual2net.fov_crop)
+
+
+def build_model(cfg: SegmentConfig, build_encoder=None):
+    """The `Dual2Net` of a config; `build_encoder` returns the encoder (a backbone model),
+    default the one `cfg.encoder` names (a stage-1 run or a backbone)."""
+    d2 = cfg.dual2net
+    if build_encoder is None:
+        from rmib.segment import _encoder_factory
+
+        build_encoder = _encoder_factory(cfg)[0]
+    return build_dual2net(
+        build_encoder(),
+        loss=VARIANT_LOSS[d2.variant],
+        head=d2.head,
+        freeze_trunk=cfg.freeze_encoder == "yes",
+        aux_weight=d2.aux_weight,
+        head_filters=d2.head_filters,
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class ResizedSet:
+    """Training photographs resized to the model: images (H, W, 3) uint8, masks (H, W) uint8."""
+
+    names: list
+    images: list
+    masks: list
+
+    def __len__(self):
+        return len(self.images)
+
+
+def load_resized(records, prep, lesion, image_size, cache_dir=None, on_bad="error", problems=None):
+    """Preprocess each record and resize it (and its mask) to `image_size`.
+
+    Only the resized arrays are kept: without a cache directory each
+    full-resolution photograph is dropped once resized.
+    """
+    shared = PreprocessedCache(cache_dir) if cache_dir else None
+    names, images, masks = [], [], []
+    for record in records:
+        cache = shared or PreprocessedCache()
+        examples, _ = load_examples([record], prep, lesion, cache, on_bad, problems)
+        for example in examples:
+            image, _ = resize_to_model(np.asarray(example.image), image_size)
+            mask, _ = resize_to_model(np.asarray(example.mask), image_size, cv2.INTER_NEAREST)
+            names.append(example.name)
+            images.append(np.ascontiguousarray(image, np.uint8))
+            masks.append(np.ascontiguousarray(mask, np.uint8))
+    return ResizedSet(names, images, masks)
+
+
+def _epoch_order(n: int, count: int, seed: int, epoch: int, stream: int) -> np.ndarray:
+    """`count` image indices: permutations of range(n) back to back, from (seed, epoch, stream)."""
+    rng = np.random.default_rng([seed, int(epoch), stream])
+    rounds = max(1, math.ceil(count / n))
+    return np.concatenate([rng.permutation(n) for _ in range(rounds)])[:count]
+
+
+def training_dataset(
+    data: ResizedSet,
+    batch_size: int,
+    steps_per_epoch: int,
+    *,
+    dual: bool = True,
+    pos_fraction: float = 0.5,
+    augment: str = PAPER_AUGMENT,
+    seed: int = 0,
+    start_epoch: int = 0,
+    epochs: int = 1,
+):
+    """The training batches of epochs `start_epoch` .. `epochs` - 1, back to back.
+
+    With `dual`: ((x_large, x_small), (y_large, y_small, counts_small)), two
+    independently drawn batches; else (x, y). x float32 (B, H, W, 3) in
+    [0, 255], y float32 (B, H, W, 1) of 0/1, counts float32 (B, H, W, 1).
+    """
+    if not len(data):
+        raise RmibError("no training images to build the Dual2Net dataset from")
+    height, width = data.images[0].shape[:2]
+    per_epoch = steps_per_epoch * batch_size
+    signature = (
+        tf.TensorSpec((height, width, 3), tf.uint8),
+        tf.TensorSpec((height, width), tf.uint8),
+    )
+
+    def generate(epoch, stream):
+        for index in _epoch_order(len(data), per_epoch, seed, epoch, stream):
+            yield data.images[index], data.masks[index]
+
+    def stream_dataset(epoch, stream, sampled):
+        ds = tf.data.Dataset.from_generator(
+            generate, output_signature=signature, args=(epoch, stream)
+        ).enumerate()
+
+        def finish(index, pair):
+            image, mask = pair
+            base = augment_lib.example_seed(seed, epoch, index + stream * per_epoch)
+            augment_seed, sample_seed = tf.unstack(
+                tf.random.experimental.stateless_split(base, num=2)
+            )
+            image, mask = augment_lib.augment_pair(
+                tf.cast(image, tf.float32),
+                tf.cast(mask, tf.float32)[..., None],
+                augment_seed,
+                mode=augment,
+            )
+            if not sampled:
+                return image, mask
+            counts = sample_rebalanced_pixels(mask[None], pos_fraction, seed=sample_seed)[0]
+            return image, mask, counts
+
+        return ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True).batch(
+            batch_size, drop_remainder=True
+        )
+
+    def make_epoch(epoch):
+        if not dual:
+            return stream_dataset(epoch, 0, sampled=False)
+        large = stream_dataset(epoch, 0, sampled=False)
+        small = stream_dataset(epoch, 1, sampled=True)
+        return tf.data.Dataset.zip(large, small).map(
+            lambda a, b: ((a[0], b[0]), (a[1], b[1], b[2]))
+        )
+
+    epochs_ds = tf.data.Dataset.range(start_epoch, max(epochs, start_epoch + 1))
+    return epochs_ds.flat_map(make_epoch).prefetch(AUTOTUNE)
+
+
+def steps_per_epoch(cfg: SegmentConfig, n_images: int) -> int:
+    """`[train] steps_per_epoch`, else enough batches for every image to reach each branch once."""
+    return cfg.train.steps_per_epoch or max(1, math.ceil(n_images / cfg.train.batch_size))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
+    """Whole-image validation metrics, computed as `rmib evaluate` does.
+
+    "aupr" (all pixels of all images pooled, `StreamingAUPR`), the pixel
+    metrics of `prob >= threshold` ("f1", "iou", "sensitivity", "ppv", ...,
+    counts summed over the images) and "region_f_score" {sigma: F} at sigma
+    0.2 ... 0.8 (`RegionScore`, counts summed over the images).
+    """
+    aupr = StreamingAUPR()
+    regions = RegionScore(REGION_SIGMAS)
+    totals = np.zeros(4, np.int64)
+    for example in examples:
+        truth = np.asarray(example.mask)
+        prob = segmenter.predict_prepared(np.asarray(example.image), np.asarray(example.fov))
+        pred = prob >= threshold
+        aupr.update(truth, prob)
+        totals += np.asarray(confusion_counts(pred, truth), np.int64)
+        regions.update(pred, truth)
+    return {
+        "aupr": aupr.result(),
+        **pixel_metrics(*(int(t) for t in totals)),
+        "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _say(message: str, verbose) -> None:
+    if verbose:
+        print(f"rmib: dual2net: {message}", file=sys.stderr, flush=True)
+
+
+def _start_epoch(run, resume: bool) -> int:
+    last = run.checkpoint_path("last")
+    if not (resume and last.is_file()):
+        return 0
+    state = training.read_run_metadata(last).get("checkpoint") or run.read_state() or {}
+    return int(state.get("epoch", 0))
+
+
+def train(
+    cfg: SegmentConfig, train_records, val_records, run, resume: bool = False, *, verbose=1
+) -> dict:
+    """Train Dual2Net (or a single-branch ablation, `[dual2net] variant`) in `run`.
+
+    Resizes every photograph to `[dual2net] image_size`, trains with the DSM
+    Dice loss through `rmib.training.fit` (checkpoints, resume, history with
+    the loss terms and "dsm_alpha"), validates every `val_every` epochs on the
+    held-out whole photographs at full resolution, and saves `model.keras`:
+    the inference model (image -> mean of the branches, without the aux heads)
+    with the run's metadata (task "segment", model "dual2net", lesion,
+    preprocessing, image_size, variant, head, backbone, ...), which
+    `rmib.segmenters.load_segmenter` turns into a `Dual2NetSegmenter`.
+
+    Args:
+        cfg: the segment configuration (`cfg.dual2net` holds this method's
+            settings; see `resolve_config` for the paper defaults).
+        train_records, val_records: `Record`s annotated for `cfg.lesion`.
+        run: the `rmib.training.RunDirectory` (or its path).
+        resume: continue an interrupted run.
+        verbose: Keras verbosity (0 silent, 1 progress bars, 2 a line per epoch).
+
+    Returns:
+        Validation metrics of the final model on the held-out whole photographs
+        at full resolution: "aupr", the pixel metrics at 0.5 ("f1", "iou",
+        "sensitivity", "ppv", ...) and "region_f_score" {sigma: F}; {} without
+        validation images or when training stopped before its last epoch.
+
+    Raises:
+        RmibError: no readable training image, settings Dual2Net cannot honour,
+            and the errors of `rmib.training.fit`.
+    """
+    from rmib.segment import WholeImageValidation, _encoder_factory
+
+    run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
+    cfg, notes = resolve_config(cfg, has_validation=bool(val_records))
+    for note in notes:
+        _say(note, verbose)
+    d2 = cfg.dual2net
+    build_encoder, encoder_info, _ = _encoder_factory(cfg)
+    prep = preprocessing_of(cfg)
+    problems: list = []
+    train_set = load_resized(
+        train_records, prep, cfg.lesion, d2.image_size, cfg.cache_dir, cfg.on_bad, problems
+    )
+    if not len(train_set):
+        raise RmibError("no training image could be read")
+    cache = PreprocessedCache(cfg.cache_dir or None)
+    val_examples, _ = load_examples(val_records, prep, cfg.lesion, cache, cfg.on_bad, problems)
+    run.write_config(cfg)
+
+    metadata = {
+        "task": "segment",
+        "model": "dual2net",
+        "lesion": cfg.lesion,
+        "preprocessing": prep.to_dict(),
+        "image_size": [int(s) for s in d2.image_size],
+        "size_multiple": 32,
+        "variant": d2.variant,
+        "head": d2.head,
+        "loss": VARIANT_LOSS[d2.variant],
+        "pos_fraction": d2.pos_fraction,
+        "aux_weight": d2.aux_weight,
+        "trunk_frozen": cfg.freeze_encoder == "yes",
+        "train_images": [r.name for r in train_records],
+        "val_images": [r.name for r in val_records],
+        **encoder_info,
+    }
+    steps = steps_per_epoch(cfg, len(train_set))
+    train_ds = training_dataset(
+        train_set,
+        cfg.train.batch_size,
+        steps,
+        dual=d2.variant == "dual-dsm",
+        pos_fraction=d2.pos_fraction,
+        augment=cfg.augment,
+        seed=cfg.train.seed,
+        start_epoch=_start_epoch(run, resume),
+        epochs=cfg.train.epochs,
+    )
+    validation = []
+    if val_examples:
+        validation.append(
+            WholeImageValidation(
+                val_examples,
+                lambda model: Dual2NetSegmenter(model, metadata),
+                every=cfg.val_every,
+                epochs=cfg.train.epochs,
+            )
+        )
+    model, _ = training.fit(
+        lambda: build_model(cfg, build_encoder),
+        train_ds,
+        None,
+        config=cfg.train,
+        run_dir=run,
+        loss=None,
+        metadata=metadata,
+        resume=resume,
+        validation_callbacks=validation,
+        extra_callbacks=[DSMAlphaSchedule(cfg.train.epochs)],
+        steps_per_epoch=steps,
+        save_final=False,
+        verbose=verbose,
+    )
+    state = run.read_state() or {}
+    if not (state.get("early_stopped") or state.get("epoch", 0) >= cfg.train.epochs):
+        return {}  # stopped early by a callback: no final model yet (fit said how to resume)
+
+    network = model.inference_model(name=model.name)
+    run.write_metadata({"parameters": int(network.count_params())})
+    run.save_model(network, run.model_path, run.read_metadata())
+    result = {}
+    if val_examples:
+        segmenter = Dual2NetSegmenter(network, run.read_metadata())
+        result = evaluate_with_regions(segmenter, val_examples)
+    if problems:
+        from rmib.predict import write_skipped
+
+        write_skipped(run.path, problems)
+    return result
+
+
+__all__ = [
+    "PAPER_TRAIN",
+    "ResizedSet",
+    "VARIANT_LOSS",
+    "build_model",
+    "evaluate_with_regions",
+    "load_resized",
+    "preprocessing_of",
+    "resolve_config",
+    "steps_per_epoch",
+    "train",
+    "training_dataset",
+]

@@ -1,0 +1,737 @@
+"""Dual2Net: a dual-branch segmenter trained with the dual-sampling modulated (DSM) Dice loss.
+
+Reference: "Dual-branch network with dual-sampling modulated Dice loss for hard
+exudate segmentation in colour fundus images" (the DSM Dice paper), and its
+authors' code where the printed equations differ (see DESIGN.md "Dual2Net").
+
+What is shared and what is not (the paper's section 3.2, on any rmib encoder):
+
+    image -> trunk (shared) -> "features" -> large branch: last encoder block + head -> p_large
+                            |             -> small branch: last encoder block + head -> p_small
+                            -> "aux"      -> large aux head -> a_large
+                                          -> small aux head -> a_small
+
+- trunk: every layer of the encoder up to the input of its last block
+  (ResNet50: through `conv5_block2_out`; VGG16: through `block5_conv2`), plus
+  the auxiliary tap, the output of the encoder's penultimate stage (ResNet50
+  P4 = conv4 = PSPNet's `layer3`, which carries PSPNet's auxiliary loss;
+  VGG16 P3 = block4), and for the "decoder" head the skip taps. One set of
+  weights, used by both branches.
+- per branch (two independent copies): the encoder's last block (ResNet50
+  `conv5_block3` bottleneck, with its CBAM when the encoder has CBAM; VGG16
+  `block5_conv3` and `block5_cbam`), built fresh with the encoder's
+  architecture and layer names and initialised with the encoder's weights for
+  that block (ImageNet, stage-1 or random, the same in both copies); then the
+  head: "ppm" (PSPNet's pyramid pooling module, bins 1, 2, 3, 6, then
+  conv3x3-BN-ReLU-dropout 0.1 and a 1x1 classifier) or "decoder" (upsampling
+  blocks with the trunk's skip taps); logits are upsampled bilinearly to the
+  input size and a sigmoid gives a float32 probability map.
+- per branch: an auxiliary head on the aux tap (conv3x3 256-BN-ReLU-dropout
+  0.1, 1x1 classifier, bilinear upsampling, sigmoid), used only in training.
+
+The encoder is used as it is built (rmib backbones are not dilated), so the
+branch features are at stride 32 (ResNet50) or 16 (VGG16) where PSPNet uses a
+dilated ResNet at stride 8; the "decoder" head recovers full resolution from
+the skip taps instead.
+
+Training (`Dual2Net.train_step`): every step takes two independently drawn
+batches, ((x_large, x_small), (y_large, y_small, counts_small)); both go
+through the shared trunk in one call (BN statistics are pooled over the two
+batches), each half then through its own branch:
+
+    L = alpha * Dice(y_large, p_large) + (1 - alpha) * SampledDice(y_small, p_small, counts)
+        + aux_weight * (Dice(y_large, a_large) + SampledDice(y_small, a_small, counts))
+
+with `counts` the re-balanced pixel sample (`rmib.losses.sample_rebalanced_pixels`,
+drawn in the data pipeline) and alpha = 1 - (epoch / epochs)^2 held in the
+non-trainable variable `dsm_alpha` that `DSMAlphaSchedule` sets at every
+epoch's start. The single-branch variants of the paper's ablation (Table 4)
+have one branch and one aux head trained on (x, y) with plain Dice ("dice")
+or class-balanced cross-entropy ("bce", `rmib.losses.weighted_bce` with gamma 1).
+Inference: the mean of the branches' probability maps (`call`, `inference_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from rmib import losses as losses_lib
+from rmib.data import fundus
+from rmib.data.pipeline import preprocess_array
+from rmib.errors import RmibError
+from rmib.models.backbones import backbone_name, build_backbone
+from rmib.models.layers import CBAM, FusedBatchNormalization
+from rmib.segmenters import Segmenter, register_segmenter
+
+HEADS = ("ppm", "decoder")
+LOSS_VARIANTS = ("dsm", "dice", "bce")
+PPM_BINS = (1, 2, 3, 6)
+AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss weight, which the paper adopts
+SIZE_MULTIPLE = 32  # inputs must be multiples of the encoders' deepest stride
+_BN_EPSILON = 1.001e-5  # keras.applications ResNet50's value, as in rmib's backbones
+_CLASSIFIER_INIT = {"class_name": "RandomNormal", "config": {"mean": 0.0, "stddev": 0.01}}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where an rmib encoder is cut (see the module docstring)."""
+
+    trunk_output: str  # layer whose output is the input of the last block
+    aux_tap: str  # penultimate stage's tap: the auxiliary heads' input
+    feature_stride: int  # stride of the last block's output
+    feature_channels: int  # channels of the last block's output
+    skips: tuple  # decoder skip taps, deepest first
+
+
+_LAYOUTS = {
+    "resnet50": _Layout("conv5_block2_out", "P4", 32, 2048, ("P4", "P3", "P2", "P1")),
+    "vgg16": _Layout("block5_conv2", "P3", 16, 512, ("P3", "P2", "P1", "P0")),
+}
+_DECODER_FILTERS = (256, 128, 64, 32)
+
+
+def _stride(tap: str) -> int:
+    return 2 ** int(tap[1:])
+
+
+# --------------------------------------------------------------------------- PPM
+
+
+def adaptive_average_pool(x, bins: int):
+    """Average pooling of (B, H, W, C) to (B, bins, bins, C), as PyTorch's AdaptiveAvgPool2d.
+
+    Output cell i along an axis of length n averages the input from
+    floor(i * n / bins) to ceil((i + 1) * n / bins) (exclusive), so cells may
+    overlap when n is not a multiple of `bins`, and H, W may be smaller than
+    `bins`. Computed in float32 from a summed-area table, so it works with
+    sizes known only at run time; returned in the input's dtype.
+    """
+    dtype = x.dtype
+    x = ops.cast(x, "float32")
+    shape = ops.shape(x)
+    table = ops.cumsum(ops.cumsum(x, axis=1), axis=2)
+    table = ops.pad(table, [[0, 0], [1, 0], [1, 0], [0, 0]])
+    index = ops.arange(bins, dtype="int32")
+
+    def edges(n):
+        n = ops.cast(n, "int32")
+        start = (index * n) // bins
+        end = -((-(index + 1) * n) // bins)  # ceil
+        return start, end
+
+    y0, y1 = edges(shape[1])
+    x0, x1 = edges(shape[2])
+    top, bottom = ops.take(table, y0, axis=1), ops.take(table, y1, axis=1)
+
+    def across(rows):
+        return ops.take(rows, x1, axis=2) - ops.take(rows, x0, axis=2)
+
+    total = across(bottom) - across(top)
+    area = ops.cast((y1 - y0)[:, None] * (x1 - x0)[None, :], "float32")
+    return ops.cast(total / area[None, :, :, None], dtype)
+
+
+def _resize_bilinear(x, height, width):
+    # Keras' resize needs a static size; the feature map's is known only at run time.
+    return tf.image.resize(x, tf.stack([height, width]), method="bilinear")
+
+
+@keras.saving.register_keras_serializable(package="rmib")
+class BilinearUpsampling(keras.layers.Layer):
+    """Bilinear upsampling by an integer factor (half-pixel centres, as `UpSampling2D`).
+
+    Unlike `keras.layers.UpSampling2D` it also works when the input's size is
+    known only at run time (e.g. a `tf.function` over (None, None, None, C)).
+
+    Args:
+        factor: the integer scale factor of both sides.
+        **kwargs: standard `keras.layers.Layer` arguments.
+    """
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        if int(factor) < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor}")
+        self.factor = int(factor)
+
+    def call(self, inputs):
+        shape = ops.shape(inputs)
+        resized = _resize_bilinear(inputs, shape[1] * self.factor, shape[2] * self.factor)
+        return ops.cast(resized, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        def scale(side):
+            return None if side is None else side * self.factor
+
+        return (input_shape[0], scale(input_shape[1]), scale(input_shape[2]), input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="rmib")
+class PyramidPooling(keras.layers.Layer):
+    """PSPNet's pyramid pooling module (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017).
+
+    For each bin count b: adaptive average pooling to b x b (`adaptive_average_pool`),
+    a 1x1 convolution to `filters` channels, batch norm and ReLU, bilinear
+    upsampling back to the input's size; the input and the b pyramids are
+    concatenated: C + len(bins) * filters channels out.
+
+    Args:
+        bins: the pyramid's bin counts ((1, 2, 3, 6) in PSPNet).
+        filters: channels per pyramid level; None = C // len(bins) (512 for a
+            2048-channel ResNet50 feature map, as PSPNet).
+        **kwargs: standard `keras.layers.Layer` arguments.
+    """
+
+    def __init__(self, bins=PPM_BINS, filters=None, **kwargs):
+        super().__init__(**kwargs)
+        self.bins = tuple(int(b) for b in bins)
+        if not self.bins or min(self.bins) < 1:
+            raise ValueError(f"bins must be positive integers, got {bins}")
+        if filters is not None and int(filters) < 1:
+            raise ValueError(f"filters must be a positive integer, got {filters}")
+        self.filters = None if filters is None else int(filters)
+
+    def _width(self, channels):
+        return self.filters or max(1, channels // len(self.bins))
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"PyramidPooling needs a known channel count, got {input_shape}")
+        width = self._width(channels)
+        policy = self.dtype_policy
+        self.convs, self.norms = [], []
+        for b in self.bins:
+            conv = keras.layers.Conv2D(width, 1, use_bias=False, dtype=policy, name=f"bin{b}_conv")
+            norm = FusedBatchNormalization(dtype=policy, name=f"bin{b}_bn")
+            conv.build((None, None, None, channels))
+            norm.build((None, None, None, width))
+            # Sublayers made after `trainable=False` was set would come back trainable.
+            conv.trainable = norm.trainable = self.trainable
+            self.convs.append(conv)
+            self.norms.append(norm)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        shape = ops.shape(inputs)
+        parts = [inputs]
+        for b, conv, norm in zip(self.bins, self.convs, self.norms, strict=True):
+            x = adaptive_average_pool(inputs, b)
+            x = ops.relu(norm(conv(x), training=training))
+            parts.append(ops.cast(_resize_bilinear(x, shape[1], shape[2]), inputs.dtype))
+        return ops.concatenate(parts, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        channels = input_shape[-1]
+        return (*input_shape[:-1], channels + len(self.bins) * self._width(channels))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"bins": list(self.bins), "filters": self.filters})
+        return config
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def _bottleneck(x, filters, cbam, name):
+    """ResNet50's identity bottleneck with rmib's layer names (CBAM before the add)."""
+    shortcut = x
+    x = keras.layers.Conv2D(filters, 1, name=f"{name}_1_conv")(x)
+    x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_1_bn")(x)
+    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
+    x = keras.layers.Conv2D(filters, 3, padding="same", name=f"{name}_2_conv")(x)
+    x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_2_bn")(x)
+    x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
+    x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
+    x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_3_bn")(x)
+    if cbam:
+        x = CBAM(name=f"{name}_cbam")(x)
+    x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
+    return keras.layers.Activation("relu", name=f"{name}_out")(x)
+
+
+def _last_block(x, base, cbam):
+    if base == "resnet50":
+        return _bottleneck(x, 512, cbam, "conv5_block3")
+    x = keras.layers.Conv2D(512, 3, activation="relu", padding="same", name="block5_conv3")(x)
+    return CBAM(name="block5_cbam")(x) if cbam else x
+
+
+def _conv_bn_relu(x, filters, kernel, name):
+    x = keras.layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = FusedBatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def _classifier(x, stride, name):
+    """1x1 classifier, bilinear upsampling of the logits by `stride`, float32 sigmoid."""
+    x = keras.layers.Conv2D(1, 1, kernel_initializer=_CLASSIFIER_INIT, name=f"{name}_classifier")(x)
+    if stride > 1:
+        x = BilinearUpsampling(stride, name=f"{name}_upsample")(x)
+    return keras.layers.Activation("sigmoid", dtype="float32", name=f"{name}_probability")(x)
+
+
+def _decoder_block(x, skip, filters, name):
+    x = BilinearUpsampling(2, name=f"{name}_upsample")(x)
+    x = keras.layers.Concatenate(name=f"{name}_concat")([x, skip])
+    shortcut = keras.layers.Conv2D(filters, 1, name=f"{name}_projection")(x)
+    x = _conv_bn_relu(x, filters, 3, f"{name}_1")
+    x = _conv_bn_relu(x, filters, 3, f"{name}_2")
+    return keras.layers.Add(name=f"{name}_add")([shortcut, x])
+
+
+def _build_branch(layout, base, cbam, head, channels, head_filters, dropout, name):
+    """One branch: the encoder's last block + the head, trunk features -> probabilities."""
+    inputs = {
+        "features": keras.Input((None, None, channels["features"]), name="features"),
+    }
+    x = _last_block(inputs["features"], base, cbam)
+    if head == "ppm":
+        x = PyramidPooling(PPM_BINS, name="ppm")(x)
+        x = _conv_bn_relu(x, head_filters, 3, "head")
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        stride = layout.feature_stride
+    else:
+        stride = layout.feature_stride
+        for index, (tap, filters) in enumerate(
+            zip(layout.skips, _DECODER_FILTERS, strict=True), start=1
+        ):
+            inputs[tap] = keras.Input((None, None, channels[tap]), name=tap)
+            x = _decoder_block(x, inputs[tap], filters, f"decoder{index}")
+            stride //= 2
+    outputs = _classifier(x, stride, "segmentation")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _build_aux_head(layout, channels, dropout, name):
+    inputs = keras.Input((None, None, channels), name="aux")
+    x = _conv_bn_relu(inputs, 256, 3, "aux")
+    x = keras.layers.Dropout(dropout, name="aux_dropout")(x)
+    outputs = _classifier(x, _stride(layout.aux_tap), "aux")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _build_trunk(encoder, layout, head):
+    taps = encoder.output
+    outputs = {
+        "features": encoder.get_layer(layout.trunk_output).output,
+        "aux": taps[layout.aux_tap],
+    }
+    if head == "decoder":
+        outputs.update({tap: taps[tap] for tap in layout.skips})
+    return keras.Model(encoder.input, outputs, name="trunk")
+
+
+def _copy_last_block(encoder, branch):
+    """Give the branch's copy of the last block the encoder's weights (by layer name)."""
+    names = {layer.name for layer in encoder.layers}
+    copied = 0
+    for layer in branch.layers:
+        if layer.weights and layer.name in names:
+            layer.set_weights(encoder.get_layer(layer.name).get_weights())
+            copied += 1
+    if not copied:
+        raise ValueError(f"no layer of {branch.name} matches a layer of {encoder.name}")
+
+
+def _select(features: dict, model) -> dict | object:
+    """The trunk outputs a branch takes, keyed exactly as its inputs (Keras maps
+    mismatched dicts by position, not by name)."""
+    wanted = model.input
+    if isinstance(wanted, dict):
+        return {key: features[key] for key in wanted}
+    return features["aux"]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def dual2net_loss(
+    alpha,
+    y_large,
+    p_large,
+    aux_large,
+    y_small,
+    p_small,
+    aux_small,
+    counts_small,
+    aux_weight: float = AUX_WEIGHT,
+):
+    """The Dual2Net training loss and its four terms.
+
+        L = alpha * Dice(y_large, p_large) + (1 - alpha) * SampledDice(y_small, p_small)
+            + aux_weight * (Dice(y_large, aux_large) + SampledDice(y_small, aux_small))
+
+    Dice is `rmib.losses.dice_loss` (pooled over the batch); SampledDice is
+    `rmib.losses.sampled_dice_loss` over the re-balanced pixel sample `counts_small`.
+
+    Returns:
+        (total, {"dice_large", "dice_small", "aux_large", "aux_small"}), float32 scalars.
+    """
+    terms = {
+        "dice_large": losses_lib.dice_loss(y_large, p_large),
+        "dice_small": losses_lib.sampled_dice_loss(y_small, p_small, counts_small),
+        "aux_large": losses_lib.dice_loss(y_large, aux_large),
+        "aux_small": losses_lib.sampled_dice_loss(y_small, aux_small, counts_small),
+    }
+    alpha = ops.cast(alpha, "float32")
+    total = losses_lib.dsm_loss(
+        alpha,
+        terms["dice_large"],
+        terms["dice_small"],
+        terms["aux_large"],
+        terms["aux_small"],
+        aux_weight=aux_weight,
+    )
+    return total, terms
+
+
+def _single_loss(variant):
+    if variant == "dice":
+        return losses_lib.dice_loss
+    return lambda y_true, y_prob: losses_lib.weighted_bce(y_true, y_prob, gamma=1.0)
+
+
+@keras.saving.register_keras_serializable(package="rmib")
+class Dual2Net(keras.Model):
+    """Dual2Net (or one of its single-branch ablations) with its own training step.
+
+    Build it with `build_dual2net`. `call(images)` is inference: the mean of
+    the branches' probability maps, (B, H, W, 1) float32 for (B, H, W, 3) RGB
+    images in [0, 255] whose sides are multiples of 32. `train_step` expects
+    ((x_large, x_small), (y_large, y_small, counts_small)) for the "dsm" loss
+    and (x, y) for "dice" and "bce"; `test_step` expects (x, y) and logs
+    "loss", the Dice loss of the mean map (rmib validates on whole photographs
+    through `Dual2NetSegmenter` instead). `inference_model()` is the plain functional model
+    image -> mean probability (the trunk and branches, without aux heads),
+    which is what a run saves as `model.keras`.
+
+    Args:
+        trunk: the shared trunk, image -> {"features", "aux", skip taps}.
+        branches: one or two branch models (large first), trunk outputs -> probabilities.
+        aux_heads: one auxiliary head per branch, aux tap -> probabilities.
+        loss: "dsm" (two branches), "dice" or "bce" (one branch).
+        aux_weight: weight of the auxiliary losses (0.4).
+        **kwargs: `keras.Model` arguments (name, ...).
+    """
+
+    def __init__(self, trunk, branches, aux_heads, loss="dsm", aux_weight=AUX_WEIGHT, **kwargs):
+        super().__init__(**kwargs)
+        if loss not in LOSS_VARIANTS:
+            raise ValueError(f"loss must be one of {', '.join(LOSS_VARIANTS)}, got {loss!r}")
+        branches, aux_heads = list(branches), list(aux_heads)
+        expected = 2 if loss == "dsm" else 1
+        if len(branches) != expected or len(aux_heads) != expected:
+            raise ValueError(
+                f"loss {loss!r} needs {expected} branch(es) and aux head(s), got "
+                f"{len(branches)} and {len(aux_heads)}"
+            )
+        self.trunk = trunk
+        self.branches = branches
+        self.aux_heads = aux_heads
+        self.loss_variant = loss
+        self.aux_weight = float(aux_weight)
+        self.dsm_alpha = self.add_weight(
+            shape=(), initializer="ones", trainable=False, name="dsm_alpha"
+        )
+        names = (
+            ("loss", "dice_large", "dice_small", "aux_large", "aux_small", "dsm_alpha")
+            if loss == "dsm"
+            else ("loss", "branch_loss", "aux_loss")
+        )
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self.built = True
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, inputs, training=False):
+        features = self.trunk(inputs, training=training)
+        maps = [branch(_select(features, branch), training=training) for branch in self.branches]
+        if len(maps) == 1:
+            return maps[0]
+        return ops.mean(ops.stack(maps, axis=0), axis=0)
+
+    def _replicas(self):
+        return tf.distribute.get_strategy().num_replicas_in_sync
+
+    def compute_losses(self, data, training=True):
+        """The training loss and its logged terms for one batch of `train_step`'s data."""
+        x, y = data[0], data[1]
+        if self.loss_variant == "dsm":
+            (x_large, x_small), (y_large, y_small, counts) = x, y
+            size = ops.shape(x_large)[0]
+            features = self.trunk(ops.concatenate([x_large, x_small], axis=0), training=training)
+            large = {k: v[:size] for k, v in features.items()}
+            small = {k: v[size:] for k, v in features.items()}
+            (large_branch, small_branch), (large_aux, small_aux) = self.branches, self.aux_heads
+            total, terms = dual2net_loss(
+                self.dsm_alpha,
+                y_large,
+                large_branch(_select(large, large_branch), training=training),
+                large_aux(large["aux"], training=training),
+                y_small,
+                small_branch(_select(small, small_branch), training=training),
+                small_aux(small["aux"], training=training),
+                counts,
+                aux_weight=self.aux_weight,
+            )
+            terms["dsm_alpha"] = ops.cast(self.dsm_alpha, "float32")
+        else:
+            loss_fn = _single_loss(self.loss_variant)
+            features = self.trunk(x, training=training)
+            (branch,), (aux,) = self.branches, self.aux_heads
+            terms = {
+                "branch_loss": loss_fn(y, branch(_select(features, branch), training=training)),
+                "aux_loss": loss_fn(y, aux(features["aux"], training=training)),
+            }
+            total = terms["branch_loss"] + self.aux_weight * terms["aux_loss"]
+        if self.losses:
+            total = total + ops.cast(ops.sum(ops.stack(self.losses)), "float32")
+        return total, terms
+
+    def make_train_function(self, force=False):
+        # Build the optimizer's variables now: created during the first trace,
+        # they would make TensorFlow trace the whole training step twice.
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            total, terms = self.compute_losses(data, training=True)
+            # Gradients are summed over replicas: each replica's share of the mean.
+            scaled = self.optimizer.scale_loss(total / self._replicas())
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply(gradients, variables)
+        self.trackers["loss"].update_state(total)
+        for name, value in terms.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def test_step(self, data):
+        x, y = data[0], data[1]
+        self.trackers["loss"].update_state(losses_lib.dice_loss(y, self(x, training=False)))
+        return {"loss": self.trackers["loss"].result()}
+
+    def inference_model(self, name=None):
+        """image (B, H, W, 3) -> mean probability (B, H, W, 1): trunk and branches only,
+        sharing this model's weights."""
+        inputs = keras.Input((None, None, 3), name="image")
+        features = self.trunk(inputs)
+        maps = [branch(_select(features, branch)) for branch in self.branches]
+        if len(maps) == 1:
+            outputs = keras.layers.Identity(dtype="float32", name="probability")(maps[0])
+        else:
+            outputs = keras.layers.Average(dtype="float32", name="probability")(maps)
+        return keras.Model(inputs, outputs, name=name or f"{self.name}_inference")
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "trunk": keras.saving.serialize_keras_object(self.trunk),
+            "branches": [keras.saving.serialize_keras_object(b) for b in self.branches],
+            "aux_heads": [keras.saving.serialize_keras_object(a) for a in self.aux_heads],
+            "loss": self.loss_variant,
+            "aux_weight": self.aux_weight,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["trunk"] = keras.saving.deserialize_keras_object(config["trunk"])
+        for key in ("branches", "aux_heads"):
+            config[key] = [keras.saving.deserialize_keras_object(c) for c in config[key]]
+        return cls(**config)
+
+
+def build_dual2net(
+    encoder="resnet50",
+    *,
+    loss="dsm",
+    head="ppm",
+    cbam=False,
+    weights=None,
+    freeze_trunk=False,
+    aux_weight=AUX_WEIGHT,
+    head_filters=512,
+    dropout=0.1,
+    name=None,
+):
+    """Dual2Net on an rmib encoder (see the module docstring for what is shared).
+
+    Args:
+        encoder: a backbone `keras.Model` from `build_backbone` (e.g. a stage-1
+            classifier's `get_layer("backbone")`, whose layers and weights the
+            trunk uses as they are), or a name in `BACKBONES`.
+        loss: "dsm" (two branches, the DSM Dice loss), "dice" or "bce" (one
+            branch: the paper's single-branch ablations).
+        head: "ppm" (PSPNet's pyramid pooling, as the paper) or "decoder".
+        cbam: insert CBAM (only when `encoder` is a name).
+        weights: encoder weights (only when `encoder` is a name): None/"none",
+            "imagenet" or a path; see `build_backbone`.
+        freeze_trunk: make the shared trunk non-trainable (the branches' copies
+            of the last block, the heads and the aux heads stay trainable).
+        aux_weight: weight of the auxiliary losses.
+        head_filters: channels of the PPM head's 3x3 convolution (512 in PSPNet).
+        dropout: dropout rate before the classifiers (0.1 in PSPNet).
+        name: the model's name; default e.g. "resnet50_dual2net".
+
+    Returns:
+        A `Dual2Net` model.
+
+    Raises:
+        RmibError: unknown backbone name, unavailable or bad weights.
+        ValueError: unknown loss or head; `cbam`/`weights` with an encoder model.
+
+    Example:
+        >>> model = build_dual2net("vgg16", head="ppm")
+        >>> model.inference_model()(keras.ops.zeros((1, 64, 96, 3))).shape
+        TensorShape([1, 64, 96, 1])
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if loss not in LOSS_VARIANTS:
+        raise ValueError(f"loss must be one of {', '.join(LOSS_VARIANTS)}, got {loss!r}")
+    if isinstance(encoder, keras.Model):
+        if cbam or (weights is not None and str(weights).lower() != "none"):
+            raise ValueError("cbam and weights apply only when encoder is a name")
+    else:
+        encoder = build_backbone(encoder, cbam=cbam, weights=weights, model_name="backbone")
+    full_name = backbone_name(encoder)
+    base = full_name.removesuffix("_cbam")
+    has_cbam = full_name.endswith("_cbam")
+    layout = _LAYOUTS[base]
+
+    trunk = _build_trunk(encoder, layout, head)
+    trunk.trainable = not freeze_trunk
+    channels = {key: int(tensor.shape[-1]) for key, tensor in trunk.output.items()}
+    prefixes = ("large_", "small_") if loss == "dsm" else ("",)
+    branches, aux_heads = [], []
+    for prefix in prefixes:
+        branch = _build_branch(
+            layout, base, has_cbam, head, channels, head_filters, dropout, f"{prefix}branch"
+        )
+        _copy_last_block(encoder, branch)
+        branches.append(branch)
+        aux_heads.append(_build_aux_head(layout, channels["aux"], dropout, f"{prefix}aux"))
+    suffix = "dual2net" if loss == "dsm" else f"single_{loss}"
+    return Dual2Net(
+        trunk,
+        branches,
+        aux_heads,
+        loss=loss,
+        aux_weight=aux_weight,
+        name=name or f"{full_name}_{suffix}",
+    )
+
+
+class DSMAlphaSchedule(keras.callbacks.Callback):
+    """Sets the model's `dsm_alpha` to 1 - (epoch / epochs)^2 at the start of every epoch.
+
+    The epoch is Keras' zero-based epoch index, so a resumed run continues
+    the schedule where it stopped. The value is logged as "dsm_alpha" by
+    `Dual2Net.train_step`.
+
+    Args:
+        epochs: the run's total number of epochs.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = int(epochs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        alpha = getattr(self.model, "dsm_alpha", None)
+        if alpha is not None:
+            alpha.assign(losses_lib.dsm_alpha(min(epoch, self.epochs), self.epochs))
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def resize_to_model(image: np.ndarray, image_size, interpolation=cv2.INTER_AREA):
+    """Resize a photograph (or, with INTER_NEAREST, a mask) to the model's (height, width),
+    keeping the aspect ratio with centred zero padding; returns (array, transform)."""
+    return fundus.resize_pad(image, tuple(int(s) for s in image_size), interpolation=interpolation)
+
+
+@register_segmenter("dual2net")
+class Dual2NetSegmenter(Segmenter):
+    """Dual2Net on a whole photograph: resized to the model's `image_size` (from the
+    run metadata), the mean of both branches, resized back to full resolution
+    (bilinear) and zeroed outside the field of view.
+
+    `tile`, `overlap` and `batch_size` are accepted for the common interface
+    and ignored: the paper predicts the resized photograph in one pass.
+    """
+
+    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
+        super().__init__(model, metadata, tile, overlap, batch_size)
+        size = self.metadata.get("image_size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2):
+            raise RmibError(
+                f"the model's metadata has no image_size [height, width] (got {size!r}); "
+                "is it a Dual2Net run?"
+            )
+        self.image_size = (int(size[0]), int(size[1]))
+
+        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+        def predict(batch):
+            return tf.cast(model(batch, training=False), tf.float32)
+
+        self._predict = predict
+
+    def predict_prepared(self, image, fov=None):
+        image = np.asarray(image)
+        resized, transform = resize_to_model(image, self.image_size)
+        prob = self._predict(tf.convert_to_tensor(resized[None], tf.float32)).numpy()[0, ..., 0]
+        prob = fundus.unresize_pad(prob, transform, image.shape[:2], interpolation=cv2.INTER_LINEAR)
+        prob = np.clip(prob, 0.0, 1.0).astype(np.float32)
+        if fov is not None:
+            prob *= np.asarray(fov) > 0
+        return prob
+
+    def predict(self, image):
+        image = np.asarray(image)
+        prepared, _, fov = preprocess_array(image, self.preprocessing)
+        prob = self.predict_prepared(prepared, fov)
+        frame = fundus.idrid_centre_crop(image) if self.preprocessing.centre_crop else image
+        if self.preprocessing.fov_crop:
+            y0, x0, y1, x1 = fundus.fov_box(frame)
+            full = np.zeros(frame.shape[:2], np.float32)
+            full[y0:y1, x0:x1] = prob
+            prob = full
+        if self.preprocessing.centre_crop:
+            full = np.zeros(image.shape[:2], np.float32)
+            y0, x0, _, _ = fundus.idrid_centre_box(image.shape[:2])
+            full[y0 : y0 + prob.shape[0], x0 : x0 + prob.shape[1]] = prob
+            prob = full
+        return prob
+
+
+__all__ = [
+    "BilinearUpsampling",
+    "DSMAlphaSchedule",
+    "Dual2Net",
+    "Dual2NetSegmenter",
+    "PyramidPooling",
+    "adaptive_average_pool",
+    "build_dual2net",
+    "dual2net_loss",
+    "resize_to_model",
+]

@@ -1,0 +1,486 @@
+"""The fused local-global U-Net of Yan et al. (ISBI 2019) and its whole-image segmenter.
+
+GlobalNet, a U-Net on the whole photograph resized to `global_size` (640),
+gives context; LocalNet, a U-Net on full-resolution patches (256), gives
+detail. The fusion module crops the global decoder's last feature map to the
+patch's box, resizes it to the patch size, concatenates it to the local
+decoder's last feature map and turns the result into the patch's segmentation
+with two 3x3 convolutions and one 1x1 convolution. The global output stays
+supervised during training; at test time the fused local output is the
+segmentation, patch by patch, stitched.
+
+Boxes are normalised (y0, x0, y1, x1) with respect to the whole (preprocessed)
+photograph, edge to edge: a patch whose top-left pixel is (top, left) and whose
+side is p in an H x W photograph has the box (top / H, left / W, (top + p) / H,
+(left + p) / W), the convention of `rmib.inference.predict_tiled(with_boxes=True)`.
+
+Reference:
+    Yan et al., "Learning Mutually Local-Global U-Nets for High-Resolution
+    Retinal Lesion Segmentation in Fundus Images", ISBI 2019.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rmib.data import fundus
+from rmib.data.pipeline import preprocess_array
+from rmib.errors import RmibError
+from rmib.inference import predict_tiled
+from rmib.models.unet import (
+    DEFAULT_BASE_FILTERS,
+    DEFAULT_MAX_FILTERS,
+    build_unet,
+    build_unet_trunk,
+    conv_bn_relu,
+    segmentation_head,
+)
+from rmib.segmenters import Segmenter, register_segmenter
+
+# Pooling layers per lesion (Yan et al. 2019, section 2.1).
+GLOBAL_DEPTHS = {"EX": 6, "HE": 6, "SE": 4, "MA": 3}
+LOCAL_DEPTHS = {"EX": 3, "MA": 3, "HE": 6, "SE": 6}
+NETWORKS = ("global", "local", "fused")
+# The layers of the fused model that phase 3 ("fusion") trains; everything else is frozen.
+FUSION_LAYERS = ("fusion_crop", "fusion_concat", "fusion_head")
+
+
+def default_depths(lesion: str) -> dict:
+    """{"global": GlobalNet depth, "local": LocalNet depth} of the paper for a lesion code.
+
+    Raises:
+        RmibError: a lesion the paper does not cover (EX, HE, MA, SE).
+    """
+    if lesion not in GLOBAL_DEPTHS:
+        raise RmibError(
+            f"no default U-Net depths for lesion {lesion!r}; expected one of "
+            f"{', '.join(GLOBAL_DEPTHS)} (or set global_depth and local_depth)"
+        )
+    return {"global": GLOBAL_DEPTHS[lesion], "local": LOCAL_DEPTHS[lesion]}
+
+
+def resize_global(image: np.ndarray, size: int) -> np.ndarray:
+    """The whole photograph resized to size x size (GlobalNet's input), as the paper does.
+
+    The aspect ratio is not kept (Yan et al. resize 2816 x 3328 to 640 x 640):
+    normalised boxes are the same in both. Area interpolation, so that a
+    float mask becomes the lesion fraction of each output pixel.
+    """
+    size = int(size)
+    return cv2.resize(np.asarray(image), (size, size), interpolation=cv2.INTER_AREA)
+
+
+# --------------------------------------------------------------------------- the crop
+
+
+def crop_global_features(features, boxes, size, box_indices=None):
+    """Bilinear crop of a global feature map to patch boxes, at the patch's resolution.
+
+    Output pixel (j, i) of box b is the global map sampled at the centre of
+    full-resolution pixel (top + j, left + i), where the global map's pixel k
+    covers the k-th of its equal slices of the photograph (so a feature map
+    that holds, in channel 0, the normalised y of its pixel centres returns
+    exactly the normalised y of each patch pixel's centre). Samples beyond the
+    outermost global pixel centres take the edge value, as a half-pixel
+    bilinear resize does; boxes reaching past the photograph by more than
+    that (a photograph smaller than the patch, padded) read zeros there.
+    Uses `tf.image.crop_and_resize` (Keras has no such op) on the map padded
+    by one edge pixel.
+
+    Args:
+        features: (N, Gh, Gw, C) global feature maps.
+        boxes: (B, 4) normalised (y0, x0, y1, x1), edge to edge (module docstring).
+        size: (height, width) of the patches (ints or int tensors).
+        box_indices: (B,) which map each box reads; default: map b for box b,
+            or map 0 for every box when N == 1 (one photograph, many tiles).
+
+    Returns:
+        (B, height, width, C) tensor in the dtype of `features`.
+    """
+    features = tf.convert_to_tensor(features)
+    dtype = features.dtype
+    maps = tf.cast(features, tf.float32)
+    boxes = tf.cast(tf.convert_to_tensor(boxes), tf.float32)
+    shape = tf.shape(maps)
+    grid_h, grid_w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    height, width = size
+    size_h = tf.cast(height, tf.float32)
+    size_w = tf.cast(width, tf.float32)
+    y0, x0, y1, x1 = tf.unstack(boxes, axis=-1)
+    # Global pixels per patch pixel, then the (pixel-centre) global coordinate
+    # of the first and last patch pixel centres.
+    step_y = grid_h * (y1 - y0) / size_h
+    step_x = grid_w * (x1 - x0) / size_w
+    first_y = y0 * grid_h + 0.5 * step_y - 0.5
+    first_x = x0 * grid_w + 0.5 * step_x - 0.5
+    last_y = first_y + (size_h - 1.0) * step_y
+    last_x = first_x + (size_w - 1.0) * step_x
+    # crop_and_resize reads normalised coordinate c at c * (side - 1) of the
+    # padded map, whose index is the global coordinate + 1.
+    padded = tf.pad(maps, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    crop_boxes = tf.stack(
+        [
+            (first_y + 1.0) / (grid_h + 1.0),
+            (first_x + 1.0) / (grid_w + 1.0),
+            (last_y + 1.0) / (grid_h + 1.0),
+            (last_x + 1.0) / (grid_w + 1.0),
+        ],
+        axis=-1,
+    )
+    count = tf.shape(boxes)[0]
+    if box_indices is None:
+        box_indices = tf.where(
+            tf.equal(shape[0], 1),
+            tf.zeros([count], tf.int32),
+            tf.range(count, dtype=tf.int32),
+        )
+    crops = tf.image.crop_and_resize(
+        padded,
+        crop_boxes,
+        tf.cast(box_indices, tf.int32),
+        tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)]),
+        method="bilinear",
+        extrapolation_value=0.0,
+    )
+    return tf.cast(crops, dtype)
+
+
+@keras.saving.register_keras_serializable(package="rmib")
+class GlobalFeatureCrop(keras.layers.Layer):
+    """The fusion module's crop (Yan et al. 2019, section 2.1 "Feature Fusion").
+
+    Crops the global decoder's last feature map to each patch's box and
+    resizes it to the local feature map's size (`crop_global_features`).
+    Called on `[global_features (N, Gh, Gw, C), boxes (B, 4), local_features
+    (B, H, W, C')]`; returns (B, H, W, C). With N == 1 every box reads the
+    same map (one photograph's global features computed once for all its
+    tiles); otherwise box b reads map b. No weights.
+
+    Args:
+        **kwargs: standard `keras.layers.Layer` arguments.
+    """
+
+    def call(self, inputs):
+        global_features, boxes, local_features = inputs
+        local_shape = tf.shape(local_features)
+        crops = crop_global_features(global_features, boxes, (local_shape[1], local_shape[2]))
+        return tf.cast(crops, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        global_shape, _, local_shape = input_shape
+        return (local_shape[0], local_shape[1], local_shape[2], global_shape[-1])
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_global_net(
+    depth: int,
+    base_filters: int = DEFAULT_BASE_FILTERS,
+    max_filters: int = DEFAULT_MAX_FILTERS,
+    l2: float = 0.0,
+):
+    """GlobalNet alone (phase "global"): a U-Net whose trunk is "global_trunk"."""
+    return build_unet(
+        depth,
+        base_filters,
+        max_filters,
+        l2,
+        name="global_net",
+        trunk_name="global_trunk",
+        head_name="global_head",
+    )
+
+
+def build_local_net(
+    depth: int,
+    base_filters: int = DEFAULT_BASE_FILTERS,
+    max_filters: int = DEFAULT_MAX_FILTERS,
+    l2: float = 0.0,
+):
+    """LocalNet alone (phase "local"): a U-Net whose trunk is "local_trunk"."""
+    return build_unet(
+        depth,
+        base_filters,
+        max_filters,
+        l2,
+        name="local_net",
+        trunk_name="local_trunk",
+        head_name="local_head",
+    )
+
+
+def build_fusion_head(channels: int, filters: int, l2: float = 0.0, name: str = "fusion_head"):
+    """Two conv3x3-BN-ReLU and a 1x1 sigmoid conv, on [local, cropped global] features."""
+    inputs = keras.Input(shape=(None, None, int(channels)), name=f"{name}_features")
+    x = conv_bn_relu(inputs, filters, f"{name}_a", l2)
+    x = conv_bn_relu(x, filters, f"{name}_b", l2)
+    outputs = segmentation_head(x, f"{name}_out", l2)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_local_global(
+    global_depth: int,
+    local_depth: int,
+    base_filters: int = DEFAULT_BASE_FILTERS,
+    max_filters: int = DEFAULT_MAX_FILTERS,
+    global_size: int = 640,
+    fusion_filters: int | None = None,
+    l2: float = 0.0,
+    name: str = "local_global_unet",
+):
+    """The fused local-global U-Net of Yan et al. (ISBI 2019), Fig. 1.
+
+    Inputs (a dict): "global_image" (B, global_size, global_size, 3), the whole
+    photograph resized; "patch" (B, p, p, 3), a full-resolution patch (p a
+    multiple of 2**local_depth); "box" (B, 4), the patch's normalised box
+    (module docstring). Images are RGB in [0, 255].
+    Outputs (a dict, float32): "global" (B, global_size, global_size, 1),
+    GlobalNet's segmentation (kept supervised), and "local" (B, p, p, 1), the
+    fused segmentation of the patch.
+
+    Sub-models and layers by name: "global_trunk" and "local_trunk" (U-Net
+    trunks, `build_unet_trunk`), "global_head" (GlobalNet's 1x1 output),
+    "fusion_crop" (`GlobalFeatureCrop`), "fusion_concat", "fusion_head"
+    (`build_fusion_head`). Names match `build_global_net` / `build_local_net`,
+    so trained single nets load into it by weight path.
+
+    Args:
+        global_depth, local_depth: pooling layers of GlobalNet and LocalNet
+            (`default_depths(lesion)` gives the paper's).
+        base_filters, max_filters: U-Net widths (`unet_filters`).
+        global_size: side of the resized photograph (640 in the paper).
+        fusion_filters: width of the fusion convolutions (default base_filters).
+        l2: L2 factor on every convolution kernel (the paper's lambda_3).
+        name: the model's name.
+
+    Returns:
+        A `keras.Model`.
+
+    Raises:
+        RmibError: global_size not a multiple of 2**global_depth.
+    """
+    global_size = int(global_size)
+    if global_size % 2 ** int(global_depth):
+        raise RmibError(
+            f"global_size must be a multiple of 2**global_depth = {2 ** int(global_depth)}, "
+            f"got {global_size}"
+        )
+    fusion_filters = int(fusion_filters or base_filters)
+    global_trunk = build_unet_trunk(global_depth, base_filters, max_filters, l2, "global_trunk")
+    local_trunk = build_unet_trunk(local_depth, base_filters, max_filters, l2, "local_trunk")
+    global_image = keras.Input(shape=(global_size, global_size, 3), name="global_image")
+    patch = keras.Input(shape=(None, None, 3), name="patch")
+    box = keras.Input(shape=(4,), name="box")
+    global_features = global_trunk(global_image)
+    global_output = segmentation_head(global_features, "global_head", l2)
+    local_features = local_trunk(patch)
+    cropped = GlobalFeatureCrop(name="fusion_crop")([global_features, box, local_features])
+    fused = keras.layers.Concatenate(name="fusion_concat")([local_features, cropped])
+    head = build_fusion_head(
+        local_features.shape[-1] + global_features.shape[-1], fusion_filters, l2
+    )
+    local_output = head(fused)
+    return keras.Model(
+        {"global_image": global_image, "patch": patch, "box": box},
+        {"global": global_output, "local": local_output},
+        name=name,
+    )
+
+
+def set_fusion_only_trainable(model, fusion_only: bool = True):
+    """Freeze everything before the fusion module (phase "fusion") or unfreeze all ("joint").
+
+    Frozen batch norms run in inference mode. Recompile afterwards.
+    Returns the model.
+    """
+    for layer in model.layers:
+        layer.trainable = (not fusion_only) or layer.name in FUSION_LAYERS
+    return model
+
+
+def copy_matching_weights(source, target) -> int:
+    """Copy every weight of `source` into the `target` weight with the same path and shape.
+
+    Moves trained GlobalNet / LocalNet trunks into the fused model and back.
+    Returns the number of weights copied.
+    """
+    values = {w.path: w for w in source.weights}
+    copied = 0
+    for weight in target.weights:
+        match = values.get(weight.path)
+        if match is not None and tuple(match.shape) == tuple(weight.shape):
+            weight.assign(match)
+            copied += 1
+    return copied
+
+
+# --------------------------------------------------------------------------- segmenter
+
+
+def _fits_centre_crop(shape) -> bool:
+    crop_h, crop_w = fundus.IDRID_CROP_SHAPE
+    return shape[0] >= crop_h and shape[1] >= crop_w
+
+
+@register_segmenter("local-global")
+class LocalGlobalSegmenter(Segmenter):
+    """Whole-photograph prediction with a local-global U-Net run (Yan et al. 2019).
+
+    The run's metadata "network" says what the model is: "fused" (the full
+    method), or "global" / "local" (GlobalNet or LocalNet alone, the paper's
+    ablation). Fused: GlobalNet's trunk runs ONCE on the photograph resized to
+    `global_size`; then every tile goes through LocalNet and the fusion head
+    with its crop of that feature map (`predict_tiled(..., with_boxes=True)`),
+    so the cost over LocalNet alone is the fusion head plus one GlobalNet pass.
+    GlobalNet alone: predicted on the resized photograph, resized back
+    (bilinear). LocalNet alone: tiles.
+
+    The IDRiD centre crop of the metadata is applied only to photographs at
+    least 2816 x 3328 (H x W); smaller ones are used whole.
+
+    Args:
+        model: the trained model of the run.
+        metadata: its rmib.json ("network", "global_size", "patch_size", "depths" ...).
+        tile: tile side (default the training patch size; a multiple of 2**local_depth).
+        overlap: tile overlap fraction (default 0.25).
+        batch_size: tiles per batch (default the run's predict_batch, else 4).
+
+    Raises:
+        RmibError: a tile that LocalNet cannot take, or unknown metadata.
+    """
+
+    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
+        super().__init__(model, metadata, tile, overlap, batch_size)
+        self.network = self.metadata.get("network", "fused")
+        if self.network not in NETWORKS:
+            raise RmibError(
+                f"unknown local-global network {self.network!r} in the model's metadata; "
+                f"expected one of {', '.join(NETWORKS)}"
+            )
+        self.global_size = int(self.metadata.get("global_size", 640))
+        depths = self.metadata.get("depths") or {}
+        multiple = 2 ** int(depths.get("local", 0))
+        self.tile = int(tile or self.metadata.get("patch_size") or 256)
+        if self.network != "global" and self.tile % multiple:
+            raise RmibError(
+                f"--tile must be a multiple of {multiple} for this model, got {self.tile}"
+            )
+        self.overlap = 0.25 if overlap is None else float(overlap)
+        self.batch_size = int(batch_size or self.metadata.get("predict_batch") or 4)
+        self._build_functions()
+
+    def _build_functions(self):
+        model = self.model
+        image_spec = tf.TensorSpec((None, None, None, 3), tf.float32)
+        if self.network in ("global", "local"):
+
+            @tf.function(input_signature=[image_spec])
+            def single(batch):
+                return tf.cast(model(batch, training=False), tf.float32)
+
+            self._single = single
+            return
+        global_trunk = model.get_layer("global_trunk")
+        local_trunk = model.get_layer("local_trunk")
+        crop = model.get_layer("fusion_crop")
+        concat = model.get_layer("fusion_concat")
+        head = model.get_layer("fusion_head")
+        channels = global_trunk.output.shape[-1]
+
+        @tf.function(input_signature=[image_spec])
+        def global_features(image):
+            return tf.cast(global_trunk(image, training=False), tf.float32)
+
+        @tf.function(
+            input_signature=[
+                image_spec,
+                tf.TensorSpec((None, 4), tf.float32),
+                tf.TensorSpec((1, None, None, channels), tf.float32),
+            ]
+        )
+        def local_fused(tiles, boxes, features):
+            local = local_trunk(tiles, training=False)
+            cropped = crop([features, boxes, local])
+            return tf.cast(head(concat([local, cropped]), training=False), tf.float32)
+
+        self._global_features = global_features
+        self._local_fused = local_fused
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Probability map (H, W) float32 for a raw uint8 RGB photograph of any size."""
+        image = np.asarray(image)
+        prep = self.preprocessing
+        crop = prep.centre_crop and _fits_centre_crop(image.shape)
+        if prep.centre_crop and not crop:
+            prep = dataclasses.replace(prep, centre_crop=False)
+        prepared, _, fov = preprocess_array(image, prep)
+        prob = self.predict_prepared(prepared, fov)
+        if crop:
+            full = np.zeros(image.shape[:2], np.float32)
+            y0, x0, _, _ = fundus.idrid_centre_box(image.shape[:2])
+            full[y0 : y0 + prob.shape[0], x0 : x0 + prob.shape[1]] = prob
+            prob = full
+        return prob
+
+    def predict_prepared(self, image, fov=None):
+        image = np.asarray(image, np.float32)
+        mask = None if fov is None else np.asarray(fov)
+        height, width = image.shape[:2]
+        if self.network == "global":
+            small = resize_global(image, self.global_size)[None]
+            prob = self._single(tf.convert_to_tensor(small, tf.float32)).numpy()[0, ..., 0]
+            prob = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+            prob = np.clip(prob, 0.0, 1.0)
+            if mask is not None:
+                prob[mask == 0] = 0.0
+            return prob.astype(np.float32)
+        if self.network == "local":
+            out = predict_tiled(
+                lambda tiles: self._single(tf.convert_to_tensor(tiles, tf.float32)),
+                image,
+                tile=self.tile,
+                overlap=self.overlap,
+                batch_size=self.batch_size,
+                mask=mask,
+            )
+            return out[..., 0]
+        small = resize_global(image, self.global_size)[None]
+        features = self._global_features(tf.convert_to_tensor(small, tf.float32))
+        out = predict_tiled(
+            lambda tiles, boxes: self._local_fused(
+                tf.convert_to_tensor(tiles, tf.float32),
+                tf.convert_to_tensor(boxes, tf.float32),
+                features,
+            ),
+            image,
+            tile=self.tile,
+            overlap=self.overlap,
+            batch_size=self.batch_size,
+            with_boxes=True,
+            mask=mask,
+        )
+        return out[..., 0]
+
+
+__all__ = [
+    "FUSION_LAYERS",
+    "GLOBAL_DEPTHS",
+    "GlobalFeatureCrop",
+    "LOCAL_DEPTHS",
+    "LocalGlobalSegmenter",
+    "build_fusion_head",
+    "build_global_net",
+    "build_local_global",
+    "build_local_net",
+    "copy_matching_weights",
+    "crop_global_features",
+    "default_depths",
+    "resize_global",
+    "set_fusion_only_trainable",
+]
