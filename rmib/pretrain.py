@@ -85,7 +85,10 @@ def classification_records(data_roots, on_bad="error"):
     records, unlabelled = [], []
     for root in data_roots:
         dataset = readers.read_dataset(root, on_bad=on_bad)
-        labelled = [r for r in dataset.records if r.label is not None]
+        # A tree with a grading part and a segmentation part (IDRiD, DDR) may show
+        # the same photographs in both; the grades are the classifier's labels.
+        graded = [r for r in dataset.records if r.grade is not None]
+        labelled = graded or [r for r in dataset.records if r.label is not None]
         if not labelled:
             unlabelled.append(f"{root} ({dataset.layout})")
         records += labelled
