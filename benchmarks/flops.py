@@ -66,7 +66,9 @@ def layer_multiply_adds(layer, input_shape, output_shape) -> int:
     batch, in_spatial, in_channels = _split(input_shape, layer)
     _, out_spatial, out_channels = _split(output_shape, layer)
     kernel = math.prod(layer.kernel_size)
-    return batch * _conv_multiply_adds(layer, in_spatial, in_channels, out_spatial, out_channels, kernel)
+    return batch * _conv_multiply_adds(
+        layer, in_spatial, in_channels, out_spatial, out_channels, kernel
+    )
 
 
 def _conv_multiply_adds(layer, in_spatial, in_channels, out_spatial, out_channels, kernel):
@@ -152,4 +154,10 @@ def model_flops(model, input_shape) -> int:
     return sum(flops for _, flops in layer_flops(model, input_shape))
 
 
-__all__ = ["COUNTED_LAYERS", "TRAIN_STEP_FACTOR", "layer_flops", "layer_multiply_adds", "model_flops"]
+__all__ = [
+    "COUNTED_LAYERS",
+    "TRAIN_STEP_FACTOR",
+    "layer_flops",
+    "layer_multiply_adds",
+    "model_flops",
+]

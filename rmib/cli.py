@@ -38,12 +38,13 @@ def cli():
 
 
 def _register():
-    from rmib.commands import data, grade, models
+    from rmib.commands import data, export, grade, models
 
     cli.add_command(data.data)
     for command in (models.pretrain, models.segment, models.predict, models.evaluate):
         cli.add_command(command)
     cli.add_command(grade.grade)
+    cli.add_command(export.export)
 
 
 _register()

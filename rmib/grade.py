@@ -313,18 +313,15 @@ def no_grades_error(roots, data: GradingData, num_classes: int) -> RmibError:
     )
 
 
-def read_masks(record, prep: Preprocessing, with_image: bool = False):
-    """The record's MA, HE, EX (and SE, if annotated) masks, transformed as `prep` places the image.
+def read_masks(record, prep: Preprocessing) -> dict:
+    """The record's MA, HE, EX (and SE, if annotated) masks, placed as `prep` places its image.
 
-    Args:
-        record: a record annotated for MA, HE and EX.
-        prep: the preprocessing; its geometry (FOV crop, pad, resize with
-            nearest neighbour) is applied to the masks.
-        with_image: also return the preprocessed image (Graham and all);
-            otherwise only the geometry is computed (cheaper).
+    Only the geometry of `prep` is applied (FOV crop, pad to square, resize
+    with nearest neighbour); the image itself comes from `load_prepared`,
+    through the cache.
 
     Returns:
-        (masks, image): lesion code -> (size, size) uint8 0/1, and the image or None.
+        lesion code -> (size, size) uint8 0/1.
 
     Raises:
         BadInputError: an unreadable image or mask, or a mask of the wrong size.
@@ -337,9 +334,8 @@ def read_masks(record, prep: Preprocessing, with_image: bool = False):
         else np.zeros(raw.shape[:2], np.uint8)
         for c in codes
     ]
-    geometry = prep if with_image else dataclasses.replace(prep, method="none")
-    image, arrays, _ = preprocess_array(raw, geometry, arrays)
-    return dict(zip(codes, arrays, strict=True)), (image if with_image else None)
+    _, arrays, _ = preprocess_array(raw, dataclasses.replace(prep, method="none"), arrays)
+    return dict(zip(codes, arrays, strict=True))
 
 
 def load_prepared(record, prep: Preprocessing, cache_dir=None) -> np.ndarray:
@@ -500,7 +496,7 @@ def build_patch_set(
     size, patch, overlap = cfg.image_size, cfg.patch_size, cfg.overlap
     labelled = []
     excluded = 0
-    for record, (masks, _) in _guarded(
+    for record, masks in _guarded(
         _progress(progress, records, f"{label}: labelling"),
         lambda r: read_masks(r, prep),
         on_bad,
@@ -938,16 +934,19 @@ class Grader:
     """A trained two-stage grader: local net, global net (and baseline) with the run's metadata.
 
     Args:
-        local_net, global_net: the trained Keras models.
+        local_net, global_net: the trained Keras models, or their `.keras`
+            files (loaded on first use, so a command fails fast on bad data).
         metadata: the run's rmib.json (grid, sizes, grades, preprocessing).
-        plain_net: the non-weighted baseline, or None.
+        plain_net: the non-weighted baseline (model or file), or None.
         batch_size: patches per local-net call.
+        unsafe: allow Lambda layers when loading the files (trusted files only).
     """
 
-    def __init__(self, local_net, global_net, metadata: dict, plain_net=None, batch_size=256):
-        self.local_net = local_net
-        self.global_net = global_net
-        self.plain_net = plain_net
+    def __init__(
+        self, local_net, global_net, metadata: dict, plain_net=None, batch_size=256, unsafe=False
+    ):
+        self._models = {"local": local_net, "global": global_net, "global_plain": plain_net}
+        self._unsafe = unsafe
         self.metadata = dict(metadata)
         self.image_size = int(metadata["image_size"])
         self.patch_size = int(metadata["patch_size"])
@@ -958,9 +957,27 @@ class Grader:
         self.preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
         self.batch_size = int(batch_size)
 
+    def _model(self, phase: str):
+        model = self._models[phase]
+        if isinstance(model, (str, Path)):
+            model = self._models[phase] = load_model(model, unsafe=self._unsafe)
+        return model
+
+    @property
+    def local_net(self):
+        return self._model("local")
+
+    @property
+    def global_net(self):
+        return self._model("global")
+
+    @property
+    def plain_net(self):
+        return self._model("global_plain")
+
     @classmethod
     def load(cls, run_dir, batch_size: int = 256, unsafe: bool = False) -> Grader:
-        """Load the grader of a `rmib grade train` run directory.
+        """The grader of a `rmib grade train` run directory (models loaded on first use).
 
         Raises:
             RmibError: not a run directory, not a grading run, or a model file missing.
@@ -974,18 +991,18 @@ class Grader:
                 f"{run_dir}: not a grading run (its rmib.json has task "
                 f"{metadata.get('task')!r}; expected {TASK!r} from rmib grade train)"
             )
-        models = {}
+        files = {}
         for phase, file in PHASES.items():
             path = run_dir / file
             if path.is_file():
-                models[phase] = load_model(path, unsafe=unsafe)
+                files[phase] = path
             elif phase != "global_plain" or metadata.get("baseline"):
                 raise RmibError(
                     f"{path}: missing; the run has not finished (continue it with "
                     "rmib grade train --resume)"
                 )
         return cls(
-            models["local"], models["global"], metadata, models.get("global_plain"), batch_size
+            files["local"], files["global"], metadata, files.get("global_plain"), batch_size, unsafe
         )
 
     def prepare(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1178,7 +1195,9 @@ METRIC_NOTES = {
 }
 
 
-def _choose_split(roots, split: str, on_bad: str) -> str | None:
+def resolve_split(roots, split: str = "auto", on_bad: str = "error") -> str | None:
+    """The split `rmib grade evaluate --split` means: "auto" is "test" when a tree has one
+    (it was held out of training), else None (every image), as is "all"."""
     if split == "all":
         return None
     if split != "auto":
@@ -1221,7 +1240,7 @@ def evaluate_grader(
         raise RmibError(f"unknown split {split!r}; expected one of {', '.join(EVALUATION_SPLITS)}")
     roots = [Path(r) for r in roots]
     out = Path(out)
-    chosen = _choose_split(roots, split, on_bad)
+    chosen = resolve_split(roots, split, on_bad)
     data = read_grading_data(roots, grader.num_classes, split=chosen, on_bad=on_bad)
     where = f" in split {chosen!r}" if chosen else ""
     if not data.masked and not data.graded:
@@ -1246,7 +1265,7 @@ def evaluate_grader(
         prep = grader.preprocessing
         for _, (masks, image) in _guarded(
             _progress(progress, data.masked, "Patches"),
-            lambda r: read_masks(r, prep, with_image=True),
+            lambda r: (read_masks(r, prep), load_prepared(r, prep, cache_dir)),
             on_bad,
             problems,
         ):

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -51,11 +52,16 @@ def image_size(path) -> tuple[int, int]:
         BadInputError: missing file, unreadable header, or more pixels than the limit.
     """
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(path, "is a folder, not an image file")
     if not path.is_file():
         raise BadInputError(path, "file not found")
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        # PIL warns about odd headers (TIFF tags out of the file ...); the decoder decides.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                width, height = im.size
     except Exception as exc:  # PIL raises many types for bad headers
         raise BadInputError(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
     if width < 1 or height < 1:
@@ -95,9 +101,10 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint16:
         return (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     if np.issubdtype(image.dtype, np.floating):
-        hi = float(np.nanmax(image)) if image.size else 1.0
+        image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)  # all-NaN: no warning
+        hi = float(image.max()) if image.size else 1.0
         scale = 255.0 if hi <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(image) * scale, 0, 255).astype(np.uint8)
+        return np.clip(image * scale, 0, 255).astype(np.uint8)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

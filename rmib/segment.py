@@ -44,7 +44,8 @@ def lesion_records(data_roots, lesion, on_bad="error"):
     records, seen = [], []
     for root in data_roots:
         dataset = readers.read_dataset(root, on_bad=on_bad)
-        chosen = dataset.with_lesion(lesion)
+        # A dataset's own test split is kept for `rmib evaluate --split test`.
+        chosen = [r for r in dataset.with_lesion(lesion) if r.split != "test"]
         seen.append(f"{root} ({dataset.layout}: {len(chosen)} of {len(dataset)})")
         records += chosen
     if not records:

@@ -129,7 +129,9 @@ class SegmentConfig:
     """`rmib segment`: one binary segmenter for one lesion type.
 
     Attributes:
-        data: dataset roots (any layout with lesion masks).
+        data: dataset roots (any layout with lesion masks). Images of a dataset's
+            own test split (IDRiD "b. Testing Set", DDR test) are never trained
+            on: they are for `rmib evaluate --split test`.
         lesion: EX, HE, MA or SE.
         model: "encoder-decoder" (RMIB stage 2), "local-global" (Yan et al.) or "dual2net".
         out: the run directory.

@@ -60,7 +60,7 @@ class Segmenter:
         """Probability map (H, W) float32 for a raw uint8 RGB photograph of any size."""
         prepared, _, fov = preprocess_array(image, self.preprocessing)
         prob = self.predict_prepared(prepared, fov)
-        if self.preprocessing.centre_crop:
+        if prob.shape[:2] != image.shape[:2]:  # the IDRiD centre crop was applied
             full = np.zeros(image.shape[:2], np.float32)
             y0, x0, _, _ = fundus.idrid_centre_box(image.shape[:2])
             full[y0 : y0 + prob.shape[0], x0 : x0 + prob.shape[1]] = prob

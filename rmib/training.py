@@ -32,6 +32,9 @@ Nothing is appended to an archive after Keras wrote it, and the model's
 layers, outputs and class are left untouched. Checkpoints also carry their
 training state there (key "checkpoint"), written in the same atomic rename as
 the weights, which makes `last.keras` the single commit point of an epoch.
+That state includes the seed-generator states of random layers (Dropout),
+which Keras leaves out of `.keras` files: restoring them makes a run resumed
+after a crash equal, weight for weight, to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -737,6 +740,7 @@ class _RunCheckpoint(keras.callbacks.Callback):
             early_stopped=stop,
             iterations=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
             plateau=self.plateau.get_state() if self.plateau else None,
+            seed_generators=_seed_generator_states(self.model),
         )
         checkpoint = {**self.metadata, "checkpoint": dict(self.state)}
         if improved:
@@ -747,6 +751,35 @@ class _RunCheckpoint(keras.callbacks.Callback):
         self.run.write_state(self.state, self.phase)
         if stop:
             self.model.stop_training = True
+
+
+def _seed_generators(model) -> list:
+    return [v for v in model.variables if v.name == "seed_generator_state"]
+
+
+def _seed_generator_states(model) -> list[list[int]]:
+    """The (seed, counter) of every random layer (Dropout ...), in model order.
+
+    Keras saves no seed-generator state in `.keras` files, and a reloaded
+    layer draws a fresh seed; without these a resumed run would drop other
+    units than an uninterrupted one (tests/test_crash_safety.py).
+    """
+    return [
+        [int(x) for x in np.asarray(keras.ops.convert_to_numpy(v))] for v in _seed_generators(model)
+    ]
+
+
+def _restore_seed_generators(model, states, path) -> None:
+    if states is None:  # a checkpoint written before rmib saved them
+        return
+    variables = _seed_generators(model)
+    if len(states) != len(variables):
+        raise RmibError(
+            f"{path}: the checkpoint holds {len(states)} random-generator states but the "
+            f"model has {len(variables)} random layers; it does not belong to this model"
+        )
+    for variable, value in zip(variables, states, strict=True):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def _is_arrays(data) -> bool:
@@ -935,6 +968,7 @@ def fit(
         if state:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(last_path)  # restores the optimizer state too
+            _restore_seed_generators(model, state.get("seed_generators"), last_path)
 
     plateau = schedule_callbacks(cfg, state.get("plateau"))
     history = [row for row in run.read_history(phase) if row["epoch"] <= initial_epoch]

@@ -67,7 +67,7 @@ def preprocess_array(image: np.ndarray, prep: Preprocessing, masks=()):
         the same way (nearest neighbour), and the field-of-view mask (uint8 0/1).
     """
     masks = list(masks)
-    if prep.centre_crop:
+    if prep.centre_crop and _fits_centre_crop(image):
         image = fundus.idrid_centre_crop(image)
         masks = [fundus.idrid_centre_crop(m) for m in masks]
     fov = fundus.fov_mask(image)
@@ -85,6 +85,13 @@ def preprocess_array(image: np.ndarray, prep: Preprocessing, masks=()):
 
 
 _NEAREST = 0  # cv2.INTER_NEAREST
+
+
+def _fits_centre_crop(image) -> bool:
+    """The IDRiD centre crop applies to photographs at least 2816 x 3328 (smaller ones, e.g.
+    other datasets or synthetic images, are used whole)."""
+    height, width = fundus.IDRID_CROP_SHAPE
+    return image.shape[0] >= height and image.shape[1] >= width
 
 
 @dataclasses.dataclass

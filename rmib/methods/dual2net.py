@@ -56,6 +56,7 @@ from rmib.metrics import (
     pixel_metrics,
 )
 from rmib.models.dual2net import (
+    SIZE_MULTIPLE,
     DSMAlphaSchedule,
     Dual2NetSegmenter,
     build_dual2net,
@@ -348,11 +349,9 @@ def train(
     from rmib.segment import WholeImageValidation, _encoder_factory
 
     run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
-    cfg, notes = resolve_config(cfg, has_validation=bool(val_records))
-    for note in notes:
-        _say(note, verbose)
-    d2 = cfg.dual2net
+    resolve_config(cfg, has_validation=bool(val_records))  # refuse what it cannot honour, early
     build_encoder, encoder_info, _ = _encoder_factory(cfg)
+    d2 = cfg.dual2net
     prep = preprocessing_of(cfg)
     problems: list = []
     train_set = load_resized(
@@ -362,7 +361,10 @@ def train(
         raise RmibError("no training image could be read")
     cache = PreprocessedCache(cfg.cache_dir or None)
     val_examples, _ = load_examples(val_records, prep, cfg.lesion, cache, cfg.on_bad, problems)
-    run.write_config(cfg)
+    cfg, notes = resolve_config(cfg, has_validation=bool(val_examples))
+    for note in notes:
+        _say(note, verbose)
+    run.write_config(cfg)  # as resolved, paper defaults included
 
     metadata = {
         "task": "segment",
@@ -370,7 +372,7 @@ def train(
         "lesion": cfg.lesion,
         "preprocessing": prep.to_dict(),
         "image_size": [int(s) for s in d2.image_size],
-        "size_multiple": 32,
+        "size_multiple": SIZE_MULTIPLE,
         "variant": d2.variant,
         "head": d2.head,
         "loss": VARIANT_LOSS[d2.variant],

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -70,6 +71,7 @@ PHASES = LOCAL_GLOBAL_PHASES
 NETWORK_OF_PHASE = {"global": "global", "local": "local", "fusion": "fused", "joint": "fused"}
 ENCODER_DECODER_PATCH = 160  # SegmentConfig's default patch, the RMIB paper's
 PAPER_PATCH = 256  # LocalNet's patch in Yan et al.
+PAPER_LEARNING_RATE = 2e-4  # GlobalNet and LocalNet, Adam with polynomial decay
 
 
 # --------------------------------------------------------------------------- loss
@@ -192,9 +194,24 @@ def resolve_sizes(cfg: SegmentConfig) -> Sizes:
 
 
 def phase_config(cfg: SegmentConfig, phase: str, validate: bool):
-    """The `TrainConfig` of one phase (epochs, learning rate, schedule, monitor)."""
+    """The `TrainConfig` of one phase (epochs, learning rate, schedule, monitor).
+
+    "global" and "local" use `cfg.train`, except that a learning rate and
+    schedule left at SegmentConfig's defaults (1e-3, constant, the
+    encoder-decoder's) become the paper's 2e-4 with polynomial decay.
+    "fusion" and "joint" use `cfg.local_global`'s epochs and rates with a
+    constant rate. `epochs_per_phase` > 0 sets every phase's epochs. Without
+    validation images a "val_..." monitor becomes "loss".
+    """
     lg = cfg.local_global
     changes = {}
+    default = SegmentConfig().train
+    if phase in ("global", "local") and (cfg.train.learning_rate, cfg.train.lr_schedule) == (
+        default.learning_rate,
+        default.lr_schedule,
+    ):
+        # `[train]` left at the encoder-decoder's defaults: the paper's Adam 2e-4, poly decay.
+        changes = dict(learning_rate=PAPER_LEARNING_RATE, lr_schedule="poly")
     if phase == "fusion":
         changes = dict(
             epochs=lg.fusion_epochs, learning_rate=lg.fusion_learning_rate, lr_schedule="constant"
@@ -623,6 +640,14 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
     lg = cfg.local_global
     sizes = resolve_sizes(cfg)
+    encoder = Path(cfg.encoder)
+    if encoder.is_dir() or encoder.suffix == ".keras":
+        # `encoder` names a backbone by default (the encoder-decoder's); the
+        # U-Nets here are built from scratch, as in the paper.
+        raise RmibError(
+            f"--encoder {cfg.encoder}: the local-global U-Net does not take a stage-1 "
+            "encoder yet; its GlobalNet and LocalNet are plain U-Nets trained from scratch"
+        )
     cache = PreprocessedCache(cfg.cache_dir or None)
     problems: list = []
     train_photos = load_photographs(train_records, cfg, sizes.global_size, cache, problems)
@@ -635,7 +660,10 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
 
     trained: dict = {}
     model = None
-    for phase in lg.phases:
+    for index, phase in enumerate(lg.phases):
+        later = lg.phases[index + 1 :]
+        if resume and any(run.checkpoint_path("last", p).is_file() for p in later):
+            continue  # finished, and a later phase already holds what it passed on
         network = NETWORK_OF_PHASE[phase]
         metadata = run_metadata(cfg, sizes, network, centre_crop, train_records, val_records)
         phase_cfg = phase_config(cfg, phase, validate=bool(val_photos.examples))

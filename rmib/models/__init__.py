@@ -2,6 +2,7 @@
 
 from rmib.models.backbones import BACKBONES, backbone_name, build_backbone
 from rmib.models.classifier import build_classifier
+from rmib.models.dual2net import Dual2Net, Dual2NetSegmenter, build_dual2net
 from rmib.models.encoder_decoder import (
     build_encoder_decoder,
     find_encoder,
@@ -17,6 +18,9 @@ from rmib.models.local_global import (
 from rmib.models.unet import build_unet, build_unet_trunk
 
 __all__ = [
+    "Dual2Net",
+    "Dual2NetSegmenter",
+    "build_dual2net",
     "BACKBONES",
     "CBAM",
     "FusedBatchNormalization",

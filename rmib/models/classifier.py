@@ -48,7 +48,7 @@ def build_classifier(
         >>> encoder = model.get_layer("backbone")  # stage 2 starts from this
     """
     if isinstance(backbone, keras.Model):
-        if cbam or weights is not None:
+        if cbam or str(weights).lower() != "none":
             raise ValueError("cbam and weights apply only when backbone is a name")
         backbone.name = "backbone"
     else:

@@ -85,13 +85,12 @@ class _Layout:
     trunk_output: str  # layer whose output is the input of the last block
     aux_tap: str  # penultimate stage's tap: the auxiliary heads' input
     feature_stride: int  # stride of the last block's output
-    feature_channels: int  # channels of the last block's output
     skips: tuple  # decoder skip taps, deepest first
 
 
 _LAYOUTS = {
-    "resnet50": _Layout("conv5_block2_out", "P4", 32, 2048, ("P4", "P3", "P2", "P1")),
-    "vgg16": _Layout("block5_conv2", "P3", 16, 512, ("P3", "P2", "P1", "P0")),
+    "resnet50": _Layout("conv5_block2_out", "P4", 32, ("P4", "P3", "P2", "P1")),
+    "vgg16": _Layout("block5_conv2", "P3", 16, ("P3", "P2", "P1", "P0")),
 }
 _DECODER_FILTERS = (256, 128, 64, 32)
 
@@ -103,6 +102,38 @@ def _stride(tap: str) -> int:
 # --------------------------------------------------------------------------- PPM
 
 
+def _bin_edges(n, bins: int):
+    """Start and end (exclusive) of each adaptive pooling cell along an axis of length n."""
+    if isinstance(n, int):  # known when tracing: constants, no ops
+        index = np.arange(bins)
+        return (index * n) // bins, -((-(index + 1) * n) // bins)
+    index = ops.arange(bins, dtype="int32")
+    n = ops.cast(n, "int32")
+    return (index * n) // bins, -((-(index + 1) * n) // bins)  # floor, ceil
+
+
+def adaptive_average_pools(x, bins):
+    """`adaptive_average_pool` for several bin counts, sharing one summed-area table."""
+    dtype = x.dtype
+    x = ops.cast(x, "float32")
+    dynamic = ops.shape(x)
+    height = x.shape[1] if x.shape[1] is not None else dynamic[1]
+    width = x.shape[2] if x.shape[2] is not None else dynamic[2]
+    table = ops.cumsum(ops.cumsum(x, axis=1), axis=2)
+    table = ops.pad(table, [[0, 0], [1, 0], [1, 0], [0, 0]])
+    pooled = []
+    for b in bins:
+        y0, y1 = _bin_edges(height, b)
+        x0, x1 = _bin_edges(width, b)
+        rows = ops.take(table, ops.concatenate([y0, y1]), axis=1)  # (B, 2b, W + 1, C)
+        corners = ops.take(rows, ops.concatenate([x0, x1]), axis=2)  # (B, 2b, 2b, C)
+        top, bottom = corners[:, :b], corners[:, b:]
+        total = (bottom[:, :, b:] - bottom[:, :, :b]) - (top[:, :, b:] - top[:, :, :b])
+        area = ops.cast((y1 - y0)[:, None] * (x1 - x0)[None, :], "float32")
+        pooled.append(ops.cast(total / area[None, :, :, None], dtype))
+    return pooled
+
+
 def adaptive_average_pool(x, bins: int):
     """Average pooling of (B, H, W, C) to (B, bins, bins, C), as PyTorch's AdaptiveAvgPool2d.
 
@@ -112,29 +143,7 @@ def adaptive_average_pool(x, bins: int):
     `bins`. Computed in float32 from a summed-area table, so it works with
     sizes known only at run time; returned in the input's dtype.
     """
-    dtype = x.dtype
-    x = ops.cast(x, "float32")
-    shape = ops.shape(x)
-    table = ops.cumsum(ops.cumsum(x, axis=1), axis=2)
-    table = ops.pad(table, [[0, 0], [1, 0], [1, 0], [0, 0]])
-    index = ops.arange(bins, dtype="int32")
-
-    def edges(n):
-        n = ops.cast(n, "int32")
-        start = (index * n) // bins
-        end = -((-(index + 1) * n) // bins)  # ceil
-        return start, end
-
-    y0, y1 = edges(shape[1])
-    x0, x1 = edges(shape[2])
-    top, bottom = ops.take(table, y0, axis=1), ops.take(table, y1, axis=1)
-
-    def across(rows):
-        return ops.take(rows, x1, axis=2) - ops.take(rows, x0, axis=2)
-
-    total = across(bottom) - across(top)
-    area = ops.cast((y1 - y0)[:, None] * (x1 - x0)[None, :], "float32")
-    return ops.cast(total / area[None, :, :, None], dtype)
+    return adaptive_average_pools(x, (bins,))[0]
 
 
 def _resize_bilinear(x, height, width):
@@ -224,8 +233,8 @@ class PyramidPooling(keras.layers.Layer):
     def call(self, inputs, training=None):
         shape = ops.shape(inputs)
         parts = [inputs]
-        for b, conv, norm in zip(self.bins, self.convs, self.norms, strict=True):
-            x = adaptive_average_pool(inputs, b)
+        pooled = adaptive_average_pools(inputs, self.bins)
+        for x, conv, norm in zip(pooled, self.convs, self.norms, strict=True):
             x = ops.relu(norm(conv(x), training=training))
             parts.append(ops.cast(_resize_bilinear(x, shape[1], shape[2]), inputs.dtype))
         return ops.concatenate(parts, axis=-1)
@@ -690,7 +699,10 @@ class Dual2NetSegmenter(Segmenter):
             )
         self.image_size = (int(size[0]), int(size[1]))
 
-        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+        # The model always sees image_size: static shapes make a smaller graph.
+        spec = tf.TensorSpec((None, *self.image_size, 3), tf.float32)
+
+        @tf.function(input_signature=[spec])
         def predict(batch):
             return tf.cast(model(batch, training=False), tf.float32)
 
@@ -731,6 +743,7 @@ __all__ = [
     "Dual2NetSegmenter",
     "PyramidPooling",
     "adaptive_average_pool",
+    "adaptive_average_pools",
     "build_dual2net",
     "dual2net_loss",
     "resize_to_model",

@@ -18,7 +18,9 @@ def _decoder_block(x, skip, filters, name):
     x = keras.layers.UpSampling2D(2, name=f"{name}_upsample")(x)
     if skip is not None:
         x = keras.layers.Concatenate(name=f"{name}_concat")([x, skip])
-    shortcut = keras.layers.Conv2D(filters, 1, name=f"{name}_projection")(x)
+    # Normalised like a ResNet projection shortcut: VGG features reach the hundreds.
+    shortcut = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_projection")(x)
+    shortcut = FusedBatchNormalization(name=f"{name}_projection_bn")(shortcut)
     for index in (1, 2):
         x = keras.layers.Conv2D(
             filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}"
@@ -41,7 +43,7 @@ def build_encoder_decoder(
     Five decoder blocks, from P5 (stride 32) up to full resolution: upsample x2,
     concatenate the encoder tap of the new stride (none for the last ResNet50 block,
     whose shallowest tap is at stride 2), conv3x3-BN-ReLU twice, plus a 1x1
-    projection of the block's input added at the end. A 1x1 conv with a sigmoid gives
+    projection (+ BN) of the block's input added at the end. A 1x1 conv with a sigmoid gives
     one float32 probability map. Fully convolutional: the input is (None, None, 3),
     RGB in [0, 255], and its height and width must be multiples of
     `required_multiple(model)` (32) so that every skip tap lines up.
@@ -74,7 +76,7 @@ def build_encoder_decoder(
     if len(filters) != 5:
         raise ValueError(f"filters must give 5 decoder widths (stride 32 -> 1), got {filters}")
     if isinstance(encoder, keras.Model):
-        if cbam or weights is not None:
+        if cbam or str(weights).lower() != "none":
             raise ValueError("cbam and weights apply only when encoder is a name")
     else:
         encoder = build_backbone(encoder, cbam=cbam, weights=weights, model_name="backbone")

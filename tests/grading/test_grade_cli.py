@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,11 +33,15 @@ from rmib.grade import (
     lesion_map,
     lesion_map_picture,
     patch_report,
+    read_grading_data,
+    resolve_split,
 )
 from rmib.grading import VARIANTS, grid_positions, weighted_lesion_map
 
 pytestmark = pytest.mark.timeout(300)
 
+PROJECT_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 SIZE, PATCH, OVERLAP, GLOBAL = 96, 16, 8, 32
 TRAIN_FLAGS = [
     "--image-size", SIZE, "--patch-size", PATCH, "--overlap", OVERLAP,
@@ -130,15 +136,18 @@ def test_train_writes_the_run(trained, idrid):
     assert "phase local" in output and "phase global_plain" in output
 
 
-def test_trained_models_have_the_configured_shapes(trained):
-    from rmib.training import load_model
+def keras_input_output(path):
+    """(input batch shape, units of the last layer) from a .keras archive's config.json."""
+    with zipfile.ZipFile(path) as archive:
+        layers = json.loads(archive.read("config.json"))["config"]["layers"]
+    return tuple(layers[0]["config"]["batch_shape"]), layers[-1]["config"]["units"]
 
+
+def test_trained_models_have_the_configured_shapes(trained):
     run, _ = trained
-    local = load_model(run / "local_net.keras")
-    assert local.input_shape == (None, PATCH, PATCH, 3) and local.output_shape == (None, 4)
+    assert keras_input_output(run / "local_net.keras") == ((None, PATCH, PATCH, 3), 4)
     for name in ("global_net.keras", "global_net_plain.keras"):
-        model = load_model(run / name)
-        assert model.input_shape == (None, GLOBAL, GLOBAL, 3) and model.output_shape == (None, 4)
+        assert keras_input_output(run / name) == ((None, GLOBAL, GLOBAL, 3), 4)
 
 
 def test_resume_of_a_finished_run_trains_nothing(trained, idrid, recipe):
@@ -227,14 +236,66 @@ def test_evaluate_writes_metrics_weighted_beside_plain(trained, idrid, tmp_path)
     assert (out / "patch_roc.png").is_file()
 
 
-def test_evaluate_split_all_uses_every_image(trained, idrid, tmp_path):
-    run, _ = trained
-    result = invoke("evaluate", run, "--data", idrid, "--out", tmp_path, "--split", "all")
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+def test_evaluation_split_and_records(idrid, tmp_path):
+    kaggle = synthetic.write_dataset(tmp_path / "kaggle", "kaggle", count=4, size=64, seed=0)
+    assert resolve_split([idrid]) == "test"  # the tree's own test split
+    assert resolve_split([kaggle]) is None and resolve_split([idrid], "all") is None
+    assert resolve_split([idrid, kaggle], "valid") == "valid"
     records = readers.read_dataset(idrid).records
-    graded = sum(1 for r in records if r.grade is not None and r.grade < 4)
-    assert metrics["image"]["weighted"]["images"] == graded
+    for split in ("test", None):
+        chosen = [r for r in records if split is None or r.split == split]
+        data = read_grading_data([idrid], 4, split=split)
+        assert len(data.masked) == sum(1 for r in chosen if r.masks)
+        assert len(data.graded) == sum(1 for r in chosen if r.grade is not None and r.grade < 4)
+        assert data.left_out_grades == sum(1 for r in chosen if r.grade == 4)
+    data = read_grading_data([idrid, kaggle], 5, exclude_split="test")
+    assert data.held_out == sum(1 for r in records if r.split == "test")
+    assert (
+        len(data.graded) == sum(1 for r in records if r.grade is not None and r.split != "test") + 4
+    )
+
+
+def real_subset(tmp_path) -> tuple[Path, Path]:
+    """Symlinked trees of a few real photographs: EyePACS (one per grade), IDRiD_01-03 with masks."""
+    eyepacs, idrid = SHARED_DATA / "eyepacs-sample", SHARED_DATA / "idrid-sample"
+    if not (eyepacs.is_dir() and idrid.is_dir()):
+        pytest.skip(f"real samples not found in {SHARED_DATA}")
+    kaggle = tmp_path / "eyepacs"
+    (kaggle / "train").mkdir(parents=True)
+    rows = list(csv.reader((eyepacs / "trainLabels.csv").open()))[1:]
+    chosen = [next(r for r in rows if r[1] == str(grade)) for grade in range(5)]
+    with (kaggle / "trainLabels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["image", "level"], *chosen])
+    for name, _ in chosen:
+        (kaggle / "train" / f"{name}.jpeg").symlink_to(eyepacs / "train" / f"{name}.jpeg")
+    masks = tmp_path / "idrid"
+    for source in sorted(idrid.rglob("IDRiD_0[1-3]*")):
+        target = masks / source.relative_to(idrid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+    return kaggle, masks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_eyepacs_grades_paired_with_idrid_masks(eager, recipe, tmp_path):
+    """The EyePACS recipe's pairing on real photographs: grades from Kaggle, masks from IDRiD."""
+    kaggle, idrid = real_subset(tmp_path)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--data", kaggle, "--data", idrid, "--cache-dir", cache]
+    flags = [*TRAIN_FLAGS, "--image-size", 128, "--no-baseline", "--val-fraction", 0]
+    result = invoke("train", *common, "--out", run, "--config", recipe, *flags)
+    assert result.exit_code == 0, result.output
+    data = json.loads((run / "metrics.json").read_text())["data"]
+    assert data["masked_images"] == 3  # IDRiD_01-03, none graded
+    assert data["graded_images"] == 4 and data["left_out_grades"] == 1  # grade 4 left out
+    assert not (run / "global_net_plain.keras").exists()
+    out = tmp_path / "eval"
+    result = invoke("evaluate", run, *common, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "all" and "plain" not in metrics["image"]
+    assert metrics["image"]["weighted"]["images"] == 4 and metrics["patch"]["images"] == 3
 
 
 # --------------------------------------------------------------------------- bad input
@@ -387,13 +448,14 @@ def test_lesion_map_picture_outlines_lesion_patches_in_their_colour():
         image, LesionMap(weighted_lesion_map(labels, probs, 64, 16, 8), labels, probs, None), 16, 8
     )
 
-    def hue(sheet, channel):  # pixels where one channel stands out
+    def hue(sheet, channel):  # pixels where one channel leads the others by 30 levels
         sheet = sheet.astype(int)
         others = [c for c in range(3) if c != channel]
-        return (sheet[..., channel] > sheet[..., others[0]] + 60) & (
-            sheet[..., channel] > sheet[..., others[1]] + 60
+        return (sheet[..., channel] > sheet[..., others[0]] + 30) & (
+            sheet[..., channel] > sheet[..., others[1]] + 30
         )
 
     yellow = (marked[..., 0] > 230) & (marked[..., 1] > 230) & (marked[..., 2] < 60)
     assert yellow.any() and not ((plain[..., 0] > 230) & (plain[..., 2] < 60)).any()
-    assert hue(marked, 1).any() and not hue(plain, 1).any()  # green heat only where M > 1
+    # Green heat only where M > 1: at the patch centre M = (4 + 1 + 1 + 1) / 4, heat 0.25.
+    assert hue(marked, 1).any() and not hue(plain, 1).any()

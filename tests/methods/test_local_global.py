@@ -25,7 +25,10 @@ from rmib.models.local_global import (
 from rmib.segment_config import LocalGlobalConfig, SegmentConfig
 from rmib.segmenters import SEGMENTER_TYPES
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions"),
+]
 LN2 = math.log(2.0)
 SEGMENT_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "segment"
 
@@ -42,7 +45,7 @@ def eager():
 def reference_eq2(y_true, y_prob, gamma):
     """Eq. 2 per image (positive weight |Y-| / (gamma |Y+|)), divided by the pixel count."""
     per_image = []
-    for truth, prob in zip(y_true, np.clip(y_prob.astype(np.float64), 1e-7, 1 - 1e-7)):
+    for truth, prob in zip(y_true, np.clip(y_prob.astype(np.float64), 1e-7, 1 - 1e-7), strict=True):
         truth, prob = truth.ravel(), prob.ravel()
         n_pos = truth.sum()
         weight = (truth.size - n_pos) / (gamma * n_pos) if n_pos else 0.0
@@ -95,7 +98,10 @@ def test_combined_loss_against_numpy():
     y_local = (rng.uniform(size=(3, 4, 4, 1)) > 0.6).astype("f4")
     p_global = rng.uniform(0.01, 0.99, y_global.shape).astype("f4")
     p_local = rng.uniform(0.01, 0.99, y_local.shape).astype("f4")
-    kernels = [rng.normal(size=(3, 3, 2, 4)).astype("f4"), rng.normal(size=(1, 1, 4, 1)).astype("f4")]
+    kernels = [
+        rng.normal(size=(3, 3, 2, 4)).astype("f4"),
+        rng.normal(size=(1, 1, 4, 1)).astype("f4"),
+    ]
     lambdas, gamma = (0.7, 1.3, 0.01), 2.0
     expected = (
         0.7 * reference_eq2(y_global, p_global, gamma)
@@ -153,8 +159,12 @@ def test_crop_returns_exactly_the_patch_region_at_the_patch_scale():
     assert crop.shape == (1, patch, patch, 2)
     expect_y = (top + np.arange(patch) + 0.5) / height
     expect_x = (left + np.arange(patch) + 0.5) / width
-    np.testing.assert_allclose(crop[0, :, :, 0], np.broadcast_to(expect_y[:, None], (16, 16)), atol=1e-6)
-    np.testing.assert_allclose(crop[0, :, :, 1], np.broadcast_to(expect_x[None, :], (16, 16)), atol=1e-6)
+    np.testing.assert_allclose(
+        crop[0, :, :, 0], np.broadcast_to(expect_y[:, None], (16, 16)), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        crop[0, :, :, 1], np.broadcast_to(expect_x[None, :], (16, 16)), atol=1e-6
+    )
 
 
 def test_crop_at_the_edges_holds_the_edge_value_and_boxes_share_one_map():
@@ -162,11 +172,11 @@ def test_crop_at_the_edges_holds_the_edge_value_and_boxes_share_one_map():
     features = coordinate_map(8, 8)[None]  # one photograph, three tiles
     corners = [(0, 0), (48, 48), (0, 24)]
     boxes = np.array(
-        [[t / height, l / width, (t + patch) / height, (l + patch) / width] for t, l in corners],
+        [[t / height, x / width, (t + patch) / height, (x + patch) / width] for t, x in corners],
         "f4",
     )
     crops = crop_global_features(features, boxes, (patch, patch)).numpy()
-    for crop, (top, left) in zip(crops, corners):
+    for crop, (top, left) in zip(crops, corners, strict=True):
         # Beyond the outermost global pixel centres (1/16 and 15/16) the map is held.
         expect_y = np.clip((top + np.arange(patch) + 0.5) / height, 1 / 16, 15 / 16)
         expect_x = np.clip((left + np.arange(patch) + 0.5) / width, 1 / 16, 15 / 16)
@@ -194,7 +204,7 @@ def test_fusion_phase_freezes_everything_before_the_fusion_module_and_joint_unfr
 
     def step(model):
         model.compile(
-            optimizer=keras.optimizers.Adam(1e-2),
+            optimizer=keras.optimizers.SGD(0.1),
             loss=arguments["loss"],
             run_eagerly=True,
             **arguments["compile_kwargs"],
@@ -236,7 +246,9 @@ def test_quarter_turns_keep_photograph_patch_and_box_consistent():
     top, left = 5, 22
     image[top + 1, left + 6, 2] = 1000.0  # a unique marker inside the patch
     mask = (index % 3 == 0).astype("f4")[..., None]
-    box = np.array([top / height, left / width, (top + patch) / height, (left + patch) / width], "f4")
+    box = np.array(
+        [top / height, left / width, (top + patch) / height, (left + patch) / width], "f4"
+    )
     cut = image[top : top + patch, left : left + patch]
     cut_mask = mask[top : top + patch, left : left + patch]
     for k in range(4):
@@ -254,6 +266,22 @@ def test_quarter_turns_keep_photograph_patch_and_box_consistent():
         np.testing.assert_array_equal(turned_mask[y0:y1, x0:x1], p_mask)
         np.testing.assert_array_equal(p, np.rot90(cut, k))
         assert p[..., 2].max() == 1000.0
+
+
+def test_global_augmentation_keeps_lesion_fractions_and_geometry():
+    image = np.zeros((16, 16, 3), "f4")
+    image[4:8, 2:6] = 200.0
+    mask = np.zeros((16, 16, 1), "f4")
+    mask[4:8, 2:6] = 0.25  # a lesion covering a quarter of each GlobalNet pixel
+    seed = tf.constant([3, 4], tf.int64)
+    out_image, out_mask = (
+        np.asarray(t) for t in lgm.augment_soft_pair(image, mask, seed, noise_std=0.0)
+    )
+    assert 0.0 < out_mask.max() <= 0.25 + 1e-6  # fractions, not rounded to 0 or 1
+    bright = out_image[..., 0] > 100
+    covered = out_mask[..., 0] > 0.125
+    assert bright.sum() > 4 and (bright == covered).mean() > 0.95  # same transformation
+    assert not np.array_equal(out_mask, mask)
 
 
 def test_fused_dataset_patches_lie_at_their_boxes(tmp_path):
@@ -305,13 +333,13 @@ def test_segmenter_runs_globalnet_once_and_matches_the_fused_model(eager):
     calls = []
     global_features = segmenter._global_features
     segmenter._global_features = lambda image: calls.append(1) or global_features(image)
-    image = np.random.default_rng(6).uniform(0, 255, (24, 32, 3)).astype("f4")
+    image = np.random.default_rng(6).uniform(0, 255, (16, 24, 3)).astype("f4")
     prob = segmenter.predict_prepared(image)
-    assert calls == [1]  # 12 tiles, one GlobalNet pass
+    assert calls == [1]  # 6 tiles, one GlobalNet pass
     small = resize_global(image, 16)[None]
-    for top in range(0, 24, 8):
-        for left in range(0, 32, 8):
-            box = [[top / 24, left / 32, (top + 8) / 24, (left + 8) / 32]]
+    for top in range(0, 16, 8):
+        for left in range(0, 24, 8):
+            box = [[top / 16, left / 24, (top + 8) / 16, (left + 8) / 24]]
             tile = image[None, top : top + 8, left : left + 8]
             out = model({"global_image": small, "patch": tile, "box": np.array(box, "f4")})
             np.testing.assert_allclose(
@@ -330,16 +358,19 @@ def test_single_net_segmenters_of_the_ablation(eager):
     local_net = build_local_net(2, 2, 4)
     segmenter = LocalGlobalSegmenter(local_net, fused_metadata(network="local"), overlap=0.0)
     prob = segmenter.predict_prepared(image)
-    np.testing.assert_allclose(prob[8:16, 16:24], local_net(image[None, 8:16, 16:24])[0, ..., 0], atol=1e-5)
+    np.testing.assert_allclose(
+        prob[8:16, 16:24], local_net(image[None, 8:16, 16:24])[0, ..., 0], atol=1e-5
+    )
 
 
 def test_segmenter_skips_the_centre_crop_for_small_photographs_and_checks_the_tile(eager):
-    segmenter = LocalGlobalSegmenter(tiny_fused(), fused_metadata())
+    model = tiny_fused()
+    segmenter = LocalGlobalSegmenter(model, fused_metadata(), batch_size=64)
     photo = np.random.default_rng(8).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     prob = segmenter.predict(photo)
     assert prob.shape == (40, 56) and 0.0 <= prob.min() and prob.max() <= 1.0
     with pytest.raises(Exception, match="multiple of 4"):
-        LocalGlobalSegmenter(tiny_fused(), fused_metadata(), tile=10)
+        LocalGlobalSegmenter(model, fused_metadata(), tile=10)
 
 
 # ------------------------------------------------------------------ settings and recipes
@@ -351,14 +382,32 @@ def test_sizes_follow_the_paper_unless_set():
     assert default_depths("SE") == {"global": 4, "local": 6}
     assert default_depths("MA") == {"global": 3, "local": 3}
     sizes = lgm.resolve_sizes(SegmentConfig(lesion="SE"))
-    assert (sizes.patch_size, sizes.global_size, sizes.depths) == (256, 640, {"global": 4, "local": 6})
-    cfg = SegmentConfig(lesion="SE", patch_size=96, local_global=LocalGlobalConfig(local_depth=5))
+    assert (sizes.patch_size, sizes.global_size, sizes.depths) == (
+        256,
+        640,
+        {"global": 4, "local": 6},
+    )
+    cfg = SegmentConfig(lesion="SE", patch_size=80, local_global=LocalGlobalConfig(local_depth=5))
     with pytest.raises(Exception, match="multiple of 2\\*\\*5"):
         lgm.resolve_sizes(cfg)
+    single = lgm.phase_config(SegmentConfig(), "global", validate=True)
+    assert (single.learning_rate, single.lr_schedule, single.optimizer) == (2e-4, "poly", "adam")
+    chosen = SegmentConfig(train=TrainConfig(learning_rate=5e-4, epochs=7))
+    single = lgm.phase_config(chosen, "local", validate=True)
+    assert (single.learning_rate, single.lr_schedule, single.epochs) == (5e-4, "constant", 7)
     fusion = lgm.phase_config(SegmentConfig(), "fusion", validate=True)
     joint = lgm.phase_config(SegmentConfig(), "joint", validate=False)
     assert (fusion.epochs, fusion.learning_rate, fusion.monitor) == (10, 2e-4, "val_aupr")
     assert (joint.epochs, joint.learning_rate, joint.monitor) == (60, 1e-4, "loss")
+
+
+def test_a_stage1_encoder_is_refused_not_ignored(tmp_path):
+    from rmib import training
+    from rmib.errors import RmibError
+
+    cfg = SegmentConfig(lesion="EX", model="local-global", encoder=str(tmp_path))
+    with pytest.raises(RmibError, match="stage-1 encoder"):
+        lgm.train(cfg, [], [], training.RunDirectory(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("lesion", ["ex", "he", "ma", "se"])
@@ -394,11 +443,12 @@ def test_four_phases_end_to_end_then_resume(tmp_path, eager):
         lesion="MA",
         model="local-global",
         patch_size=32,
-        predict_batch=4,
+        predict_batch=32,
+        augment="none",  # traced augmentation is slow to build; tested above on its own
         train=TrainConfig(
             epochs=1,
             batch_size=2,
-            steps_per_epoch=2,
+            steps_per_epoch=1,
             learning_rate=1e-3,
             monitor="val_aupr",
             monitor_mode="max",
@@ -406,7 +456,7 @@ def test_four_phases_end_to_end_then_resume(tmp_path, eager):
             tensorboard=False,
         ),
         local_global=LocalGlobalConfig(
-            global_size=64, base_filters=4, global_depth=3, local_depth=2, epochs_per_phase=1
+            global_size=64, base_filters=4, global_depth=2, local_depth=2, epochs_per_phase=1
         ),
     )
     run = training.RunDirectory(tmp_path / "run")
@@ -427,7 +477,7 @@ def test_four_phases_end_to_end_then_resume(tmp_path, eager):
             32,
             4,
         )
-        assert metadata["depths"] == {"global": 3, "local": 2}
+        assert metadata["depths"] == {"global": 2, "local": 2}
         assert metadata["preprocessing"]["method"] == "clahe"
         assert metadata["preprocessing"]["centre_crop"] is False  # 128-px photographs
     photo = io.read_image(records["IDRiD_06"].image)

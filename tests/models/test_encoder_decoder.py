@@ -30,13 +30,13 @@ TAP_CHANNELS = {
 
 
 def decoder_trainable_parameters(backbone, filters=(256, 128, 64, 32, 16)):
-    """Hand count: per block a 1x1 projection (with bias), two bias-free 3x3 convs and
-    two batch norms (gamma, beta trainable); then the 1x1 output conv."""
+    """Hand count: per block a bias-free 1x1 projection and two bias-free 3x3 convs,
+    each followed by a batch norm (gamma, beta trainable); then the 1x1 output conv."""
     channels, *skips = TAP_CHANNELS[backbone]
     total = 0
     for width, skip in zip(filters, skips, strict=True):
         block_in = channels + skip
-        total += block_in * width + width  # projection
+        total += block_in * width + 2 * width  # projection + its bn
         total += 9 * block_in * width + 2 * width  # conv1 + bn1
         total += 9 * width * width + 2 * width  # conv2 + bn2
         channels = width
@@ -112,7 +112,7 @@ def test_decoder_blocks_have_skips_and_residual_adds():
         concat = segmenter.get_layer(f"decoder{index}_concat")
         assert concat.input[1].shape[-1] == encoder.output[tap].shape[-1]
         add = segmenter.get_layer(f"decoder{index}_add")
-        assert add.input[0] is segmenter.get_layer(f"decoder{index}_projection").output
+        assert add.input[0] is segmenter.get_layer(f"decoder{index}_projection_bn").output
         assert add.input[1] is segmenter.get_layer(f"decoder{index}_relu2").output
     resnet = build_encoder_decoder("resnet50", filters=(8, 8, 8, 8, 8))
     names = {layer.name for layer in resnet.layers}

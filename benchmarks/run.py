@@ -1,0 +1,958 @@
+"""rmib's benchmark harness: `python -m benchmarks.run --out benchmarks/BENCHMARKS.md`.
+
+Every run measures the machine's peak first (DESIGN.md "How performance is
+counted": a 3x3 convolution on an 8x128x128x256 tensor and a 4096^3 matmul,
+float32 and bfloat16), then the benchmarks asked for, and writes one Markdown
+section per benchmark. Numbers measured in one run are comparable with each
+other (same machine, same load); the ratios printed beside them are the
+numbers to trust on a shared machine.
+
+    python -m benchmarks.run --quick                      # tiny sizes, a smoke test
+    python -m benchmarks.run --only tiled_prediction      # one benchmark
+    python -m benchmarks.run --only pretrain_throughput --models vgg16,keras_vgg16
+
+With `--only`, the sections of the other benchmarks already in `--out` are kept.
+The tiled-prediction runs go to child processes so that each one's peak
+resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_PHOTO = (
+    PROJECT_ROOT.parent
+    / "shared/data/idrid-sample/A. Segmentation/1. Original Images/a. Training Set/IDRiD_03.jpg"
+)
+PRECISIONS = ("float32", "mixed_bfloat16")
+# name -> (label, builder arguments); "keras_*" are plain keras.applications models.
+PRETRAIN_MODELS = {
+    "vgg16": ("rmib VGG16", ("vgg16", False)),
+    "vgg16_cbam": ("rmib VGG16-CBAM", ("vgg16", True)),
+    "keras_vgg16": ("keras.applications VGG16", ("keras", "VGG16")),
+    "resnet50": ("rmib ResNet50", ("resnet50", False)),
+    "resnet50_cbam": ("rmib ResNet50-CBAM", ("resnet50", True)),
+    "keras_resnet50": ("keras.applications ResNet50", ("keras", "ResNet50")),
+}
+# Which keras.applications model each rmib model is compared with.
+KERAS_TWIN = {
+    "vgg16": "keras_vgg16",
+    "vgg16_cbam": "keras_vgg16",
+    "resnet50": "keras_resnet50",
+    "resnet50_cbam": "keras_resnet50",
+}
+NOISE_NOTE = (
+    "Measured on a CPU shared with other running jobs: absolute numbers are noisy "
+    "(see the load averages); compare the ratios measured side by side. "
+    "**Regenerate on a quiet machine with `make bench` before quoting these numbers.**"
+)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Sizes and step counts of one run; `quick()` shrinks them for a smoke test."""
+
+    conv_shape: tuple = (8, 128, 128, 256)
+    matmul_size: int = 4096
+    peak_repeats: int = 3
+    image_size: int = 480
+    batch_size: int = 4
+    warmup_steps: int = 3
+    timed_steps: int = 5
+    models: tuple = tuple(PRETRAIN_MODELS)
+    precisions: tuple = PRECISIONS
+    photo_shape: tuple = (2848, 4288)
+    large_photo_shape: tuple = (4000, 6000)
+    tile: int = 512
+    naive_patch: int = 160
+    naive: bool = True
+    memory_check: bool = True
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls) -> Settings:
+        return cls(
+            conv_shape=(1, 32, 32, 32),
+            matmul_size=256,
+            peak_repeats=2,
+            image_size=32,
+            batch_size=2,
+            warmup_steps=1,
+            timed_steps=1,
+            models=("vgg16", "keras_vgg16"),
+            photo_shape=(96, 128),
+            large_photo_shape=(128, 160),
+            tile=64,
+            naive_patch=32,
+            quick=True,
+        )
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_description() -> dict:
+    """CPU model, core count, bfloat16 flags, TensorFlow/Keras versions, load."""
+    import keras
+    import tensorflow as tf
+
+    from rmib import training
+
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "flags": {flag: flag in flags for flag in wanted},
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "auto_precision": training.resolve_precision("auto"),
+        "load": os.getloadavg(),
+    }
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# --------------------------------------------------------------------------- peak
+
+
+def _time_best(function, repeats: int) -> float:
+    function()  # trace and warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peak(settings: Settings) -> dict:
+    """GFLOP/s of the reference conv and matmul in float32 and bfloat16.
+
+    Returns:
+        {"conv": {dtype: GFLOP/s or None}, "matmul": {...}, "peak": {dtype: max}};
+        None where the dtype's kernel is missing.
+    """
+    import keras
+    import tensorflow as tf
+
+    batch, height, width, channels = settings.conv_shape
+    conv_flops = 2 * batch * height * width * channels * 9 * channels
+    size = settings.matmul_size
+    matmul_flops = 2 * size**3
+    result: dict = {"conv": {}, "matmul": {}, "peak": {}}
+    for dtype in ("float32", "bfloat16"):
+        images = keras.random.uniform(settings.conv_shape, dtype="float32")
+        kernel = keras.random.uniform((3, 3, channels, channels), dtype="float32")
+        left = keras.random.uniform((size, size), dtype="float32")
+        right = keras.random.uniform((size, size), dtype="float32")
+        images, kernel, left, right = (
+            keras.ops.cast(t, dtype) for t in (images, kernel, left, right)
+        )
+
+        # A scalar result makes sure the work is done before the clock stops.
+        @tf.function
+        def conv(images=images, kernel=kernel):
+            return keras.ops.sum(keras.ops.conv(images, kernel, padding="same")[:, :1, :1])
+
+        @tf.function
+        def matmul(left=left, right=right):
+            return keras.ops.sum(keras.ops.matmul(left, right)[:1])
+
+        for name, function, flops in (
+            ("conv", conv, conv_flops),
+            ("matmul", matmul, matmul_flops),
+        ):
+            try:
+                seconds = _time_best(lambda f=function: float(f()), settings.peak_repeats)
+                result[name][dtype] = flops / seconds / 1e9
+            except (tf.errors.OpError, NotImplementedError) as exc:
+                print(f"peak {name} {dtype}: not available ({str(exc).splitlines()[0]})")
+                result[name][dtype] = None
+        values = [result[n][dtype] for n in ("conv", "matmul") if result[n][dtype]]
+        result["peak"][dtype] = max(values) if values else None
+    result["load"] = _load()
+    return result
+
+
+def peak_for(peak: dict, precision: str) -> float | None:
+    """The peak that bounds a Keras dtype policy: bfloat16 for mixed_bfloat16."""
+    return peak["peak"]["bfloat16" if "bfloat16" in precision else "float32"]
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def _keras_application_classifier(name: str, image_size: int):
+    """keras.applications `name` (weights=None) with the head of build_classifier."""
+    import keras
+
+    application = getattr(keras.applications, name)
+    base = application(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    x = keras.layers.Dense(
+        256, use_bias=False, kernel_regularizer=keras.regularizers.L2(1e-4), name="head_dense"
+    )(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    x = keras.layers.Activation("relu", name="head_relu")(x)
+    x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="lesion")(x)
+    return keras.Model(base.input, outputs, name=f"keras_{name.lower()}_classifier")
+
+
+def build_pretrain_model(name: str, image_size: int):
+    """The classifier `name` of PRETRAIN_MODELS under the current dtype policy."""
+    from rmib.models import build_classifier
+
+    kind, argument = PRETRAIN_MODELS[name][1]
+    if kind == "keras":
+        return _keras_application_classifier(argument, image_size)
+    return build_classifier(kind, cbam=argument, image_size=image_size)
+
+
+def _train_step_seconds(model, settings: Settings) -> list[float]:
+    import keras
+    import numpy as np
+
+    from rmib import training
+    from rmib.config import TrainConfig
+
+    # Compiled as the training runner compiles a classifier.
+    model.compile(
+        optimizer=training.make_optimizer(TrainConfig(), steps_per_epoch=100),
+        loss=keras.losses.BinaryCrossentropy(),
+    )
+    rng = np.random.default_rng(0)
+    shape = (settings.batch_size, settings.image_size, settings.image_size, 3)
+    images = rng.uniform(0, 255, shape).astype(np.float32)
+    labels = rng.integers(0, 2, (settings.batch_size, 1)).astype(np.float32)
+    for _ in range(settings.warmup_steps):
+        model.train_on_batch(images, labels)
+    seconds = []
+    for _ in range(settings.timed_steps):
+        start = time.perf_counter()
+        model.train_on_batch(images, labels)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
+    """Training images/s of the stage-1 classifiers, float32 vs mixed_bfloat16."""
+    import keras
+
+    from benchmarks.flops import TRAIN_STEP_FACTOR, model_flops
+    from rmib import training
+
+    rows = []
+    shape = (settings.image_size, settings.image_size, 3)
+    runs = [(n, p) for n in settings.models for p in settings.precisions]
+
+    def result(pending=()):
+        return {
+            "settings": {
+                "image_size": settings.image_size,
+                "batch_size": settings.batch_size,
+                "warmup_steps": settings.warmup_steps,
+                "timed_steps": settings.timed_steps,
+            },
+            "rows": rows,
+            "auto_precision": training.resolve_precision("auto"),
+            "cpu_bfloat16": training.cpu_supports_bfloat16(),
+            "pending": list(pending),
+        }
+
+    for name in settings.models:
+        flops = None
+        for precision in settings.precisions:
+            keras.backend.clear_session()
+            keras.mixed_precision.set_global_policy(precision)
+            try:
+                model = build_pretrain_model(name, settings.image_size)
+                if flops is None:
+                    flops = model_flops(model, shape)
+                load = _load()
+                seconds = _train_step_seconds(model, settings)
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            step = statistics.median(seconds)
+            achieved = TRAIN_STEP_FACTOR * flops * settings.batch_size / step / 1e9
+            rows.append(
+                {
+                    "model": name,
+                    "precision": precision,
+                    "forward_gflop": flops / 1e9,
+                    "step_seconds": step,
+                    "step_spread": (min(seconds), max(seconds)),
+                    "images_per_second": settings.batch_size / step,
+                    "gflops": achieved,
+                    "peak_percent": _percent(achieved, peak_for(peak, precision)),
+                    "load": load,
+                }
+            )
+            print(
+                f"pretrain {name} {precision}: {settings.batch_size / step:.3f} images/s "
+                f"({achieved:.1f} GFLOP/s)",
+                flush=True,
+            )
+            del model
+            if progress and len(rows) < len(runs):
+                progress(result(f"{n} {p}" for n, p in runs[len(rows) :]))
+    keras.backend.clear_session()
+    return result()
+
+
+def _percent(value, reference):
+    return None if not reference else 100.0 * value / reference
+
+
+# --------------------------------------------------------------------------- tiled prediction
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _reset_rss_high_water_mark() -> bool:
+    """Reset this process's VmHWM (Linux >= 4.0) so it covers only what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_high_water_mark() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _photograph(shape, quick: bool):
+    """The IDRiD sample photograph resized to `shape` (H, W), else a synthetic one."""
+    import cv2
+
+    from rmib import io
+    from rmib.data import synthetic
+
+    if not quick and SAMPLE_PHOTO.is_file():
+        image = io.read_image(SAMPLE_PHOTO)
+        source = f"IDRiD sample {SAMPLE_PHOTO.name}"
+    else:
+        image, _, _ = synthetic.synthesize_fundus(tuple(shape), seed=0, grade=3)
+        source = "synthetic fundus"
+    if image.shape[:2] != tuple(shape):
+        image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+        source += f" resized to {shape[1]}x{shape[0]}"
+    return image, source
+
+
+def child_tiled(job: dict) -> dict:
+    """One prediction measurement, run in its own process (see `_run_child`).
+
+    job: {"mode": "tiled" | "naive", "precision", "shape": (H, W), "tile", "quick"}.
+    """
+    import keras
+    import numpy as np
+
+    from benchmarks.flops import model_flops
+    from rmib.data.pipeline import Preprocessing, preprocess_array
+    from rmib.models import build_encoder_decoder
+    from rmib.segmenters import TiledSegmenter
+
+    keras.mixed_precision.set_global_policy(job["precision"])
+    model = build_encoder_decoder("vgg16", cbam=True)
+    tile = int(job["tile"])
+    tile_flops = model_flops(model, (tile, tile, 3))
+    tiles = []
+    if job["mode"] == "tiled":
+        segmenter = TiledSegmenter(model, {"lesion": "EX"}, tile=tile)
+        inner = segmenter._predict
+
+        def counting(batch):
+            tiles.append(int(batch.shape[0]))
+            return inner(batch)
+
+        segmenter._predict = counting
+        warmup = np.full((tile, tile, 3), 128, np.uint8)
+        segmenter.predict(warmup)  # traces the prediction function
+
+        def predict(image):
+            return segmenter.predict(image)
+
+    else:
+        # The authors' notebooks: non-overlapping patches, one float32 patch per
+        # model.predict call (edge patches zero-padded to the patch size).
+        preprocessing = Preprocessing()
+
+        def predict(image):
+            prepared, _, _ = preprocess_array(image, preprocessing)
+            height, width = prepared.shape[:2]
+            out = np.zeros((height, width), np.float32)
+            for y in range(0, height, tile):
+                for x in range(0, width, tile):
+                    patch = np.zeros((1, tile, tile, 3), np.float32)
+                    piece = prepared[y : y + tile, x : x + tile]
+                    patch[0, : piece.shape[0], : piece.shape[1]] = piece
+                    tiles.append(1)
+                    prob = model.predict(patch, verbose=0)[0, : piece.shape[0], : piece.shape[1], 0]
+                    out[y : y + tile, x : x + tile] = prob
+            return out
+
+        model.predict(np.zeros((1, tile, tile, 3), np.float32), verbose=0)
+    tiles.clear()
+    # The prediction's own peak: the high-water mark is reset after the model is
+    # built and warmed up (import and tracing peaks are not the photograph's).
+    baseline = _rss_bytes()
+    reset = _reset_rss_high_water_mark()
+    image, source = _photograph(job["shape"], job.get("quick", False))
+    start = time.perf_counter()
+    prob = predict(image)
+    seconds = time.perf_counter() - start
+    assert prob.shape == image.shape[:2], prob.shape
+    return {
+        "seconds": seconds,
+        "tiles": sum(tiles),
+        "tile_flops": tile_flops,
+        "baseline_rss": baseline,
+        "prediction_peak_rss": _rss_high_water_mark() if reset else None,
+        "peak_rss": _peak_rss_bytes(),
+        "source": source,
+    }
+
+
+def _run_child(job: dict) -> dict:
+    command = [sys.executable, "-m", "benchmarks.run", "--child", json.dumps(job)]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = "\n".join((done.stderr or done.stdout).splitlines()[-15:])
+    raise RuntimeError(f"benchmark child {job} failed (exit {done.returncode}):\n{tail}")
+
+
+# Full-size arrays a whole-photograph prediction must hold, in bytes per pixel:
+# the photograph (uint8 RGB) and its preprocessed copy, the FOV mask, and the output
+# maps (predict_tiled's float32 sum and weight sum, the returned float32 map).
+FULL_SIZE_BYTES_PER_PIXEL = 3 + 3 + 1 + 4 + 4 + 4
+
+
+def tiled_prediction(settings: Settings, peak: dict, progress=None) -> dict:
+    """Whole-photograph prediction: TiledSegmenter vs the authors' 160-px grid; memory."""
+    rows = []
+    jobs = [("tiled", precision, settings.photo_shape) for precision in settings.precisions]
+    if settings.naive:
+        jobs.append(("naive", "float32", settings.photo_shape))
+    if settings.memory_check:
+        jobs.append(("tiled", "float32", settings.large_photo_shape))
+    for index, (mode, precision, shape) in enumerate(jobs):
+        tile = settings.tile if mode == "tiled" else settings.naive_patch
+        job = {
+            "mode": mode,
+            "precision": precision,
+            "shape": list(shape),
+            "tile": tile,
+            "quick": settings.quick,
+        }
+        load = _load()
+        result = _run_child(job)
+        pixels = shape[0] * shape[1]
+        flops_per_pixel = result["tile_flops"] / tile**2
+        done_flops = result["tile_flops"] * result["tiles"]
+        achieved = done_flops / result["seconds"] / 1e9
+        prediction_peak = result["prediction_peak_rss"] or result["peak_rss"]
+        growth = prediction_peak - result["baseline_rss"]
+        rows.append(
+            {
+                "mode": mode,
+                "precision": precision,
+                "shape": shape,
+                "tile": tile,
+                "tiles": result["tiles"],
+                "seconds": result["seconds"],
+                "photo_tflop": flops_per_pixel * pixels / 1e12,
+                "overhead": result["tiles"] * tile**2 / pixels,
+                "gflops": achieved,
+                "peak_percent": _percent(achieved, peak_for(peak, precision)),
+                "peak_rss_mb": result["peak_rss"] / 2**20,
+                "prediction_peak_rss_mb": prediction_peak / 2**20,
+                "growth_mb": growth / 2**20,
+                "beyond_mb": (growth - FULL_SIZE_BYTES_PER_PIXEL * pixels) / 2**20,
+                "source": result["source"],
+                "load": load,
+            }
+        )
+        print(
+            f"tiled_prediction {mode} {precision} {shape[1]}x{shape[0]}: "
+            f"{result['seconds']:.1f} s, {achieved:.1f} GFLOP/s",
+            flush=True,
+        )
+        if progress and index + 1 < len(jobs):
+            pending = [f"{m} {p} {s[1]}x{s[0]}" for m, p, s in jobs[index + 1 :]]
+            progress({"settings": {"tile": settings.tile}, "rows": rows, "pending": pending})
+    return {"settings": {"tile": settings.tile, "naive_patch": settings.naive_patch}, "rows": rows}
+
+
+# --------------------------------------------------------------------------- multi-worker
+
+
+def multiworker_supported() -> bool:
+    from rmib import config
+
+    return "multiworker" in config.STRATEGIES
+
+
+def multiworker_throughput(settings: Settings, peak: dict, progress=None) -> dict:
+    """Placeholder: only a note until the runner and a multi-host setup exist."""
+    return {"supported": multiworker_supported()}
+
+
+BENCHMARKS = {
+    "pretrain_throughput": pretrain_throughput,
+    "tiled_prediction": tiled_prediction,
+    "multiworker_throughput": multiworker_throughput,
+}
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt(value, digits=1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _run_line(machine: dict, settings: Settings) -> str:
+    kind = "QUICK smoke-test sizes, not a benchmark" if settings.quick else "full sizes"
+    return (
+        f"_Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores), "
+        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}; {kind}; "
+        f"load average at start {'/'.join(f'{x:.1f}' for x in machine['load'])}._"
+    )
+
+
+def render_peak(peak: dict, machine: dict, settings: Settings) -> str:
+    batch, height, width, channels = settings.conv_shape
+    size = settings.matmul_size
+    rows = []
+    for name, label in (
+        ("conv", f"3x3 conv {batch}x{height}x{width}x{channels} -> {channels}"),
+        ("matmul", f"matmul {size}^3"),
+    ):
+        f32, bf16 = peak[name]["float32"], peak[name]["bfloat16"]
+        ratio = bf16 / f32 if f32 and bf16 else None
+        rows.append([label, _fmt(f32), _fmt(bf16), _fmt(ratio, 2)])
+    f32, bf16 = peak["peak"]["float32"], peak["peak"]["bfloat16"]
+    rows.append(["**peak** (max of the two)", _fmt(f32), _fmt(bf16), _fmt(bf16 / f32, 2)])
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["flags"].items())
+    return "\n\n".join(
+        [
+            "## Machine peak",
+            _run_line(machine, settings),
+            f"CPU flags: {flags}. GPUs visible: {machine['gpus']}. "
+            f"`--precision auto` resolves to **{machine['auto_precision']}** here.",
+            _table(["kernel", "float32 GFLOP/s", "bfloat16 GFLOP/s", "bf16 / fp32"], rows),
+            f"Best of {settings.peak_repeats} timed calls after one warm-up call. "
+            f"Load average after: {peak['load']}.",
+        ]
+    )
+
+
+def _peak_line(result: dict) -> str:
+    used = result["peak_used"]
+    text = (
+        f"Peak of the same run: float32 {_fmt(used['float32'])} GFLOP/s, "
+        f"bfloat16 {_fmt(used['bfloat16'])} GFLOP/s."
+    )
+    if result.get("pending"):
+        text += (
+            " **Partial run**: still to be measured when this was written: "
+            + "; ".join(result["pending"])
+            + "."
+        )
+    return text
+
+
+def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
+    s = result["settings"]
+    title = "## pretrain_throughput"
+    if section_key("pretrain_throughput", settings) != "pretrain_throughput":
+        title += f" at {s['image_size']} px, batch {s['batch_size']} (reduced size)"
+    rows_by_key = {(r["model"], r["precision"]): r for r in result["rows"]}
+    rows = []
+    for row in result["rows"]:
+        base = rows_by_key.get((row["model"], "float32"))
+        twin = rows_by_key.get((KERAS_TWIN.get(row["model"]), row["precision"]))
+        rows.append(
+            [
+                PRETRAIN_MODELS[row["model"]][0],
+                row["precision"],
+                _fmt(row["forward_gflop"]),
+                _fmt(row["step_seconds"], 2),
+                f"{row['step_spread'][0]:.2f}-{row['step_spread'][1]:.2f}",
+                _fmt(row["images_per_second"], 3),
+                _fmt(row["gflops"]),
+                _fmt(row["peak_percent"]),
+                _fmt(row["images_per_second"] / base["images_per_second"], 2) if base else "n/a",
+                _fmt(row["images_per_second"] / twin["images_per_second"], 2) if twin else "-",
+                row["load"],
+            ]
+        )
+    header = [
+        "model",
+        "precision",
+        "forward GFLOP/image",
+        "step s (median)",
+        "step s (min-max)",
+        "images/s",
+        "GFLOP/s",
+        "% of peak",
+        "vs float32",
+        "vs keras.applications",
+        "load",
+    ]
+    return "\n\n".join(
+        [
+            title,
+            _run_line(machine, settings),
+            f"Training steps (`train_on_batch`, Adam, binary cross-entropy, compiled as "
+            f"`rmib.training` compiles) at {s['image_size']} px, batch {s['batch_size']}, "
+            f"random images; {s['warmup_steps']} warm-up steps excluded, median of "
+            f"{s['timed_steps']} timed steps. GFLOP/s = 3 x forward FLOPs x batch / step time; "
+            "% of peak is against the peak of the same precision (bfloat16 for "
+            'mixed_bfloat16). "vs keras.applications" divides by the plain '
+            "keras.applications model (weights=None, same head) in the same precision.",
+            _table(header, rows),
+            _peak_line(result),
+            f"`--precision auto` picks **{result['auto_precision']}** on this machine "
+            f"(native bfloat16 CPU support: {'yes' if result['cpu_bfloat16'] else 'no'}).",
+            NOISE_NOTE,
+        ]
+    )
+
+
+def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
+    rows, memory = [], []
+    for row in result["rows"]:
+        height, width = row["shape"]
+        label = (
+            f"TiledSegmenter, tile {row['tile']}"
+            if row["mode"] == "tiled"
+            else f"authors' grid: {row['tile']} px, 1 patch per model.predict"
+        )
+        rows.append(
+            [
+                label,
+                row["precision"],
+                f"{width}x{height}",
+                row["tiles"],
+                _fmt(row["seconds"]),
+                _fmt(row["photo_tflop"], 2),
+                _fmt(row["overhead"], 2),
+                _fmt(row["gflops"]),
+                _fmt(row["peak_percent"]),
+                _fmt(row["peak_rss_mb"], 0),
+                row["load"],
+            ]
+        )
+        if row["mode"] == "tiled" and row["precision"] == "float32":
+            memory.append(
+                [
+                    f"{width}x{height}",
+                    _fmt(height * width / 1e6, 1),
+                    _fmt(row["prediction_peak_rss_mb"], 0),
+                    _fmt(row["growth_mb"], 0),
+                    _fmt(FULL_SIZE_BYTES_PER_PIXEL * height * width / 2**20, 0),
+                    _fmt(row["beyond_mb"], 0),
+                ]
+            )
+    header = [
+        "method",
+        "precision",
+        "photograph",
+        "tiles",
+        "s / image",
+        "model TFLOP for the photograph",
+        "tiling factor",
+        "GFLOP/s",
+        "% of peak",
+        "process peak RSS MB",
+        "load",
+    ]
+    sources = sorted({row["source"] for row in result["rows"]})
+    parts = [
+        "## tiled_prediction",
+        _run_line(machine, settings),
+        "Whole-photograph prediction with the VGG16-CBAM encoder-decoder "
+        '(`build_encoder_decoder("vgg16", cbam=True)`, built under the precision policy) '
+        "through `rmib.segmenters.TiledSegmenter` (CLAHE, FOV mask, overlap 0.125, "
+        "batch 2), each run in a fresh child process after one warm-up tile. "
+        f"Photograph: {'; '.join(sources)}. "
+        "Model TFLOP for the photograph = forward FLOPs per pixel x its pixels; the tiling "
+        "factor = pixels actually predicted (tiles x tile area, overlap included, tiles "
+        "outside the field of view skipped) / photograph pixels; GFLOP/s counts the "
+        "FLOPs actually run. The authors' approach (same model in float32, same CLAHE) "
+        "predicts every patch of a non-overlapping grid, one `model.predict` call each.",
+        _table(header, rows),
+        _peak_line(result),
+    ]
+    if memory:
+        parts += [
+            "### Memory check",
+            "Peak RSS of the child while it predicts the photograph (VmHWM reset after "
+            "the model was built and warmed up), its growth over the RSS at that moment, "
+            "and what is left of that growth beyond the "
+            f"photograph-sized arrays ({FULL_SIZE_BYTES_PER_PIXEL} bytes/pixel: the photograph "
+            "and its preprocessed copy, uint8 RGB; the FOV mask; the float32 output sum, "
+            "weight sum and returned map). With tiling, what is left should not grow "
+            "with the photograph.",
+            _table(
+                [
+                    "photograph",
+                    "Mpixel",
+                    "peak RSS during prediction MB",
+                    "growth MB",
+                    "photo-sized arrays MB",
+                    "beyond MB",
+                ],
+                memory,
+            ),
+        ]
+    parts.append(NOISE_NOTE)
+    return "\n\n".join(parts)
+
+
+def render_multiworker(result: dict, machine: dict, settings: Settings) -> str:
+    if result["supported"]:
+        text = (
+            '`rmib.training` lists the "multiworker" strategy, but this harness has no '
+            "multi-host setup to measure it with; pending."
+        )
+    else:
+        text = (
+            'Pending: `rmib.training` does not offer the "multiworker" strategy yet '
+            f"(strategies: {', '.join(_strategies())}). To be measured once it does."
+        )
+    return "\n\n".join(["## multiworker_throughput", text])
+
+
+def _strategies():
+    from rmib import config
+
+    return config.STRATEGIES
+
+
+RENDERERS = {
+    "pretrain_throughput": render_pretrain,
+    "tiled_prediction": render_tiled,
+    "multiworker_throughput": render_multiworker,
+}
+
+HEADER = """# rmib benchmarks
+
+Generated by `make bench` (`python -m benchmarks.run --out benchmarks/BENCHMARKS.md`);
+`--only NAME` re-runs one benchmark and keeps the other sections.
+
+## Method
+
+- **FLOPs** (DESIGN.md "How performance is counted"): 2 x the multiply-adds of every
+  convolution (Conv, ConvTranspose, DepthwiseConv, SeparableConv) and Dense call of a
+  model for one input, counted analytically from the layer shapes by
+  `benchmarks/flops.py::model_flops` (nested models such as the classifier's
+  "backbone" and CBAM's sublayers included; biases, batch norms, activations and
+  pooling not counted). A training step counts 3 x forward.
+- **Peak**: measured in the same run, best of a few calls of a 3x3 convolution on an
+  8x128x128x256 tensor (256 output channels) and of a 4096^3 matmul, in float32 and
+  bfloat16. **Efficiency** = achieved GFLOP/s / peak of the same precision.
+- **Timing**: wall clock (`time.perf_counter`), warm-up (tracing) excluded. Peak RSS
+  of whole-photograph prediction is the child process's `ru_maxrss`.
+- **Noise**: every number in one run is measured side by side on the same machine,
+  so ratios within a table are meaningful even under load; each row shows the load
+  average (1/5/15 min) when it started. Sections may come from separate
+  `--only` runs (each states its own date, sizes, step counts and peak).
+- **Precision**: `--precision auto` picks mixed_bfloat16 only on CPUs with native
+  bfloat16 maths (AMX or AVX512-BF16); elsewhere bfloat16 is converted in software
+  and mixed_bfloat16 is expected to be slower than float32. The peak section lists
+  the CPU flags of the machine measured."""
+
+
+def _sections(text: str) -> dict[str, str]:
+    found = re.findall(r"<!-- bench:(\w+) -->\n(.*?)\n<!-- /bench:\1 -->", text, re.S)
+    return dict(found)
+
+
+def read_sections(path: Path) -> dict[str, str]:
+    """The benchmark sections of an existing BENCHMARKS.md, by key."""
+    return _sections(path.read_text()) if path.is_file() else {}
+
+
+def _order(key: str) -> tuple:
+    order = ["peak", *BENCHMARKS]
+    base = next((i for i, name in enumerate(order) if key.startswith(name)), len(order))
+    return (base, key != order[base] if base < len(order) else True, key)
+
+
+def write_markdown(path: Path, sections: dict[str, str]) -> None:
+    """(Re)write `path`: the method header, then `sections` in benchmark order."""
+    from rmib.io import atomic_write
+
+    parts = [HEADER]
+    for key in sorted(sections, key=_order):
+        parts.append(f"<!-- bench:{key} -->\n{sections[key]}\n<!-- /bench:{key} -->")
+    with atomic_write(path) as handle:
+        handle.write("\n\n".join(parts) + "\n")
+
+
+def section_key(name: str, settings: Settings) -> str:
+    """Runs at non-default sizes get their own section beside the default one."""
+    default = Settings()
+    if name == "pretrain_throughput" and not settings.quick:
+        if (settings.image_size, settings.batch_size) != (default.image_size, default.batch_size):
+            return f"{name}_{settings.image_size}px_batch{settings.batch_size}"
+    return name
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="Markdown file to (re)write")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(BENCHMARKS),
+        help="run only this benchmark (repeatable); the machine peak is always measured",
+    )
+    parser.add_argument("--models", help=f"comma list of {', '.join(PRETRAIN_MODELS)}")
+    parser.add_argument("--precisions", help=f"comma list of {', '.join(PRECISIONS)}")
+    parser.add_argument("--image-size", type=int, help="pretrain_throughput image side")
+    parser.add_argument("--batch-size", type=int, help="pretrain_throughput batch size")
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--timed-steps", type=int)
+    parser.add_argument("--no-naive", action="store_true", help="skip the authors' 160-px grid")
+    parser.add_argument(
+        "--no-memory-check", action="store_true", help="skip the 6000x4000 photograph"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from(args) -> Settings:
+    settings = Settings.quick_settings() if args.quick else Settings()
+    changes = {}
+    if args.models:
+        names = tuple(n.strip() for n in args.models.split(",") if n.strip())
+        unknown = [n for n in names if n not in PRETRAIN_MODELS]
+        if unknown:
+            raise SystemExit(f"unknown model(s) {unknown}; valid: {', '.join(PRETRAIN_MODELS)}")
+        changes["models"] = names
+    if args.precisions:
+        names = tuple(n.strip() for n in args.precisions.split(",") if n.strip())
+        if any(n not in PRECISIONS for n in names):
+            raise SystemExit(f"precisions must be among {', '.join(PRECISIONS)}, got {names}")
+        changes["precisions"] = names
+    if args.image_size:
+        changes["image_size"] = args.image_size
+    if args.batch_size:
+        changes["batch_size"] = args.batch_size
+    if args.warmup_steps is not None:
+        changes["warmup_steps"] = args.warmup_steps
+    if args.timed_steps is not None:
+        changes["timed_steps"] = max(1, args.timed_steps)
+    if args.no_naive:
+        changes["naive"] = False
+    if args.no_memory_check:
+        changes["memory_check"] = False
+    return dataclasses.replace(settings, **changes)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child_tiled(json.loads(args.child))), flush=True)
+        return {}
+    settings = settings_from(args)
+    names = args.only or list(BENCHMARKS)
+    machine = machine_description()
+    print(f"machine: {machine['cpu']}, auto precision {machine['auto_precision']}", flush=True)
+    peak = measure_peak(settings)
+    print(f"peak GFLOP/s: {peak['peak']}", flush=True)
+    sections = {"peak": render_peak(peak, machine, settings)}
+    results = {"machine": machine, "peak": peak}
+    written = []
+
+    def save():
+        if not args.out:
+            return
+        # --only keeps the other sections (re-read now: another run may have
+        # written some meanwhile); a full run starts the file afresh.
+        current = read_sections(args.out) if args.only or written else {}
+        current.update(sections)
+        write_markdown(args.out, current)
+        written.append(True)
+
+    save()
+    for name in names:
+
+        def progress(partial, name=name):
+            partial["peak_used"] = peak["peak"]
+            key = section_key(name, settings)
+            sections[key] = RENDERERS[name](partial, machine, settings)
+            save()
+
+        result = BENCHMARKS[name](settings, peak, progress=progress)
+        progress(result)
+        results[name] = result
+    if not args.out:
+        print("\n\n".join(sections.values()))
+    return results
+
+
+if __name__ == "__main__":
+    main()

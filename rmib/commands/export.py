@@ -1,0 +1,56 @@
+"""`rmib export`: a trained model as a SavedModel, a `.keras` file or TFLite."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["savedmodel", "keras", "tflite"]),
+    default="savedmodel",
+    show_default=True,
+    help="savedmodel: TensorFlow SavedModel with named signatures; keras: a copy of the "
+    ".keras file; tflite: the classify / segment_patch signature for TFLite.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=pathlib.Path), required=True, help="Where to write it."
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Reload the export and compare it with the Keras model (max abs difference < 1e-4).",
+)
+@click.option("--tile", type=click.IntRange(min=32), help="Tile side of segment_image.")
+@click.option("--overlap", type=float, help="Tile overlap of segment_image, in [0, 1).")
+@click.option(
+    "--unsafe-load",
+    is_flag=True,
+    help="Allow model files with Lambda layers (runs code from the file).",
+)
+def export(model, export_format, out, check, tile, overlap, unsafe_load):
+    """Export MODEL (a run directory or a .keras file) for serving without rmib.
+
+    The SavedModel's signatures, their inputs and outputs and the
+    preprocessing the caller applies are in OUT/assets/rmib.json.
+    """
+    from rmib.export import CHECK_TOLERANCE, export_model
+
+    result = export_model(
+        model,
+        out,
+        export_format,
+        check=check,
+        unsafe=unsafe_load,
+        tile=tile,
+        overlap=overlap,
+    )
+    names = f" (signatures: {', '.join(result.signatures)})" if result.signatures else ""
+    click.echo(f"Exported {result.format} -> {result.path}{names}")
+    for name, difference in result.differences.items():
+        click.echo(f"check {name}: max abs difference {difference:.3g} (< {CHECK_TOLERANCE:g}) OK")
