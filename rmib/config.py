@@ -34,7 +34,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 # Names shared with rmib.training, which maps each one to its implementation.
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "poly")
 MONITOR_MODES = ("auto", "min", "max")
@@ -70,7 +70,8 @@ class TrainConfig:
             "loss" or "error", max otherwise).
         precision: "auto", "float32", "mixed_float16" or "mixed_bfloat16"
             (see `rmib.training.resolve_precision`).
-        strategy: "auto", "default" or "mirrored" (see `rmib.training.get_strategy`).
+        strategy: "auto", "default", "mirrored", "multiworker" (machines listed in
+            TF_CONFIG) or "tpu" (see `rmib.training.get_strategy`).
         seed: seed for Python, NumPy and TensorFlow random numbers.
         deterministic: also make TensorFlow ops deterministic (slower).
         class_weights: weight the loss by inverse class frequency ("balanced").

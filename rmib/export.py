@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -436,7 +437,7 @@ def _reference(model, metadata: dict):
     from rmib.segmenters import TiledSegmenter
 
     batch, image, fov = _sample_images(metadata)
-    expected = {metadata_key(metadata): np.asarray(_probability(model, batch))}
+    expected = {batch_signature(metadata): np.asarray(_probability(model, batch))}
     if image is not None:
         segmenter = TiledSegmenter(
             model,
@@ -449,7 +450,7 @@ def _reference(model, metadata: dict):
     return (batch, image, fov), expected
 
 
-def metadata_key(metadata: dict) -> str:
+def batch_signature(metadata: dict) -> str:
     """The batch signature of an export: "classify" or "segment_patch"."""
     return "classify" if metadata["task"] == "pretrain" else "segment_patch"
 
@@ -457,18 +458,23 @@ def metadata_key(metadata: dict) -> str:
 def check_savedmodel(path, model, metadata: dict) -> dict:
     """Reload a SavedModel with `tf.saved_model.load`; compare it with the Keras model.
 
+    The batch signature gets random tiles or images; ``segment_image`` gets a
+    synthetic photograph through the run's preprocessing and is compared with
+    `rmib.segmenters.TiledSegmenter` (what `rmib predict` runs), its mask with
+    the thresholded reference, and the `metadata` signature with `metadata`.
+
     Returns:
-        signature -> max abs difference on sample inputs (plus "metadata": 0.0
-        when the stored metadata reads back equal).
+        signature -> max abs difference on the sample inputs.
 
     Raises:
-        RmibError: a difference of `CHECK_TOLERANCE` or more, or unequal metadata.
+        RmibError: a difference of `CHECK_TOLERANCE` or more, a different mask
+            or metadata that does not read back.
     """
     import tensorflow as tf
 
     (batch, image, fov), expected = _reference(model, metadata)
     loaded = tf.saved_model.load(str(path))
-    key = metadata_key(metadata)
+    key = batch_signature(metadata)
     input_name = "images" if key == "classify" else "tiles"
     differences = {
         key: _max_difference(
@@ -497,7 +503,7 @@ def check_tflite(path, model, metadata: dict) -> dict:
     import tensorflow as tf
 
     (batch, _, _), expected = _reference_batch_only(model, metadata, metadata.get("tile"))
-    key = metadata_key(metadata)
+    key = batch_signature(metadata)
     with warnings.catch_warnings():  # tf.lite.Interpreter's move to ai_edge_litert
         warnings.simplefilter("ignore", UserWarning)
         interpreter = tf.lite.Interpreter(model_path=str(path))
@@ -511,7 +517,7 @@ def check_tflite(path, model, metadata: dict) -> dict:
 
 def _reference_batch_only(model, metadata, patch_size=None):
     batch, _, _ = _sample_images(metadata, patch_size=patch_size)
-    return (batch, None, None), {metadata_key(metadata): np.asarray(_probability(model, batch))}
+    return (batch, None, None), {batch_signature(metadata): np.asarray(_probability(model, batch))}
 
 
 def check_keras(path, model, metadata: dict, unsafe: bool = False) -> dict:
@@ -520,7 +526,7 @@ def check_keras(path, model, metadata: dict, unsafe: bool = False) -> dict:
 
     (batch, _, _), expected = _reference_batch_only(model, metadata)
     copy = training.load_model(path, unsafe=unsafe)
-    key = metadata_key(metadata)
+    key = batch_signature(metadata)
     differences = {key: _max_difference(_probability(copy, batch), expected[key])}
     _raise_if_different(path, differences)
     return differences
@@ -601,8 +607,6 @@ def _convert_tflite(savedmodel: Path, signature: str) -> bytes:
 
 
 def _unsupported_ops(text: str):
-    import re
-
     for match in re.finditer(r"'(tf\.[A-Za-z0-9_]+|tfl\.[A-Za-z0-9_]+)' op", text):
         yield match.group(1)
 
@@ -667,7 +671,7 @@ def export_model(
             if check:
                 differences = check_keras(tmp, model, metadata, unsafe=unsafe)
     else:
-        signature = metadata_key(metadata)
+        signature = batch_signature(metadata)
         names = [signature]
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".rmib-export-", dir=out.parent) as scratch:
@@ -686,6 +690,7 @@ __all__ = [
     "CHECK_TOLERANCE",
     "EXPORT_FORMATS",
     "ExportResult",
+    "batch_signature",
     "build_export_archive",
     "check_keras",
     "check_savedmodel",

@@ -1258,6 +1258,8 @@ def evaluate_grader(
         "data": [str(r) for r in roots],
         "split": chosen or "all",
         "notes": METRIC_NOTES,
+        "patch": None,  # stays None when no image could be read for it
+        "image": None,
     }
 
     if data.masked:
@@ -1295,7 +1297,6 @@ def evaluate_grader(
                     title="Lesion vs normal patches",
                 )
     else:
-        result["patch"] = None
         echo(f"no image{where} has MA/HE/EX masks: patch-level metrics skipped")
 
     if data.graded:
@@ -1334,7 +1335,6 @@ def evaluate_grader(
             result["image"] = image_level
             _write_rows(out / "per_image.csv", rows)
     else:
-        result["image"] = None
         echo(f"no graded image{where}: image-level metrics skipped")
 
     if problems:

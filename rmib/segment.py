@@ -129,7 +129,7 @@ def _is_run(path) -> bool:
     return path.is_dir() or path.suffix == ".keras"
 
 
-def _encoder_factory(cfg: SegmentConfig):
+def encoder_factory(cfg: SegmentConfig):
     """(function building the encoder inside the strategy scope, metadata, frozen?)."""
     if _is_run(cfg.encoder):
         source = Path(cfg.encoder)
@@ -192,7 +192,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
     from rmib.models import build_encoder_decoder
     from rmib.segmenters import TiledSegmenter
 
-    build_encoder, info, frozen = _encoder_factory(cfg)
+    build_encoder, info, frozen = encoder_factory(cfg)
     prep = Preprocessing(method=cfg.preprocessing)
     cache = PreprocessedCache(cfg.cache_dir or None)
     problems = []

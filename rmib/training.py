@@ -46,6 +46,7 @@ import importlib
 import io
 import json
 import math
+import os
 import re
 import warnings
 import zipfile
@@ -151,11 +152,48 @@ def _mirrored_strategy():
     return tf.distribute.MirroredStrategy()
 
 
-# One entry per `--strategy` name; "auto" picks one of them in `_auto_strategy`.
-# Add "multiworker" and "tpu" here (and to rmib.config.STRATEGIES).
+def _multiworker_strategy():
+    """MultiWorkerMirroredStrategy over the cluster described by TF_CONFIG."""
+    if not os.environ.get("TF_CONFIG", "").strip():
+        raise RmibError(
+            "strategy multiworker needs the TF_CONFIG environment variable, which lists "
+            "the workers and says which one this process is (see the README section "
+            "'Training on several machines')"
+        )
+    try:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        workers = resolver.cluster_spec().as_dict()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RmibError(f"TF_CONFIG is not a valid cluster description: {exc}") from None
+    if not workers or resolver.task_type is None:
+        raise RmibError(
+            'TF_CONFIG must hold a \'cluster\' (e.g. {"worker": ["host1:port", "host2:port"]}) '
+            'and this process\'s \'task\' ({"type": "worker", "index": 0})'
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+
+
+def _tpu_strategy():
+    """TPUStrategy over the TPU that TPUClusterResolver finds (Cloud TPU VM, Colab, TPU_NAME)."""
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as exc:
+        raise RmibError(
+            f"strategy tpu: no TPU found ({_first_line(exc)}); run on a TPU VM or set "
+            "TPU_NAME, or choose --strategy auto"
+        ) from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+# One entry per `--strategy` name (rmib.config.STRATEGIES); "auto" picks one of
+# them in `_auto_strategy`.
 _STRATEGY_BUILDERS: dict[str, Callable[[], tf.distribute.Strategy]] = {
     "default": _default_strategy,
     "mirrored": _mirrored_strategy,
+    "multiworker": _multiworker_strategy,
+    "tpu": _tpu_strategy,
 }
 
 
@@ -168,16 +206,65 @@ def get_strategy(name: str = "auto") -> tf.distribute.Strategy:
 
     "auto" is MirroredStrategy when several GPUs are visible and the default
     (single-device) strategy otherwise; "mirrored" asks for MirroredStrategy
-    over all visible devices.
+    over all visible devices; "multiworker" for MultiWorkerMirroredStrategy
+    over the machines listed in the TF_CONFIG environment variable (one
+    process per machine; `fit` then trains with its own distributed loop);
+    "tpu" for TPUStrategy on the TPU found by TPUClusterResolver.
 
     Raises:
-        RmibError: unknown name, listing the valid ones.
+        RmibError: unknown name, listing the valid ones; "multiworker"
+            without a valid TF_CONFIG; "tpu" when no TPU is found.
     """
     if name not in STRATEGIES:
         raise RmibError(f"unknown strategy {name!r}; valid values are: {', '.join(STRATEGIES)}")
     if name == "auto":
         name = _auto_strategy()
-    return _STRATEGY_BUILDERS[name]()
+    if name not in _ONE_PER_PROCESS:
+        return _STRATEGY_BUILDERS[name]()
+    if name not in _strategies:
+        try:
+            _strategies[name] = _STRATEGY_BUILDERS[name]()
+        except RuntimeError as exc:
+            if "startup" not in str(exc):
+                raise
+            raise RmibError(
+                f"strategy {name} must be created before TensorFlow runs anything: call "
+                f"rmib.training.get_strategy({name!r}) first thing (the rmib commands do)"
+            ) from None
+    return _strategies[name]
+
+
+# Cluster strategies configure the TensorFlow runtime: one instance per process.
+_ONE_PER_PROCESS = ("multiworker", "tpu")
+_strategies: dict[str, tf.distribute.Strategy] = {}
+
+
+def is_chief(strategy) -> bool:
+    """True unless `strategy` spans several workers and this process is not the chief.
+
+    The chief is the "chief" task, or worker 0 when TF_CONFIG names no chief.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return not has_chief and resolver.task_type == "worker" and int(resolver.task_id) == 0
+
+
+def distribute_dataset(strategy, dataset: tf.data.Dataset):
+    """`dataset` (batched by the global batch size) split over the strategy's replicas.
+
+    Sharding is set explicitly to `AutoShardPolicy.DATA`: every worker reads
+    the same (seeded) stream and keeps its own part of each global batch, so
+    together the workers see each example once per epoch and the steps stay
+    in lock step. (The default, FILE, would fail on rmib's generator-backed
+    datasets, which read no files through tf.data.)
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -912,7 +999,12 @@ def fit(
             `resolve_precision`, `get_strategy` and `load_model`.
     """
     cfg = config
+    strategy = get_strategy(cfg.strategy)
     run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
+    if not is_chief(strategy):
+        # Every worker saves the same weights; only the chief writes the run itself.
+        resolver = strategy.cluster_resolver
+        run = RunDirectory(run.path / "workers" / f"{resolver.task_type}_{resolver.task_id}")
     if phase is not None and not _PHASE.fullmatch(phase):
         raise ValueError(f"phase must be letters, digits, '_' or '-', got {phase!r}")
     validation_callbacks = list(validation_callbacks)
@@ -953,7 +1045,6 @@ def fit(
         class_weight = class_weights_from_labels(train_data[1])
     steps = steps_per_epoch or cfg.steps_per_epoch or _steps(train_data, cfg.batch_size)
 
-    strategy = get_strategy(cfg.strategy)
     if state:
         _say(f"resuming{_phase_text(phase)} from {last_path} after epoch {initial_epoch}", verbose)
     elif isinstance(model, keras.Model):
@@ -984,17 +1075,32 @@ def fit(
     callbacks.extend(extra_callbacks)
 
     try:
-        model.fit(
-            **_data_arguments(train_data, cfg.batch_size),
-            validation_data=tuple(val_data) if _is_arrays(val_data) else val_data,
-            epochs=cfg.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,
-            validation_steps=validation_steps or cfg.validation_steps,
-            class_weight=class_weight,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            _distributed_fit(
+                model,
+                strategy,
+                train_data,
+                val_data,
+                cfg=cfg,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,
+                validation_steps=validation_steps or cfg.validation_steps,
+                class_weight=class_weight,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        else:
+            model.fit(
+                **_data_arguments(train_data, cfg.batch_size),
+                validation_data=tuple(val_data) if _is_arrays(val_data) else val_data,
+                epochs=cfg.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,
+                validation_steps=validation_steps or cfg.validation_steps,
+                class_weight=class_weight,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
     except _NonFiniteLoss as bad:
         where = f"epoch {bad.epoch}" + (f", batch {bad.batch}" if bad.batch else "")
         kept = (
@@ -1021,6 +1127,103 @@ def fit(
             verbose,
         )
     return _finish(run, cfg, phase, state, model, run_metadata, save_final, unsafe_load)
+
+
+def _as_dataset(data, batch_size: int) -> tf.data.Dataset:
+    if isinstance(data, tf.data.Dataset):
+        return data
+    if _is_arrays(data):
+        return tf.data.Dataset.from_tensor_slices(tuple(data)).batch(batch_size)
+    raise RmibError("strategy multiworker needs a tf.data.Dataset or arrays as training data")
+
+
+def _distributed_fit(
+    model,
+    strategy,
+    train_data,
+    val_data,
+    *,
+    cfg: TrainConfig,
+    initial_epoch: int,
+    steps_per_epoch,
+    validation_steps,
+    class_weight,
+    callbacks,
+    verbose,
+) -> None:
+    """`model.fit` for MultiWorkerMirroredStrategy, where Keras 3's own fit fails
+    (keras-team/keras#20585): each step runs the compiled model's `train_step`
+    through `strategy.run` (the optimizer all-reduces the gradients), and the
+    same callbacks see the same logs as under `model.fit`.
+
+    Every worker must run the same number of steps, so the steps per epoch must
+    be known (given, or the dataset's cardinality). Arrays are batched in order,
+    without shuffling.
+    """
+    if class_weight:
+        raise RmibError(
+            "class weights are not supported with strategy multiworker; turn class_weights off"
+        )
+    train = _as_dataset(train_data, cfg.batch_size)
+    steps = steps_per_epoch or _steps(train, cfg.batch_size)
+    if not steps:
+        raise RmibError(
+            "strategy multiworker needs the number of steps per epoch (set steps_per_epoch): "
+            "every worker must run the same number of steps"
+        )
+    train_batches = distribute_dataset(strategy, train)
+    val_batches = None
+    if val_data is not None:
+        val = _as_dataset(val_data, cfg.batch_size)
+        if validation_steps:
+            val = val.take(validation_steps)
+        val_batches = distribute_dataset(strategy, val)
+
+    def reduced(logs):
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+
+    @tf.function
+    def train_step(iterator):
+        return reduced(strategy.run(model.train_step, args=(next(iterator),)))
+
+    @tf.function
+    def test_step(batch):
+        return reduced(strategy.run(model.test_step, args=(batch,)))
+
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks),
+        add_history=False,
+        add_progbar=bool(verbose),
+        model=model,
+        verbose=verbose,
+        epochs=cfg.epochs,
+        steps=steps,
+    )
+    model.stop_training = False
+    # With explicit steps the dataset runs on across epochs (rmib's seeded
+    # pipelines hold every epoch back to back); else each epoch is one pass.
+    iterator = iter(train_batches) if steps_per_epoch else None
+    callback_list.on_train_begin()
+    for epoch in range(initial_epoch, cfg.epochs):
+        model.reset_metrics()
+        callback_list.on_epoch_begin(epoch)
+        epoch_iterator = iterator if iterator is not None else iter(train_batches)
+        logs = {}
+        for step in range(steps):
+            callback_list.on_train_batch_begin(step)
+            logs = train_step(epoch_iterator)
+            callback_list.on_train_batch_end(step, logs)
+        epoch_logs = {k: float(v) for k, v in logs.items()}
+        if val_batches is not None:
+            model.reset_metrics()
+            val_logs = {}
+            for batch in val_batches:
+                val_logs = test_step(batch)
+            epoch_logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
+        callback_list.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end()
 
 
 def _saved_state(run: RunDirectory, cfg: TrainConfig, phase, verbose) -> dict:

@@ -18,7 +18,7 @@ from rmib.training import RunDirectory, read_run_metadata
 
 pytestmark = pytest.mark.timeout(600)
 
-CONSTANT = 0.25  # what the Lambda layer outputs everywhere
+CONSTANT = 0.25  # what the Lambda layer below outputs everywhere
 
 
 def run_cli(*args):
@@ -30,12 +30,13 @@ def lambda_model(tmp_path_factory, segment_run):
     """A segmentation `.keras` file (the metadata of a real run) whose model is a Lambda."""
     keras.mixed_precision.set_global_policy("float32")
     inputs = keras.Input((None, None, 3))
-    outputs = keras.layers.Lambda(lambda x: x[..., :1] * 0.0 + CONSTANT, name="code")(inputs)
+    # The function must be self-contained: its bytecode is loaded without this module's globals.
+    outputs = keras.layers.Lambda(
+        lambda x: x[..., :1] * 0.0 + 0.25, output_shape=(None, None, 1), name="code"
+    )(inputs)
     model = keras.Model(inputs, outputs)
     path = tmp_path_factory.mktemp("untrusted") / "from the internet.keras"
-    RunDirectory(path.parent, create=False).save_model(
-        model, path, read_run_metadata(segment_run)
-    )
+    RunDirectory(path.parent, create=False).save_model(model, path, read_run_metadata(segment_run))
     return path
 
 
@@ -66,8 +67,12 @@ def test_predict_runs_it_with_unsafe_load(lambda_model, photo, tmp_path):
     assert "1 image(s) predicted" in result.output
     prob = cv2.imdecode(np.fromfile(out / "photo_prob.png", np.uint8), cv2.IMREAD_UNCHANGED)
     assert prob.shape == (40, 56)
-    # The Lambda's constant, quantized to 16 bits: its code really ran.
-    np.testing.assert_allclose(prob / 65535.0, CONSTANT, atol=1 / 65535)
+    # The Lambda's constant, quantized to 16 bits: its code really ran. (The
+    # segmenter zeroes what its field-of-view mask leaves out of the photograph.)
+    values = prob / 65535.0
+    inside = np.abs(values - CONSTANT) <= 1 / 65535
+    assert np.all(inside | (values == 0))
+    assert inside.mean() > 0.9
 
 
 def test_evaluate_refuses_it_too(lambda_model, synthetic_idrid, tmp_path):

@@ -30,8 +30,9 @@ def train_options(func):
         ),
         click.option(
             "--strategy",
-            type=click.Choice(["auto", "default", "mirrored"]),
-            help="tf.distribute strategy (auto: mirrored when several GPUs are visible).",
+            type=click.Choice(["auto", "default", "mirrored", "multiworker", "tpu"]),
+            help="tf.distribute strategy (auto: mirrored when several GPUs are visible; "
+            "multiworker: the machines in TF_CONFIG; tpu: the TPU found).",
         ),
         click.option("--seed", type=int, help="Random seed."),
         click.option(
@@ -54,6 +55,14 @@ def train_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _start_cluster_strategy(name):
+    """Multi-worker and TPU strategies must exist before TensorFlow runs anything."""
+    if name in ("multiworker", "tpu"):
+        from rmib import training
+
+        training.get_strategy(name)
 
 
 _TRAIN_KEYS = (
@@ -112,6 +121,7 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     )
     overrides["on_bad"] = on_bad
     cfg = load_config(PretrainConfig, config_path, overrides)
+    _start_cluster_strategy(cfg.train.strategy)
     run_pretrain(cfg, resume=resume)
 
 
@@ -165,6 +175,11 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 @click.option(
     "--epochs-per-phase", type=click.IntRange(min=1), help="Local-global: epochs per phase."
 )
+@click.option(
+    "--variant",
+    type=click.Choice(["dual-dsm", "single-dice", "single-bce"]),
+    help="Dual2Net: the paper's ablation variants [dual-dsm].",
+)
 @click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
 @click.option("--out", type=_path, help="Run directory.")
 @train_options
@@ -179,6 +194,7 @@ def segment(
     base_filters,
     phases,
     epochs_per_phase,
+    variant,
     **kwargs,
 ):
     """Train a lesion segmenter on patches (default: the transferred, frozen encoder)."""
@@ -213,7 +229,9 @@ def segment(
         [p.strip() for p in phases.split(",") if p.strip()] if phases else None
     )
     overrides["local_global.epochs_per_phase"] = epochs_per_phase
+    overrides["dual2net.variant"] = variant
     cfg = load_config(SegmentConfig, config_path, overrides)
+    _start_cluster_strategy(cfg.train.strategy)
     run_segment(cfg, resume=resume)
 
 

@@ -140,9 +140,9 @@ def build_model(cfg: SegmentConfig, build_encoder=None):
     default the one `cfg.encoder` names (a stage-1 run or a backbone)."""
     d2 = cfg.dual2net
     if build_encoder is None:
-        from rmib.segment import _encoder_factory
+        from rmib.segment import encoder_factory
 
-        build_encoder = _encoder_factory(cfg)[0]
+        build_encoder = encoder_factory(cfg)[0]
     return build_dual2net(
         build_encoder(),
         loss=VARIANT_LOSS[d2.variant],
@@ -346,11 +346,11 @@ def train(
         RmibError: no readable training image, settings Dual2Net cannot honour,
             and the errors of `rmib.training.fit`.
     """
-    from rmib.segment import WholeImageValidation, _encoder_factory
+    from rmib.segment import WholeImageValidation, encoder_factory
 
     run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
     resolve_config(cfg, has_validation=bool(val_records))  # refuse what it cannot honour, early
-    build_encoder, encoder_info, _ = _encoder_factory(cfg)
+    build_encoder, encoder_info, _ = encoder_factory(cfg)
     d2 = cfg.dual2net
     prep = preprocessing_of(cfg)
     problems: list = []

@@ -488,6 +488,7 @@ def test_train_then_predict_a_full_size_map(tmp_path):
     assert len(history) == 1 and history[0]["dsm_alpha"] == 1.0 and "val_aupr" in history[0]
     resolved = load_config(SegmentConfig, run.config_path)  # the paper's settings were used
     assert (resolved.train.optimizer, resolved.train.learning_rate) == ("sgd", 0.03)
+    assert resolved.dual2net.image_size == [32, 64]
 
     segmenter = load_segmenter(run.path)
     assert isinstance(segmenter, Dual2NetSegmenter)
@@ -502,4 +503,3 @@ def test_train_then_predict_a_full_size_map(tmp_path):
     branches = [network.get_layer(n) for n in ("large_branch", "small_branch")]
     maps = [np.asarray(b({"features": features["features"]})) for b in branches]
     np.testing.assert_allclose(np.asarray(network(x)), (maps[0] + maps[1]) / 2, atol=1e-6)
-    assert dataclasses.asdict(resolved.dual2net)["image_size"] == [32, 64]

@@ -1,0 +1,197 @@
+"""Training on several machines: two worker processes on 127.0.0.1 train one model.
+
+Each worker is a real process with its own TF_CONFIG (free ports picked at
+run time, CPU only); together they must see disjoint halves of every global
+batch, end with identical weights, and match a single process trained on
+the same global batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from rmib.errors import RmibError
+
+pytestmark = pytest.mark.timeout(600)
+
+WORKER_TIMEOUT = 300  # seconds per process
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from rmib import training  # creates no TF op: the strategy comes first
+
+    run_dir, result_path, mode = sys.argv[1:4]
+    strategy = training.get_strategy("multiworker" if mode == "multi" else "default")
+
+    import keras
+    import tensorflow as tf
+    from rmib.config import TrainConfig
+
+    N, GLOBAL_BATCH = 16, 4
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.1).astype("float32")
+
+    seen = []  # the example indices this worker's replica receives
+    indices = tf.data.Dataset.range(N).batch(GLOBAL_BATCH)
+    for batch in training.distribute_dataset(strategy, indices):
+        for local in strategy.experimental_local_results(batch):
+            seen += [int(i) for i in local.numpy()]
+
+    def make_model():
+        inputs = keras.Input((3,))
+        hidden = keras.layers.Dense(4, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(1)(hidden))
+
+    cfg = TrainConfig(
+        epochs=3, batch_size=GLOBAL_BATCH, optimizer="sgd", momentum=0.0,
+        learning_rate=0.05, monitor="loss", precision="float32",
+        strategy="multiworker" if mode == "multi" else "default", seed=0,
+        tensorboard=False, restore_best=False,
+    )
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    model, history = training.fit(
+        make_model, data, config=cfg, run_dir=run_dir, loss="mse", verbose=0
+    )
+    with open(result_path, "w") as f:
+        json.dump({
+            "replicas": strategy.num_replicas_in_sync,
+            "chief": training.is_chief(strategy),
+            "seen": seen,
+            "loss": history["loss"],
+            "weights": [w.tolist() for w in model.get_weights()],
+        }, f)
+    """
+)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def environment(tf_config=None) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return env
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """({worker index: result}, single-process result)."""
+    tmp = tmp_path_factory.mktemp("multiworker")
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        command = [sys.executable, str(script), str(tmp / "run"), str(tmp / f"w{index}.json"),
+                   "multi"]  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=environment(tf_config),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp / "single"), str(tmp / "single.json"), "single"],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+    )
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=WORKER_TIMEOUT)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+    assert single.returncode == 0, single.stderr[-3000:]
+    loaded = {i: json.loads((tmp / f"w{i}.json").read_text()) for i in range(2)}
+    return loaded, json.loads((tmp / "single.json").read_text()), tmp
+
+
+def test_two_workers_form_one_cluster(results):
+    workers, single, _ = results
+    assert [workers[i]["replicas"] for i in (0, 1)] == [2, 2]
+    assert single["replicas"] == 1
+    assert [workers[i]["chief"] for i in (0, 1)] == [True, False]
+
+
+def test_workers_see_disjoint_shards_covering_the_data(results):
+    workers, _, _ = results
+    first, second = set(workers[0]["seen"]), set(workers[1]["seen"])
+    assert len(workers[0]["seen"]) == len(first) == 8
+    assert not first & second
+    assert first | second == set(range(16))
+
+
+def test_workers_end_with_identical_weights_equal_to_one_process(results):
+    workers, single, _ = results
+    for a, b in zip(workers[0]["weights"], workers[1]["weights"], strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    for a, b in zip(workers[0]["weights"], single["weights"], strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(workers[0]["loss"], single["loss"], rtol=1e-5)
+    # Training did something: the loss fell.
+    assert single["loss"][-1] < single["loss"][0]
+
+
+def test_only_the_chief_writes_the_run(results):
+    _, _, tmp = results
+    run = tmp / "run"
+    assert (run / "model.keras").is_file() and (run / "history.csv").is_file()
+    assert (run / "workers" / "worker_1" / "model.keras").is_file()
+
+
+def test_multiworker_without_tf_config_is_a_clear_error(monkeypatch):
+    from rmib import training
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(RmibError, match="TF_CONFIG"):
+        training._multiworker_strategy()
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(RmibError, match="TF_CONFIG"):
+        training._multiworker_strategy()
+
+
+def test_tpu_without_a_tpu_is_a_clear_error(monkeypatch):
+    from rmib import training
+
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    with pytest.raises(RmibError, match="no TPU found"):
+        training._tpu_strategy()
+
+
+def test_strategy_names_are_shared_by_config_cli_and_runner():
+    from rmib import training
+    from rmib.commands.models import pretrain
+    from rmib.config import STRATEGIES
+
+    assert set(STRATEGIES) == {"auto", *training._STRATEGY_BUILDERS}
+    choice = next(p for p in pretrain.params if p.name == "strategy").type
+    assert tuple(choice.choices) == STRATEGIES
