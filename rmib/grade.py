@@ -52,7 +52,7 @@ from rmib.data.pipeline import (
     AUTOTUNE,
     PreprocessedCache,
     Preprocessing,
-    _epoch_datasets,
+    epoch_datasets,
     preprocess_array,
     stratified_split,
 )
@@ -446,7 +446,7 @@ def array_dataset(
         return ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
 
     if shuffle:
-        ds = _epoch_datasets(start_epoch, epochs, make_epoch)
+        ds = epoch_datasets(start_epoch, epochs, make_epoch)
     else:  # a known length, so Keras does not take the end of validation for a short input
         ds = make_epoch(0).apply(tf.data.experimental.assert_cardinality(steps))
     return ds.prefetch(AUTOTUNE), steps
