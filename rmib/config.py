@@ -104,20 +104,20 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
-        _check_fields(self)
-        _require(self, "epochs", self.epochs >= 1, "at least 1")
-        _require(self, "batch_size", self.batch_size >= 1, "at least 1")
-        _require(self, "learning_rate", self.learning_rate > 0, "positive")
-        _require(self, "momentum", 0 <= self.momentum < 1, "in [0, 1)")
-        _require(self, "weight_decay", self.weight_decay >= 0, "zero or positive")
-        _require(self, "poly_power", self.poly_power > 0, "positive")
-        _require(self, "plateau_patience", self.plateau_patience >= 1, "at least 1")
-        _require(self, "plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)")
-        _require(self, "early_stopping_patience", self.early_stopping_patience >= 0, ">= 0")
-        _require(self, "monitor", bool(self.monitor.strip()), "a logged metric name")
+        check_fields(self)
+        require(self, "epochs", self.epochs >= 1, "at least 1")
+        require(self, "batch_size", self.batch_size >= 1, "at least 1")
+        require(self, "learning_rate", self.learning_rate > 0, "positive")
+        require(self, "momentum", 0 <= self.momentum < 1, "in [0, 1)")
+        require(self, "weight_decay", self.weight_decay >= 0, "zero or positive")
+        require(self, "poly_power", self.poly_power > 0, "positive")
+        require(self, "plateau_patience", self.plateau_patience >= 1, "at least 1")
+        require(self, "plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)")
+        require(self, "early_stopping_patience", self.early_stopping_patience >= 0, ">= 0")
+        require(self, "monitor", bool(self.monitor.strip()), "a logged metric name")
         for name in ("steps_per_epoch", "validation_steps"):
             value = getattr(self, name)
-            _require(self, name, value is None or value >= 1, "at least 1 (or unset)")
+            require(self, name, value is None or value >= 1, "at least 1 (or unset)")
 
     @property
     def resolved_monitor_mode(self) -> str:
@@ -128,13 +128,13 @@ class TrainConfig:
         return "min" if ("loss" in name or "error" in name) else "max"
 
 
-def _require(config, name: str, ok: bool, expected: str) -> None:
+def require(config, name: str, ok: bool, expected: str) -> None:
     """Raise a user error for a field out of range (load_config adds where it came from)."""
     if not ok:
         raise RmibError(f"{name} must be {expected}, got {getattr(config, name)!r}")
 
 
-def _check_fields(config) -> None:
+def check_fields(config) -> None:
     """Check and convert every field of a config built directly in Python."""
     hints = _type_hints(type(config))
     for field in dataclasses.fields(config):

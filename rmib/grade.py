@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from rmib import io, metrics, report
-from rmib.config import TrainConfig, _check_fields, _require
+from rmib.config import TrainConfig, check_fields, require
 from rmib.data import readers
 from rmib.data.augment import AUGMENT_MODES, augment_pair, example_seed
 from rmib.data.fundus import resize_pad
@@ -160,33 +160,33 @@ class GradeConfig:
     )
 
     def __post_init__(self):
-        _check_fields(self)
-        _require(self, "image_size", self.image_size >= 16, "at least 16 pixels")
-        _require(self, "patch_size", self.patch_size >= 8, "at least 8 pixels")
-        _require(
+        check_fields(self)
+        require(self, "image_size", self.image_size >= 16, "at least 16 pixels")
+        require(self, "patch_size", self.patch_size >= 8, "at least 8 pixels")
+        require(
             self,
             "patch_size",
             self.patch_size <= self.image_size,
             f"at most image_size ({self.image_size} px)",
         )
-        _require(
+        require(
             self,
             "overlap",
             0 <= self.overlap < self.patch_size,
             f"in [0, patch_size) = [0, {self.patch_size}) pixels (smaller than the patch)",
         )
-        _require(self, "min_pixels", self.min_pixels >= 1, "at least 1")
-        _require(self, "global_size", self.global_size >= 32, "at least 32 pixels")
-        _require(
+        require(self, "min_pixels", self.min_pixels >= 1, "at least 1")
+        require(self, "global_size", self.global_size >= 32, "at least 32 pixels")
+        require(
             self,
             "global_weights",
             self.global_net != "yang" or self.global_weights.strip().lower() in ("", "none"),
             "'none' for the yang global net (it has no pretrained weights)",
         )
-        _require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
-        _require(self, "normal_per_lesion", self.normal_per_lesion >= 0, "zero or positive")
-        _require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
-        _require(self, "predict_batch", self.predict_batch >= 1, "at least 1")
+        require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        require(self, "normal_per_lesion", self.normal_per_lesion >= 0, "zero or positive")
+        require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
+        require(self, "predict_batch", self.predict_batch >= 1, "at least 1")
 
     @property
     def num_classes(self) -> int:

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from rmib import metrics, training
-from rmib.config import TrainConfig, _check_fields, _require, config_to_dict
+from rmib.config import TrainConfig, check_fields, config_to_dict, require
 from rmib.data import readers
 from rmib.data.pipeline import (
     PreprocessedCache,
@@ -71,11 +71,11 @@ class PretrainConfig:
     )
 
     def __post_init__(self):
-        _check_fields(self)
-        _require(self, "image_size", self.image_size >= 32, "at least 32")
-        _require(self, "val_fraction", 0.0 < self.val_fraction < 1.0, "in (0, 1)")
-        _require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
-        _require(self, "threshold", 0.0 < self.threshold < 1.0, "in (0, 1)")
+        check_fields(self)
+        require(self, "image_size", self.image_size >= 32, "at least 32")
+        require(self, "val_fraction", 0.0 < self.val_fraction < 1.0, "in (0, 1)")
+        require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        require(self, "threshold", 0.0 < self.threshold < 1.0, "in (0, 1)")
 
 
 def classification_records(data_roots, on_bad="error"):

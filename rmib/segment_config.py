@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rmib.config import TrainConfig, _check_fields, _require
+from rmib.config import TrainConfig, check_fields, require
 
 SEGMENT_MODELS = ("encoder-decoder", "local-global", "dual2net")
 SEGMENT_LOSSES = ("bce", "dice", "bce+dice", "weighted-bce")
@@ -56,9 +56,9 @@ class LocalGlobalConfig:
     fusion_filters: int = 0
 
     def __post_init__(self):
-        _check_fields(self)
+        check_fields(self)
         order = list(LOCAL_GLOBAL_PHASES)
-        _require(
+        require(
             self,
             "phases",
             bool(self.phases)
@@ -67,19 +67,19 @@ class LocalGlobalConfig:
             == sorted({order.index(p) for p in self.phases}),
             f"a non-empty list of {', '.join(order)}, each at most once and in that order",
         )
-        _require(self, "global_size", self.global_size >= 32, "at least 32")
-        _require(self, "base_filters", self.base_filters >= 1, "at least 1")
-        _require(self, "max_filters", self.max_filters >= self.base_filters, ">= base_filters")
+        require(self, "global_size", self.global_size >= 32, "at least 32")
+        require(self, "base_filters", self.base_filters >= 1, "at least 1")
+        require(self, "max_filters", self.max_filters >= self.base_filters, ">= base_filters")
         for name in ("global_depth", "local_depth"):
-            _require(self, name, 0 <= getattr(self, name) <= 10, "0 (the paper's) to 10")
+            require(self, name, 0 <= getattr(self, name) <= 10, "0 (the paper's) to 10")
         for name in ("lambda_global", "lambda_local", "lambda_l2"):
-            _require(self, name, getattr(self, name) >= 0, "zero or positive")
+            require(self, name, getattr(self, name) >= 0, "zero or positive")
         for name in ("epochs_per_phase", "fusion_filters"):
-            _require(self, name, getattr(self, name) >= 0, "zero or positive")
+            require(self, name, getattr(self, name) >= 0, "zero or positive")
         for name in ("fusion_epochs", "joint_epochs"):
-            _require(self, name, getattr(self, name) >= 1, "at least 1")
+            require(self, name, getattr(self, name) >= 1, "at least 1")
         for name in ("fusion_learning_rate", "joint_learning_rate"):
-            _require(self, name, getattr(self, name) > 0, "positive")
+            require(self, name, getattr(self, name) > 0, "positive")
 
 
 @dataclasses.dataclass
@@ -109,12 +109,12 @@ class Dual2NetConfig:
     head_filters: int = 512
 
     def __post_init__(self):
-        _check_fields(self)
-        _require(self, "pos_fraction", 0.0 < self.pos_fraction < 1.0, "in (0, 1)")
-        _require(self, "aux_weight", self.aux_weight >= 0.0, "zero or positive")
-        _require(self, "head_filters", self.head_filters >= 1, "at least 1")
+        check_fields(self)
+        require(self, "pos_fraction", 0.0 < self.pos_fraction < 1.0, "in (0, 1)")
+        require(self, "aux_weight", self.aux_weight >= 0.0, "zero or positive")
+        require(self, "head_filters", self.head_filters >= 1, "at least 1")
         size = self.image_size
-        _require(
+        require(
             self,
             "image_size",
             len(size) == 2
@@ -190,11 +190,11 @@ class SegmentConfig:
     dual2net: Dual2NetConfig = dataclasses.field(default_factory=Dual2NetConfig)
 
     def __post_init__(self):
-        _check_fields(self)
-        _require(self, "patch_size", self.patch_size >= 32, "at least 32")
-        _require(self, "pos_fraction", 0.0 <= self.pos_fraction <= 1.0, "in [0, 1]")
-        _require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
-        _require(self, "fine_tune_after", self.fine_tune_after >= 0, ">= 0")
-        _require(self, "predict_overlap", 0.0 <= self.predict_overlap < 1.0, "in [0, 1)")
-        _require(self, "val_every", self.val_every >= 1, "at least 1")
-        _require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")
+        check_fields(self)
+        require(self, "patch_size", self.patch_size >= 32, "at least 32")
+        require(self, "pos_fraction", 0.0 <= self.pos_fraction <= 1.0, "in [0, 1]")
+        require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
+        require(self, "fine_tune_after", self.fine_tune_after >= 0, ">= 0")
+        require(self, "predict_overlap", 0.0 <= self.predict_overlap < 1.0, "in [0, 1)")
+        require(self, "val_every", self.val_every >= 1, "at least 1")
+        require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")

@@ -49,9 +49,26 @@ def pretrain_run(tmp_path_factory, synthetic_kaggle):
     """A tiny VGG16-CBAM stage-1 run, trained once through the CLI."""
     out = tmp_path_factory.mktemp("runs") / "pretrain"
     result = invoke(
-        ["pretrain", "--data", synthetic_kaggle, "--backbone", "vgg16", "--cbam",
-         "--image-size", 64, "--epochs", 2, "--batch-size", 4, "--val-fraction", 0.25,
-         "--out", out, "--seed", 0]
+        [
+            "pretrain",
+            "--data",
+            synthetic_kaggle,
+            "--backbone",
+            "vgg16",
+            "--cbam",
+            "--image-size",
+            64,
+            "--epochs",
+            2,
+            "--batch-size",
+            4,
+            "--val-fraction",
+            0.25,
+            "--out",
+            out,
+            "--seed",
+            0,
+        ]
     )
     assert result.exit_code == 0, result.output
     return out
@@ -62,9 +79,29 @@ def segment_run(tmp_path_factory, synthetic_idrid, pretrain_run):
     """A tiny EX segmenter on the transferred, frozen stage-1 encoder, trained once."""
     out = tmp_path_factory.mktemp("runs") / "segment"
     result = invoke(
-        ["segment", "--data", synthetic_idrid, "--lesion", "EX", "--encoder", pretrain_run,
-         "--patch-size", 64, "--patches-per-epoch", 32, "--batch-size", 8, "--epochs", 2,
-         "--val-fraction", 0.2, "--out", out, "--seed", 0]
+        [
+            "segment",
+            "--data",
+            synthetic_idrid,
+            "--lesion",
+            "EX",
+            "--encoder",
+            pretrain_run,
+            "--patch-size",
+            64,
+            "--patches-per-epoch",
+            32,
+            "--batch-size",
+            8,
+            "--epochs",
+            2,
+            "--val-fraction",
+            0.2,
+            "--out",
+            out,
+            "--seed",
+            0,
+        ]
     )
     assert result.exit_code == 0, result.output
     return out

@@ -12,8 +12,16 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_pretrain_writes_the_whole_run_directory(pretrain_run):
-    for name in ("config.toml", "rmib.json", "history.csv", "metrics.json", "model.keras",
-                 "roc_curve.png", "checkpoints/last.keras", "checkpoints/state.json"):
+    for name in (
+        "config.toml",
+        "rmib.json",
+        "history.csv",
+        "metrics.json",
+        "model.keras",
+        "roc_curve.png",
+        "checkpoints/last.keras",
+        "checkpoints/state.json",
+    ):
         assert (pretrain_run / name).is_file(), name
     meta = training.read_run_metadata(pretrain_run)
     assert meta["task"] == "pretrain" and meta["backbone"] == "vgg16" and meta["cbam"] is True
@@ -67,8 +75,20 @@ def test_predict_bad_image_error_and_skip(segment_run, synthetic_idrid, tmp_path
     result = invoke(["predict", segment_run, bad, "--out", tmp_path / "o1"])
     assert result.exit_code == 1
     assert "broken.jpg" in result.output and "Traceback" not in result.output
-    result = invoke(["predict", segment_run, bad, good, "--out", tmp_path / "o2",
-                     "--on-bad", "skip", "--tile", 64])
+    result = invoke(
+        [
+            "predict",
+            segment_run,
+            bad,
+            good,
+            "--out",
+            tmp_path / "o2",
+            "--on-bad",
+            "skip",
+            "--tile",
+            64,
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert "broken.jpg" in (tmp_path / "o2" / "skipped.csv").read_text()
     assert (tmp_path / "o2" / f"{good.stem}_mask.png").is_file()
@@ -76,8 +96,20 @@ def test_predict_bad_image_error_and_skip(segment_run, synthetic_idrid, tmp_path
 
 def test_evaluate_reports_aupr_pixel_and_region_scores(segment_run, synthetic_idrid, tmp_path):
     out = tmp_path / "eval"
-    result = invoke(["evaluate", segment_run, "--data", synthetic_idrid, "--out", out,
-                     "--split", "test", "--tile", 64])
+    result = invoke(
+        [
+            "evaluate",
+            segment_run,
+            "--data",
+            synthetic_idrid,
+            "--out",
+            out,
+            "--split",
+            "test",
+            "--tile",
+            64,
+        ]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] >= 1
@@ -89,8 +121,9 @@ def test_evaluate_reports_aupr_pixel_and_region_scores(segment_run, synthetic_id
 
 
 def test_segment_unknown_encoder_is_a_clear_error(synthetic_idrid, tmp_path):
-    result = invoke(["segment", "--data", synthetic_idrid, "--encoder", "vgg19",
-                     "--out", tmp_path / "x"])
+    result = invoke(
+        ["segment", "--data", synthetic_idrid, "--encoder", "vgg19", "--out", tmp_path / "x"]
+    )
     assert result.exit_code == 1
     assert "vgg19" in result.output and "vgg16" in result.output
 

@@ -93,7 +93,9 @@ def test_patch_sampler_centres_on_lesions_when_asked():
     examples = []
     for i in range(3):
         image, mask = _disc_image(96, i)
-        examples.append(pipeline.Example(f"e{i}", image, mask, (image[..., 0] > 10).astype(np.uint8)))
+        examples.append(
+            pipeline.Example(f"e{i}", image, mask, (image[..., 0] > 10).astype(np.uint8))
+        )
     sampler = pipeline.PatchSampler(examples, 32, pos_fraction=1.0)
     rng = np.random.default_rng(0)
     for _ in range(20):
