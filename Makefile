@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-all bench lint format install clean
+.PHONY: demo test test-all bench lint format install clean docs
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix rmib tests benchmarks
 	$(BIN)/ruff format rmib tests benchmarks
+
+docs: $(STAMP)
+	COLUMNS=100 $(BIN)/python -c "from rmib.cli import reference_markdown; print(reference_markdown())" > docs/CLI.md
 
 clean:
 	rm -rf $(VENV) demo-output build *.egg-info

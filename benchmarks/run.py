@@ -240,14 +240,14 @@ def build_pretrain_model(name: str, image_size: int):
     return build_classifier(kind, cbam=argument, image_size=image_size)
 
 
-def _train_step_seconds(model, settings: Settings) -> list[float]:
+def _compiled_for_training(model, settings: Settings):
+    """Compile `model` as the training runner compiles a classifier; a warm-up step function."""
     import keras
     import numpy as np
 
     from rmib import training
     from rmib.config import TrainConfig
 
-    # Compiled as the training runner compiles a classifier.
     model.compile(
         optimizer=training.make_optimizer(TrainConfig(), steps_per_epoch=100),
         loss=keras.losses.BinaryCrossentropy(),
@@ -256,14 +256,21 @@ def _train_step_seconds(model, settings: Settings) -> list[float]:
     shape = (settings.batch_size, settings.image_size, settings.image_size, 3)
     images = rng.uniform(0, 255, shape).astype(np.float32)
     labels = rng.integers(0, 2, (settings.batch_size, 1)).astype(np.float32)
-    for _ in range(settings.warmup_steps):
-        model.train_on_batch(images, labels)
-    seconds = []
-    for _ in range(settings.timed_steps):
+
+    def step() -> float:
         start = time.perf_counter()
         model.train_on_batch(images, labels)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        return time.perf_counter() - start
+
+    return step
+
+
+def _families(models) -> list[list[str]]:
+    """Models timed together: each keras.applications model with its rmib variants."""
+    groups: dict[str, list[str]] = {}
+    for name in models:
+        groups.setdefault(KERAS_TWIN.get(name, name), []).append(name)
+    return list(groups.values())
 
 
 def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
@@ -291,42 +298,54 @@ def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
             "pending": list(pending),
         }
 
-    for name in settings.models:
-        flops = None
-        for precision in settings.precisions:
-            keras.backend.clear_session()
-            keras.mixed_precision.set_global_policy(precision)
-            try:
-                model = build_pretrain_model(name, settings.image_size)
-                if flops is None:
-                    flops = model_flops(model, shape)
-                load = _load()
-                seconds = _train_step_seconds(model, settings)
-            finally:
-                keras.mixed_precision.set_global_policy("float32")
-            step = statistics.median(seconds)
-            achieved = TRAIN_STEP_FACTOR * flops * settings.batch_size / step / 1e9
+    # The models of a family (rmib variants, the keras.applications twin, every
+    # precision) are built together and their timed steps taken in turns, so a
+    # change in the machine's load hits them all alike and their ratios hold.
+    for family in _families(settings.models):
+        keras.backend.clear_session()
+        steps, flops = {}, {}
+        for name in family:
+            for precision in settings.precisions:
+                keras.mixed_precision.set_global_policy(precision)
+                try:
+                    model = build_pretrain_model(name, settings.image_size)
+                finally:
+                    keras.mixed_precision.set_global_policy("float32")
+                flops.setdefault(name, model_flops(model, shape))
+                steps[name, precision] = _compiled_for_training(model, settings)
+        load = _load()
+        for step in steps.values():
+            for _ in range(settings.warmup_steps):
+                step()
+        seconds = {key: [] for key in steps}
+        for _ in range(settings.timed_steps):
+            for key, step in steps.items():
+                seconds[key].append(step())
+        for (name, precision), times in seconds.items():
+            median = statistics.median(times)
+            achieved = TRAIN_STEP_FACTOR * flops[name] * settings.batch_size / median / 1e9
             rows.append(
                 {
                     "model": name,
                     "precision": precision,
-                    "forward_gflop": flops / 1e9,
-                    "step_seconds": step,
-                    "step_spread": (min(seconds), max(seconds)),
-                    "images_per_second": settings.batch_size / step,
+                    "forward_gflop": flops[name] / 1e9,
+                    "step_seconds": median,
+                    "step_spread": (min(times), max(times)),
+                    "images_per_second": settings.batch_size / median,
                     "gflops": achieved,
                     "peak_percent": _percent(achieved, peak_for(peak, precision)),
                     "load": load,
                 }
             )
             print(
-                f"pretrain {name} {precision}: {settings.batch_size / step:.3f} images/s "
+                f"pretrain {name} {precision}: {settings.batch_size / median:.3f} images/s "
                 f"({achieved:.1f} GFLOP/s)",
                 flush=True,
             )
-            del model
-            if progress and len(rows) < len(runs):
-                progress(result(f"{n} {p}" for n, p in runs[len(rows) :]))
+        del steps
+        done = {(row["model"], row["precision"]) for row in rows}
+        if progress and len(done) < len(runs):
+            progress(result(f"{n} {p}" for n, p in runs if (n, p) not in done))
     keras.backend.clear_session()
     return result()
 
@@ -662,7 +681,10 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
             f"Training steps (`train_on_batch`, Adam, binary cross-entropy, compiled as "
             f"`rmib.training` compiles) at {s['image_size']} px, batch {s['batch_size']}, "
             f"random images; {s['warmup_steps']} warm-up steps excluded, median of "
-            f"{s['timed_steps']} timed steps. GFLOP/s = 3 x forward FLOPs x batch / step time; "
+            f"{s['timed_steps']} timed steps. The models of one family (an rmib backbone "
+            "with and without CBAM, its keras.applications twin, every precision) are "
+            "built together and take their timed steps in turns, so load changes hit "
+            "them alike; the load column is the load average when the family started. GFLOP/s = 3 x forward FLOPs x batch / step time; "
             "% of peak is against the peak of the same precision (bfloat16 for "
             'mixed_bfloat16). "vs keras.applications" divides by the plain '
             "keras.applications model (weights=None, same head) in the same precision.",

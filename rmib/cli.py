@@ -50,6 +50,28 @@ def _register():
 _register()
 
 
+def reference_markdown() -> str:
+    """The CLI reference (docs/CLI.md), generated from every command's --help."""
+    lines = [
+        "# rmib command-line reference",
+        "",
+        "Generated from `--help` by `make docs`; do not edit by hand.",
+        "",
+    ]
+
+    def walk(command, path):
+        ctx = click.Context(command, info_name=" ".join(path))
+        lines.extend(
+            [f"## `{' '.join(path)}`", "", "```", command.get_help(ctx).rstrip(), "```", ""]
+        )
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                walk(command.get_command(ctx, name), [*path, name])
+
+    walk(cli, ["rmib"])
+    return "\n".join(lines)
+
+
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return cli.main(args=argv, prog_name="rmib")

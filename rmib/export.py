@@ -49,12 +49,13 @@ TILED_MODEL_TYPES = ("encoder-decoder",)
 
 CALLER_PREPROCESSING = (
     "segment_image takes the photograph after the preprocessing named in 'preprocessing' "
-    "(IDRiD centre crop if centre_crop, then the field-of-view mask of that photograph, then "
+    "(if centre_crop and the photograph is at least 2816 x 3328: its centre 2816 x 3328, "
+    "then the field-of-view mask of that photograph, then "
     "method: 'clahe' = OpenCV CLAHE clip 1.5, 8x8 tiles on the LAB L channel; 'graham' = "
     "4 I - 4 GaussianBlur(I, sigma 10 * max(H, W) / 800) + 128; 'none'), "
     "as uint8 RGB, and the field-of-view mask as uint8 0/1 (or shape (0, 0) for none); "
     "see README 'Serving a SavedModel'. classify takes the photograph after the whole "
-    "preprocessing (field-of-view crop, method, resize with centred padding to size x size) "
+    "preprocessing (field-of-view crop, resize with centred padding to size x size, method) "
     "as float32 in [0, 255]."
 )
 

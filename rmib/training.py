@@ -948,7 +948,10 @@ def fit(
     `checkpoints/best.keras` when `config.monitor` improves, and the state.
     Stops early after `config.early_stopping_patience` epochs without
     improvement, and at the end keeps the best weights (`config.restore_best`)
-    and saves `model.keras` with the metadata.
+    and saves `model.keras` with the metadata. Under strategy "multiworker"
+    the epochs run in `_distributed_fit` (Keras' own fit fails there), with
+    the same callbacks and files; workers other than the chief write theirs
+    under `<run_dir>/workers/<task>_<index>/`.
 
     Args:
         model: a function returning a new (uncompiled) `keras.Model`, called
@@ -1055,6 +1058,9 @@ def fit(
         elif not isinstance(model, keras.Model):
             model = model()
         _check_float32_outputs(model)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Metric objects made outside the scope hold per-worker variables.
+            compile_args["metrics"] = _metrics_in_scope(compile_args.get("metrics"))
         _compile(model, make_optimizer(cfg, steps), compile_args)
         if state:
             model.optimizer.build(model.trainable_variables)
@@ -1129,6 +1135,17 @@ def fit(
     return _finish(run, cfg, phase, state, model, run_metadata, save_final, unsafe_load)
 
 
+def _metrics_in_scope(metrics):
+    """Fresh copies (from their configs) of the metric objects in `metrics`."""
+    if isinstance(metrics, keras.metrics.Metric):
+        return type(metrics).from_config(metrics.get_config())
+    if isinstance(metrics, dict):
+        return {k: _metrics_in_scope(v) for k, v in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return type(metrics)(_metrics_in_scope(m) for m in metrics)
+    return metrics  # names and functions: Keras builds them in the scope
+
+
 def _as_dataset(data, batch_size: int) -> tf.data.Dataset:
     if isinstance(data, tf.data.Dataset):
         return data
@@ -1171,6 +1188,10 @@ def _distributed_fit(
             "strategy multiworker needs the number of steps per epoch (set steps_per_epoch): "
             "every worker must run the same number of steps"
         )
+    # As model.fit does: build the compiled metrics in the strategy's scope now;
+    # built lazily inside strategy.run, their variables would stay per worker.
+    with strategy.scope():
+        model._symbolic_build(data_batch=next(iter(train)))
     train_batches = distribute_dataset(strategy, train)
     val_batches = None
     if val_data is not None:
@@ -1188,7 +1209,18 @@ def _distributed_fit(
 
     @tf.function
     def test_step(batch):
-        return reduced(strategy.run(model.test_step, args=(batch,)))
+        strategy.run(model.test_step, args=(batch,))
+
+    @tf.function
+    def metrics_result():
+        # Metric variables sync on read: read here, across replicas, they hold the
+        # sums over every worker, so AUC, RMSE ... are those of the global data
+        # (a mean of per-worker results would not be).
+        return model.get_metrics_result()
+
+    def epoch_metrics(prefix=""):
+        with strategy.scope():
+            return {f"{prefix}{k}": float(v) for k, v in metrics_result().items()}
 
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
@@ -1213,13 +1245,12 @@ def _distributed_fit(
             callback_list.on_train_batch_begin(step)
             logs = train_step(epoch_iterator)
             callback_list.on_train_batch_end(step, logs)
-        epoch_logs = {k: float(v) for k, v in logs.items()}
+        epoch_logs = epoch_metrics()
         if val_batches is not None:
             model.reset_metrics()
-            val_logs = {}
             for batch in val_batches:
-                val_logs = test_step(batch)
-            epoch_logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
+                test_step(batch)
+            epoch_logs.update(epoch_metrics("val_"))
         callback_list.on_epoch_end(epoch, epoch_logs)
         if model.stop_training:
             break

@@ -167,6 +167,24 @@ def _readme_serving_code() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.parametrize("method", ["clahe", "graham", "none"])
+def test_readme_preprocessing_equals_rmibs(method):
+    from rmib.data import fundus
+
+    namespace = {}
+    exec(compile(_readme_serving_code(), "README.md", "exec"), namespace)
+    # (1300, 1500): the field of view is found on a downscaled copy, then scaled back.
+    for size, seed in [(96, 0), ((150, 170), 1), ((1300, 1500), 2)]:
+        photograph, _, _ = synthetic.synthesize_fundus(size, seed=seed, grade=3)
+        image, fov = namespace["preprocess"](photograph, {"centre_crop": True, "method": method})
+        expected, _, expected_fov = preprocess_array(
+            photograph, Preprocessing(method, centre_crop=True)
+        )
+        np.testing.assert_array_equal(fov, fundus.fov_mask(photograph))
+        np.testing.assert_array_equal(fov, expected_fov)
+        np.testing.assert_array_equal(image, expected)
+
+
 def test_savedmodel_served_without_rmib_matches_rmib_predict(
     segmenter_export, segment_run, tmp_path
 ):
@@ -268,6 +286,7 @@ def test_keras_format_copies_the_model_file(segment_run, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["ex.keras"]
 
 
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
 def test_tflite_classifier_matches_keras(pretrain_run, tmp_path):
     import tensorflow as tf
 
