@@ -59,7 +59,8 @@ KERAS_TWIN = {
 }
 NOISE_NOTE = (
     "Measured on a CPU shared with other running jobs: absolute numbers are noisy "
-    "(see the load averages); compare the ratios measured side by side. "
+    "(see the load averages); compare the ratios measured side by side. A % of peak "
+    "above 100 only means the peak was measured at a busier moment than the row. "
     "**Regenerate on a quiet machine with `make bench` before quoting these numbers.**"
 )
 
@@ -586,7 +587,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _run_line(machine: dict, settings: Settings) -> str:
-    kind = "QUICK smoke-test sizes, not a benchmark" if settings.quick else "full sizes"
+    kind = "QUICK smoke-test sizes, not a benchmark" if settings.quick else "sizes as stated"
     return (
         f"_Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores), "
         f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}; {kind}; "
