@@ -184,6 +184,8 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
     prob = model.predict(val_images.astype(np.float32), batch_size=cfg.train.batch_size, verbose=0)
     prob = np.asarray(prob, np.float64).reshape(-1)
     report = metrics.binary_classification_report(val_labels, prob, threshold=cfg.threshold)
+    if not training.is_chief(training.get_strategy(cfg.train.strategy)):
+        return report  # only the chief of a multi-worker run writes the run directory
     metrics.save_roc_curve(
         val_labels, prob, Path(run.path) / "roc_curve.png", title="Validation ROC"
     )
