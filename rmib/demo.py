@@ -117,6 +117,13 @@ def run_main_job(data_root, out, args):
     ev = evaluate_dataset(segmenter, [data_root], out / "evaluation", split="test")
     region = ev["region_f_score"]["0.5"]
 
+    _step("8. Export a SavedModel and check it against the Keras model")
+    from rmib.export import export_model
+
+    exported = export_model(runs / "segment-ex", out / "export" / "segment-ex", check=True)
+    worst = max(exported.differences.values()) if exported.differences else float("nan")
+    print(f"wrote {exported.path} (signatures: {', '.join(exported.signatures)})")
+
     return [
         f"stage 1  VGG16-CBAM classifier: accuracy {pre['accuracy']:.3f}, "
         f"ROC AUC {pre['roc_auc']:.3f}  ({runs / 'pretrain'})",
@@ -125,6 +132,7 @@ def run_main_job(data_root, out, args):
         f"evaluate {ev['images']} test images: AUPR {ev['aupr']:.3f}, F1 {ev['f1']:.3f}, "
         f"IoU {ev['iou']:.3f}, region F (sigma 0.5) {region:.3f}  ({out / 'evaluation'})",
         f"predict  {out / 'predictions'} (probability map, mask, overlay)",
+        f"export   {exported.path}: SavedModel reloaded, max abs difference {worst:.2e}",
         f"contact sheet  {out / 'contact_sheet.png'}",
     ]
 

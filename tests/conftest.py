@@ -97,6 +97,8 @@ def segment_run(tmp_path_factory, synthetic_idrid, pretrain_run):
             2,
             "--val-fraction",
             0.2,
+            "--predict-tile",
+            128,
             "--out",
             out,
             "--seed",

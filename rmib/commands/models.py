@@ -176,6 +176,11 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     "--epochs-per-phase", type=click.IntRange(min=1), help="Local-global: epochs per phase."
 )
 @click.option(
+    "--predict-tile",
+    type=click.IntRange(min=32),
+    help="Tile side for whole-image validation and prediction (a multiple of 32) [512].",
+)
+@click.option(
     "--variant",
     type=click.Choice(["dual-dsm", "single-dice", "single-bce"]),
     help="Dual2Net: the paper's ablation variants [dual-dsm].",
@@ -214,6 +219,7 @@ def segment(
             "fine_tune_after",
             "patch_size",
             "patches_per_epoch",
+            "predict_tile",
             "loss",
             "val_fraction",
             "val_names",
