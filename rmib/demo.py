@@ -74,12 +74,12 @@ def run_main_job(data_root, out, args):
             "data": [str(data_root)],
             "backbone": "vgg16",
             "cbam": True,
-            "image_size": 128,
+            "image_size": 96,
             "val_fraction": 0.25,
             "out": str(runs / "pretrain"),
             "train.epochs": args.epochs,
             "train.batch_size": 4,
-            "train.learning_rate": 1e-4,
+            "train.learning_rate": 5e-4,
             "train.seed": args.seed,
         },
     )
@@ -93,9 +93,9 @@ def run_main_job(data_root, out, args):
             "data": [str(data_root)],
             "lesion": "EX",
             "encoder": str(runs / "pretrain"),
-            "patch_size": 96,
-            "patches_per_epoch": 256,
-            "predict_tile": 256,
+            "patch_size": 64,
+            "patches_per_epoch": 192,
+            "predict_tile": 128,
             "val_fraction": 0.2,
             "out": str(runs / "segment-ex"),
             "train.epochs": args.epochs,
@@ -141,9 +141,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument(
         "--quick", action="store_true", help="only synthesise, inspect and draw the contact sheet"
     )

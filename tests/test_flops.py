@@ -105,12 +105,14 @@ def test_training_step_counts_three_forward_passes():
 
 def test_markdown_keeps_other_sections(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    run.write_markdown(out, {"peak": "## Machine peak\n\nold", "tiled_prediction": "## tiled\n\nT"})
+    run.write_markdown(
+        out, {"peak": "## Machine peak\n\nOLD-PEAK", "tiled_prediction": "## tiled\n\nT"}
+    )
     sections = run.read_sections(out)
-    sections.update({"peak": "## Machine peak\n\nnew"})
+    sections.update({"peak": "## Machine peak\n\nNEW-PEAK"})
     run.write_markdown(out, sections)
     text = out.read_text()
-    assert "new" in text and "old" not in text and "## tiled\n\nT" in text
+    assert "NEW-PEAK" in text and "OLD-PEAK" not in text and "## tiled\n\nT" in text
     assert text.index("Machine peak") < text.index("## tiled")
     assert text.startswith("# rmib benchmarks")
 

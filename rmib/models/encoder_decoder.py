@@ -13,6 +13,11 @@ import keras
 from rmib.models.backbones import backbone_name, build_backbone, tap_strides
 from rmib.models.layers import FusedBatchNormalization
 
+# PyTorch's default (Keras' 0.99 would need thousands of steps): a lesion segmenter
+# trained for a few hundred patch batches must predict with moving statistics that
+# have caught up with the decoder's activations.
+DECODER_BN_MOMENTUM = 0.9
+
 
 def _decoder_block(x, skip, filters, name):
     x = keras.layers.UpSampling2D(2, name=f"{name}_upsample")(x)
@@ -20,12 +25,14 @@ def _decoder_block(x, skip, filters, name):
         x = keras.layers.Concatenate(name=f"{name}_concat")([x, skip])
     # Normalised like a ResNet projection shortcut: VGG features reach the hundreds.
     shortcut = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_projection")(x)
-    shortcut = FusedBatchNormalization(name=f"{name}_projection_bn")(shortcut)
+    shortcut = FusedBatchNormalization(momentum=DECODER_BN_MOMENTUM, name=f"{name}_projection_bn")(
+        shortcut
+    )
     for index in (1, 2):
         x = keras.layers.Conv2D(
             filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}"
         )(x)
-        x = FusedBatchNormalization(name=f"{name}_bn{index}")(x)
+        x = FusedBatchNormalization(momentum=DECODER_BN_MOMENTUM, name=f"{name}_bn{index}")(x)
         x = keras.layers.Activation("relu", name=f"{name}_relu{index}")(x)
     return keras.layers.Add(name=f"{name}_add")([shortcut, x])
 
