@@ -181,6 +181,7 @@ def atomic_write(path, mode: str = "w", **kwargs):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _public_mode(tmp)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -202,6 +203,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    _public_mode(tmp)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -223,6 +225,7 @@ def atomic_directory(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _public_mode(tmp, directory=True)
     try:
         yield tmp
         for root, _, files in os.walk(tmp):
@@ -241,6 +244,17 @@ def atomic_directory(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(path, directory=False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual mode."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _fsync_dir(directory: Path) -> None:
