@@ -16,4 +16,5 @@ def test_reference_lists_every_command():
 def test_docs_cli_md_is_up_to_date(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     committed = (ROOT / "docs" / "CLI.md").read_text()
-    assert committed.strip() == reference_markdown().strip(), "run `make docs`"
+    # Column alignment depends on the terminal click sees; the words must not.
+    assert committed.split() == reference_markdown().split(), "run `make docs`"
