@@ -153,7 +153,7 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 @click.option(
     "--loss",
     type=click.Choice(["bce", "dice", "bce+dice", "weighted-bce"]),
-    help="Loss [bce+dice].",
+    help="Loss [bce].",
 )
 @click.option("--val-fraction", type=float, help="Whole images held out for validation [0.2].")
 @click.option("--val-names", multiple=True, help="Hold out these images (by name) instead.")
