@@ -65,6 +65,7 @@ from rmib import losses as losses_lib
 from rmib.data import fundus
 from rmib.data.pipeline import preprocess_array
 from rmib.errors import RmibError
+from rmib.models.backbones import _bottleneck as resnet_bottleneck
 from rmib.models.backbones import backbone_name, build_backbone
 from rmib.models.layers import CBAM, FusedBatchNormalization
 from rmib.segmenters import Segmenter, register_segmenter
@@ -252,26 +253,9 @@ class PyramidPooling(keras.layers.Layer):
 # --------------------------------------------------------------------------- parts
 
 
-def _bottleneck(x, filters, cbam, name):
-    """ResNet50's identity bottleneck with rmib's layer names (CBAM before the add)."""
-    shortcut = x
-    x = keras.layers.Conv2D(filters, 1, name=f"{name}_1_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_1_bn")(x)
-    x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
-    x = keras.layers.Conv2D(filters, 3, padding="same", name=f"{name}_2_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_2_bn")(x)
-    x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
-    x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_3_bn")(x)
-    if cbam:
-        x = CBAM(name=f"{name}_cbam")(x)
-    x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
-    return keras.layers.Activation("relu", name=f"{name}_out")(x)
-
-
 def _last_block(x, base, cbam):
     if base == "resnet50":
-        return _bottleneck(x, 512, cbam, "conv5_block3")
+        return resnet_bottleneck(x, 512, 1, False, cbam, "conv5_block3")
     x = keras.layers.Conv2D(512, 3, activation="relu", padding="same", name="block5_conv3")(x)
     return CBAM(name="block5_cbam")(x) if cbam else x
 
