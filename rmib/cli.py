@@ -59,14 +59,18 @@ def reference_markdown() -> str:
         "",
     ]
 
-    def walk(command, path):
-        ctx = click.Context(command, info_name=" ".join(path))
+    def walk(command, path, parent=None):
+        # The parent chain and context settings make each page what `--help` shows
+        # (``-h`` included), whatever click has cached from earlier invocations.
+        ctx = click.Context(
+            command, info_name=" ".join(path), parent=parent, **command.context_settings
+        )
         lines.extend(
             [f"## `{' '.join(path)}`", "", "```", command.get_help(ctx).rstrip(), "```", ""]
         )
         if isinstance(command, click.Group):
             for name in command.list_commands(ctx):
-                walk(command.get_command(ctx, name), [*path, name])
+                walk(command.get_command(ctx, name), [*path, name], ctx)
 
     walk(cli, ["rmib"])
     return "\n".join(lines)
