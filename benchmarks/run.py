@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.local_global import local_global_prediction, render_local_global
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -568,6 +570,7 @@ def multiworker_throughput(settings: Settings, peak: dict, progress=None) -> dic
 BENCHMARKS = {
     "pretrain_throughput": pretrain_throughput,
     "tiled_prediction": tiled_prediction,
+    "local_global_prediction": local_global_prediction,
     "multiworker_throughput": multiworker_throughput,
 }
 
@@ -815,6 +818,7 @@ def _strategies():
 RENDERERS = {
     "pretrain_throughput": render_pretrain,
     "tiled_prediction": render_tiled,
+    "local_global_prediction": render_local_global,
     "multiworker_throughput": render_multiworker,
 }
 

@@ -36,6 +36,12 @@ class LocalGlobalConfig:
             phases "global" and "local" use `[train]` (recipes: 2e-4, poly).
         joint_epochs / joint_learning_rate: phase "joint" (paper: 60, 1e-4).
         fusion_filters: width of the fusion convolutions; 0 = base_filters.
+        encoder_nets: which nets, of "global" and "local", take the run's
+            `encoder` (a stage-1 run or a backbone name) as their encoder, with
+            the U-Net decoder over its skip taps (depth at most 5). Empty
+            (default): both when `encoder` is a stage-1 run, neither (the
+            paper's plain U-Nets) when it is a backbone name; `rmib segment
+            --encoder NAME` given on the command line means both.
     """
 
     global_size: int = 640
@@ -54,9 +60,17 @@ class LocalGlobalConfig:
     joint_epochs: int = 60
     joint_learning_rate: float = 1e-4
     fusion_filters: int = 0
+    encoder_nets: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         check_fields(self)
+        require(
+            self,
+            "encoder_nets",
+            all(n in ("global", "local") for n in self.encoder_nets)
+            and len(set(self.encoder_nets)) == len(self.encoder_nets),
+            'a list of "global" and/or "local", each at most once ([] = the default)',
+        )
         order = list(LOCAL_GLOBAL_PHASES)
         require(
             self,

@@ -149,6 +149,25 @@ def load_segmenter(
     )
 
 
+def make_segmenter(model, metadata, *, tile=None, overlap=None, batch_size=None):
+    """The Segmenter of an already loaded model and its run metadata (as `load_segmenter`).
+
+    Raises:
+        RmibError: metadata of an unknown segmentation model type, or a bad tile.
+    """
+    model_type = dict(metadata or {}).get("model", "encoder-decoder")
+    if model_type not in SEGMENTER_TYPES:
+        _import_model_types()
+    if model_type not in SEGMENTER_TYPES:
+        raise RmibError(
+            f"unknown segmentation model type {model_type!r} "
+            f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
+        )
+    return SEGMENTER_TYPES[model_type](
+        model, metadata, tile=tile, overlap=overlap, batch_size=batch_size
+    )
+
+
 def _import_model_types():
     """Import the modules that register further segmenter types."""
     import importlib
@@ -161,4 +180,10 @@ def _import_model_types():
                 raise
 
 
-__all__ = ["Segmenter", "TiledSegmenter", "load_segmenter", "register_segmenter"]
+__all__ = [
+    "Segmenter",
+    "TiledSegmenter",
+    "load_segmenter",
+    "make_segmenter",
+    "register_segmenter",
+]

@@ -16,7 +16,8 @@ import click
     default="savedmodel",
     show_default=True,
     help="savedmodel: TensorFlow SavedModel with named signatures; keras: a copy of the "
-    ".keras file; tflite: the classify / segment_patch signature for TFLite.",
+    ".keras file; tflite: the batch signature (classify, segment_patch or segment_resized) "
+    "for TFLite.",
 )
 @click.option(
     "--out", type=click.Path(path_type=pathlib.Path), required=True, help="Where to write it."
@@ -24,10 +25,19 @@ import click
 @click.option(
     "--check",
     is_flag=True,
-    help="Reload the export and compare it with the Keras model (max abs difference < 1e-4).",
+    help="Reload the export and compare it with what rmib predict / rmib grade predict "
+    "compute (max abs difference < 1e-4).",
 )
-@click.option("--tile", type=click.IntRange(min=32), help="Tile side of segment_image.")
-@click.option("--overlap", type=float, help="Tile overlap of segment_image, in [0, 1).")
+@click.option(
+    "--tile",
+    type=click.IntRange(min=1),
+    help="Tile side of segment_image (tiled segmenters); default what rmib predict uses.",
+)
+@click.option(
+    "--overlap",
+    type=float,
+    help="Tile overlap of segment_image, in [0, 1) (tiled segmenters).",
+)
 @click.option(
     "--unsafe-load",
     is_flag=True,
@@ -36,7 +46,9 @@ import click
 def export(model, export_format, out, check, tile, overlap, unsafe_load):
     """Export MODEL (a run directory or a .keras file) for serving without rmib.
 
-    The SavedModel's signatures, their inputs and outputs and the
+    Classifiers, every segmenter (encoder-decoder, local-global U-Net,
+    Dual2Net) and graders (the run directory of rmib grade train; SavedModel
+    only). The SavedModel's signatures, their inputs and outputs and the
     preprocessing the caller applies are in OUT/assets/rmib.json.
     """
     from rmib.export import CHECK_TOLERANCE, export_model

@@ -139,7 +139,10 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     help="Segmentation method [encoder-decoder].",
 )
 @click.option(
-    "--encoder", type=str, help="A `rmib pretrain` run directory, or vgg16 | resnet50 to build one."
+    "--encoder",
+    type=str,
+    help="A `rmib pretrain` run directory, or vgg16 | resnet50 to build one "
+    "(local-global: the encoder of GlobalNet and LocalNet, see --encoder-nets).",
 )
 @click.option("--cbam/--no-cbam", default=None, help="With a backbone name: add CBAM.")
 @click.option("--weights", type=str, help="With a backbone name: none | imagenet | PATH.")
@@ -176,6 +179,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     "--epochs-per-phase", type=click.IntRange(min=1), help="Local-global: epochs per phase."
 )
 @click.option(
+    "--encoder-nets",
+    type=str,
+    help="Local-global: which nets take --encoder: global,local | global | local "
+    "[both with --encoder; plain U-Nets without].",
+)
+@click.option(
     "--predict-tile",
     type=click.IntRange(min=32),
     help="Tile side for whole-image validation and prediction (a multiple of 32) [512].",
@@ -199,6 +208,7 @@ def segment(
     base_filters,
     phases,
     epochs_per_phase,
+    encoder_nets,
     variant,
     **kwargs,
 ):
@@ -235,8 +245,15 @@ def segment(
         [p.strip() for p in phases.split(",") if p.strip()] if phases else None
     )
     overrides["local_global.epochs_per_phase"] = epochs_per_phase
+    overrides["local_global.encoder_nets"] = (
+        [n.strip() for n in encoder_nets.split(",") if n.strip()] if encoder_nets else None
+    )
     overrides["dual2net.variant"] = variant
     cfg = load_config(SegmentConfig, config_path, overrides)
+    if kwargs.get("encoder") and cfg.model == "local-global" and not cfg.local_global.encoder_nets:
+        # An encoder asked for on the command line is meant for both nets, even
+        # a backbone name (which SegmentConfig's default alone does not select).
+        cfg.local_global.encoder_nets = ["global", "local"]
     _start_cluster_strategy(cfg.train.strategy)
     run_segment(cfg, resume=resume)
 

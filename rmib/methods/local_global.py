@@ -9,8 +9,8 @@
 Each phase is one `rmib.training.fit` call with its own files in the run
 directory (`history_<phase>.csv`, `checkpoints/last_<phase>.keras` ...), so a
 resumed run skips the finished phases and continues the one it was in. The
-next phase starts from the best weights of the previous ones, moved by weight
-name (`copy_matching_weights`). The last phase writes `model.keras`; the run's
+next phase starts from the best weights of the previous ones, moved by their
+place in the model (`copy_matching_weights`). The last phase writes `model.keras`; the run's
 metadata "network" says whether it is the fused model or, for a run of
 ["global"] or ["local"] alone (the paper's ablation), a single net, and
 `rmib.models.local_global.LocalGlobalSegmenter` predicts with any of them.
@@ -20,6 +20,16 @@ the weighted cross-entropy of eq. 2 (`rmib.losses.weighted_bce`), phi the
 squared L2 norm of every convolution kernel (Keras' L2 regulariser, i.e.
 weight decay; the paper says "e.g. L2 norm"). The single nets train on their
 own term plus l3 * phi.
+
+Encoders: by default GlobalNet and LocalNet are plain U-Nets trained from
+scratch, as in the paper. With `--encoder RUN_DIR` (a `rmib pretrain` run)
+both nets (or those of `[local_global] encoder_nets`) get a copy of the
+stage-1 classifier's backbone as their encoder, with the U-Net decoder over its
+skip taps (`rmib.models.unet.build_encoder_unet_trunk`), frozen in every phase
+unless `freeze_encoder = "no"` (as the encoder-decoder's; a backbone name with
+`encoder_nets` set builds one from `--weights`). `fine_tune_after` is refused:
+the phases decide what trains. A backbone's deepest tap is P5, so the paper's
+depth 6 becomes 5 on one.
 
 Data: every photograph is preprocessed once (IDRiD centre crop when it is at
 least 2816 x 3328, then `cfg.preprocessing`). GlobalNet sees it resized to
@@ -36,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -55,11 +64,13 @@ from rmib.data.pipeline import (
 from rmib.errors import BadInputError, RmibError
 from rmib.losses import weighted_bce
 from rmib.models.local_global import (
+    BACKBONE_MAX_DEPTH,
     LocalGlobalSegmenter,
     _fits_centre_crop,
     build_global_net,
     build_local_global,
     build_local_net,
+    copy_backbone,
     copy_matching_weights,
     default_depths,
     resize_global,
@@ -163,15 +174,27 @@ def resolve_sizes(cfg: SegmentConfig) -> Sizes:
     """Fill in the paper's per-lesion depths and LocalNet's 256-px patch.
 
     `patch_size` is 256 when `cfg.patch_size` is the encoder-decoder's default
-    160 (the two methods share SegmentConfig), else what the user set.
+    160 (the two methods share SegmentConfig), else what the user set. A net
+    on a backbone encoder (`encoder_nets`) has at most `BACKBONE_MAX_DEPTH`
+    (5) levels: the paper's depth 6 becomes 5 there.
 
     Raises:
-        RmibError: sizes the U-Nets cannot take (not multiples of 2**depth).
+        RmibError: sizes the U-Nets cannot take (not multiples of 2**depth),
+            a depth set beyond a backbone encoder's deepest tap.
     """
     lg = cfg.local_global
     defaults = default_depths(cfg.lesion)
-    global_depth = lg.global_depth or defaults["global"]
-    local_depth = lg.local_depth or defaults["local"]
+    chosen = {"global": lg.global_depth, "local": lg.local_depth}
+    depths = {net: chosen[net] or defaults[net] for net in chosen}
+    for net in encoder_nets(cfg):
+        if chosen[net] > BACKBONE_MAX_DEPTH:
+            raise RmibError(
+                f"local_global.{net}_depth {chosen[net]}: a backbone encoder has at most "
+                f"{BACKBONE_MAX_DEPTH} pooling levels (its deepest skip tap is "
+                f"P{BACKBONE_MAX_DEPTH}); choose 1 to {BACKBONE_MAX_DEPTH}, or 0"
+            )
+        depths[net] = min(depths[net], BACKBONE_MAX_DEPTH)
+    global_depth, local_depth = depths["global"], depths["local"]
     patch = PAPER_PATCH if cfg.patch_size == ENCODER_DECODER_PATCH else cfg.patch_size
     for name, size, depth in (
         ("global_size", lg.global_size, global_depth),
@@ -191,6 +214,82 @@ def resolve_sizes(cfg: SegmentConfig) -> Sizes:
         max_filters=lg.max_filters,
         fusion_filters=lg.fusion_filters or lg.base_filters,
     )
+
+
+def encoder_nets(cfg: SegmentConfig) -> tuple:
+    """The nets ("global", "local") whose encoder is `cfg.encoder` rather than the U-Net's.
+
+    `[local_global] encoder_nets` when set; otherwise both when `cfg.encoder`
+    is a stage-1 run (a directory or a .keras file) and neither when it is a
+    backbone name (SegmentConfig's default "vgg16" is the encoder-decoder's;
+    the paper's U-Nets are plain).
+    """
+    from rmib.segment import _is_run
+
+    chosen = cfg.local_global.encoder_nets
+    if chosen:
+        return tuple(net for net in ("global", "local") if net in chosen)
+    return ("global", "local") if _is_run(cfg.encoder) else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSetup:
+    """The backbone encoder of a run's GlobalNet and/or LocalNet.
+
+    Attributes:
+        nets: which nets have it ("global", "local").
+        build: () -> the source backbone (the stage-1 classifier's, or one
+            built by name with `cfg.weights`), made on the first call and kept;
+            each net gets a `copy_backbone` of it.
+        frozen: keep the encoders' weights frozen (`cfg.freeze_encoder`, as
+            the encoder-decoder's: a stage-1 encoder unless "no"; one built by
+            name when "yes", or "auto" with weights).
+        info: what goes into the run's metadata.
+    """
+
+    nets: tuple
+    build: object
+    frozen: bool
+    info: dict
+
+
+def encoder_setup(cfg: SegmentConfig) -> EncoderSetup | None:
+    """The run's backbone encoders (`encoder_nets`), None for plain U-Nets.
+
+    Checks the stage-1 run without loading it (`rmib.segment.encoder_factory`).
+
+    Raises:
+        RmibError: a missing or wrong stage-1 run, an unknown backbone name,
+            `fine_tune_after` (the phases decide what trains; see the message).
+    """
+    if cfg.fine_tune_after:
+        raise RmibError(
+            f"fine_tune_after {cfg.fine_tune_after}: the local-global U-Net trains in phases, "
+            'not in a frozen and a fine-tuning part; set freeze_encoder = "no" (config) '
+            "to train its backbone encoders in the global, local and joint phases"
+        )
+    nets = encoder_nets(cfg)
+    if not nets:
+        return None
+    from rmib.segment import encoder_factory
+
+    try:
+        build_source, info, frozen = encoder_factory(cfg)
+    except RmibError as exc:
+        raise RmibError(
+            f"{exc}; the local-global U-Net takes a stage-1 encoder (a `rmib pretrain` "
+            "run directory or its .keras file) or a backbone name"
+        ) from None
+    info = {**info, "encoder_nets": list(nets), "encoder_frozen": frozen}
+    loaded = []
+
+    def build():
+        # Loaded once per run: every phase copies its encoders from it.
+        if not loaded:
+            loaded.append(build_source())
+        return loaded[0]
+
+    return EncoderSetup(nets=nets, build=build, frozen=frozen, info=info)
 
 
 def phase_config(cfg: SegmentConfig, phase: str, validate: bool):
@@ -491,14 +590,41 @@ def fused_dataset(
 # --------------------------------------------------------------------------- training
 
 
-def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict):
+def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict, encoders=None):
+    frozen = bool(encoders and encoders.frozen)
+
+    def backbones(*nets):
+        # Each net gets its own copy of the source's layers its depth needs.
+        wanted = [net for net in nets if encoders and net in encoders.nets]
+        if not wanted:
+            return {}
+        source = encoders.build()
+        return {
+            net: copy_backbone(source, sizes.depths[net], name=f"{net}_backbone") for net in wanted
+        }
+
     def global_net():
-        return build_global_net(sizes.global_depth, sizes.base_filters, sizes.max_filters, l2)
+        return build_global_net(
+            sizes.global_depth,
+            sizes.base_filters,
+            sizes.max_filters,
+            l2,
+            encoder=backbones("global").get("global"),
+            freeze_encoder=frozen,
+        )
 
     def local_net():
-        return build_local_net(sizes.local_depth, sizes.base_filters, sizes.max_filters, l2)
+        return build_local_net(
+            sizes.local_depth,
+            sizes.base_filters,
+            sizes.max_filters,
+            l2,
+            encoder=backbones("local").get("local"),
+            freeze_encoder=frozen,
+        )
 
     def fused():
+        copies = backbones("global", "local")
         model = build_local_global(
             sizes.global_depth,
             sizes.local_depth,
@@ -507,6 +633,9 @@ def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict):
             sizes.global_size,
             sizes.fusion_filters,
             l2,
+            global_encoder=copies.get("global"),
+            local_encoder=copies.get("local"),
+            freeze_encoders=frozen,
         )
         if "fusion" in trained:
             sources = [trained["fusion"]]
@@ -514,7 +643,9 @@ def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict):
             sources = [trained[name] for name in ("global", "local") if name in trained]
         for source in sources:
             copy_matching_weights(source, model)
-        return set_fusion_only_trainable(model, fusion_only=phase == "fusion")
+        return set_fusion_only_trainable(
+            model, fusion_only=phase == "fusion", freeze_encoders=frozen
+        )
 
     return {"global": global_net, "local": local_net}.get(phase, fused)
 
@@ -580,9 +711,16 @@ def run_metadata(
     centre_crop: bool,
     train_records=(),
     val_records=(),
+    encoders: EncoderSetup | None = None,
 ) -> dict:
-    """The metadata of a local-global run (rmib.json and inside every saved model)."""
+    """The metadata of a local-global run (rmib.json and inside every saved model).
+
+    With backbone encoders it also says which ("encoder", "backbone", "cbam",
+    "encoder_weights", "encoder_nets", "encoder_frozen"); "encoder_nets" is
+    [] for the paper's plain U-Nets.
+    """
     lg = cfg.local_global
+    encoder_info = encoders.info if encoders else {"encoder_nets": []}
     return {
         "task": "segment",
         "model": "local-global",
@@ -604,6 +742,7 @@ def run_metadata(
         "predict_batch": cfg.predict_batch,
         "train_images": [r.name for r in train_records],
         "val_images": [r.name for r in val_records],
+        **encoder_info,
     }
 
 
@@ -616,7 +755,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     `rmib predict` would (`rmib.segment.WholeImageValidation`). The last
     phase writes `model.keras` with the run's metadata (task "segment",
     model "local-global", network, lesion, preprocessing, global_size,
-    patch_size, depths, base_filters ...), which `rmib.segmenters.load_segmenter`
+    patch_size, depths, base_filters, encoder_nets ...), which `rmib.segmenters.load_segmenter`
     turns into a `LocalGlobalSegmenter`.
 
     Args:
@@ -632,22 +771,15 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
 
     Raises:
         RmibError: no readable training image, sizes the U-Nets cannot take,
-            a run directory that already holds a run without `resume`, and
-            the errors of `rmib.training.fit`.
+            a bad encoder (`encoder_setup`), a run directory that already
+            holds a run without `resume`, and the errors of `rmib.training.fit`.
     """
     from rmib.segment import WholeImageValidation, evaluate_examples
 
     run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
     lg = cfg.local_global
+    encoders = encoder_setup(cfg)
     sizes = resolve_sizes(cfg)
-    encoder = Path(cfg.encoder)
-    if encoder.is_dir() or encoder.suffix == ".keras":
-        # `encoder` names a backbone by default (the encoder-decoder's); the
-        # U-Nets here are built from scratch, as in the paper.
-        raise RmibError(
-            f"--encoder {cfg.encoder}: the local-global U-Net does not take a stage-1 "
-            "encoder yet; its GlobalNet and LocalNet are plain U-Nets trained from scratch"
-        )
     cache = PreprocessedCache(cfg.cache_dir or None)
     problems: list = []
     train_photos = load_photographs(train_records, cfg, sizes.global_size, cache, problems)
@@ -665,7 +797,9 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
         if resume and any(run.checkpoint_path("last", p).is_file() for p in later):
             continue  # finished, and a later phase already holds what it passed on
         network = NETWORK_OF_PHASE[phase]
-        metadata = run_metadata(cfg, sizes, network, centre_crop, train_records, val_records)
+        metadata = run_metadata(
+            cfg, sizes, network, centre_crop, train_records, val_records, encoders
+        )
         phase_cfg = phase_config(cfg, phase, validate=bool(val_photos.examples))
         steps = _steps(cfg, phase, len(train_photos.examples))
         start = _start_epoch(run, phase, resume)
@@ -681,7 +815,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
                 )
             )
         model, _ = training.fit(
-            _phase_model_builder(phase, sizes, lg.lambda_l2, trained),
+            _phase_model_builder(phase, sizes, lg.lambda_l2, trained, encoders),
             train_ds,
             None,
             config=phase_cfg,
@@ -699,7 +833,13 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     result = {}
     if val_photos.examples:
         metadata = run_metadata(
-            cfg, sizes, NETWORK_OF_PHASE[lg.phases[-1]], centre_crop, train_records, val_records
+            cfg,
+            sizes,
+            NETWORK_OF_PHASE[lg.phases[-1]],
+            centre_crop,
+            train_records,
+            val_records,
+            encoders,
         )
         result = evaluate_examples(LocalGlobalSegmenter(model, metadata), val_photos.examples)
     if problems:
@@ -711,12 +851,15 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
 
 __all__ = [
     "BoxPatchSampler",
+    "EncoderSetup",
     "PHASES",
     "Photographs",
     "Sizes",
     "WeightedBCE",
     "augment_soft_pair",
     "combined_loss",
+    "encoder_nets",
+    "encoder_setup",
     "fused_dataset",
     "global_dataset",
     "kernels_of",

@@ -15,7 +15,7 @@ from rmib.models.local_global import (
     LocalGlobalSegmenter,
     build_local_global,
 )
-from rmib.models.unet import build_unet, build_unet_trunk
+from rmib.models.unet import build_encoder_unet_trunk, build_unet, build_unet_trunk
 
 __all__ = [
     "Dual2Net",
@@ -31,6 +31,7 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "build_encoder_decoder",
+    "build_encoder_unet_trunk",
     "build_local_global",
     "build_unet",
     "build_unet_trunk",

@@ -26,6 +26,19 @@ from rmib.errors import RmibError
 from rmib.models.layers import CBAM, FusedBatchNormalization, ImageNetPreprocessing
 
 _BN_EPSILON = 1.001e-5  # keras.applications ResNet50's value
+# VGG16 has no batch norm: trained from scratch (weights none), Glorot's initialisation
+# (keras.applications' default) shrinks the signal through its 13 ReLU convolutions, and
+# with CBAM the deep taps vanish (std ~1e-3 at P4); He et al. 2015's initialisation keeps
+# it (they train VGG-like nets from scratch with it). The first convolution also divides by
+# the input's spread: "caffe" pixels (0-255 minus the mean) have a std of about 64, so
+# the features stay O(1) as in a batch-normalised net instead of O(100), which would
+# saturate the untrained head. ImageNet or PATH weights replace all of this.
+_CAFFE_PIXEL_STD = 64.0
+
+
+def _vgg_initializer(block, index):
+    scale = 2.0 / _CAFFE_PIXEL_STD**2 if (block, index) == (1, 1) else 2.0
+    return keras.initializers.VarianceScaling(scale, mode="fan_in", distribution="truncated_normal")
 
 
 def _vgg16(inputs, cbam):
@@ -40,6 +53,7 @@ def _vgg16(inputs, cbam):
                 3,
                 activation="relu",
                 padding="same",
+                kernel_initializer=_vgg_initializer(block, index),
                 name=f"block{block}_conv{index}",
             )(x)
         if cbam:

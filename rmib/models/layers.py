@@ -41,7 +41,7 @@ class CBAM(keras.layers.Layer):
         (2, 8, 8, 32)
     """
 
-    def __init__(self, ratio=16, kernel_size=7, **kwargs):
+    def __init__(self, ratio=16, kernel_size=7, gate_bias=3.0, **kwargs):
         super().__init__(**kwargs)
         if int(ratio) < 1:
             raise ValueError(f"ratio must be a positive integer, got {ratio}")
@@ -49,6 +49,7 @@ class CBAM(keras.layers.Layer):
             raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
         self.ratio = int(ratio)
         self.kernel_size = int(kernel_size)
+        self.gate_bias = float(gate_bias)
         self.supports_masking = False
 
     def build(self, input_shape):
@@ -60,10 +61,24 @@ class CBAM(keras.layers.Layer):
         self.mlp_hidden = keras.layers.Dense(
             hidden, activation="relu", dtype=policy, name="mlp_hidden"
         )
-        self.mlp_output = keras.layers.Dense(channels, dtype=policy, name="mlp_output")
+        # The layers that produce the two attention logits start with zero kernels and a
+        # positive bias: the module starts as a near-identity gate (see the class doc).
+        self.mlp_output = keras.layers.Dense(
+            channels,
+            dtype=policy,
+            name="mlp_output",
+            kernel_initializer="zeros",
+            bias_initializer=keras.initializers.Constant(self.gate_bias / 2),
+        )
         # A bias, like the conv+BN of the reference implementation folded at inference.
         self.spatial_conv = keras.layers.Conv2D(
-            1, self.kernel_size, padding="same", dtype=policy, name="spatial_conv"
+            1,
+            self.kernel_size,
+            padding="same",
+            dtype=policy,
+            name="spatial_conv",
+            kernel_initializer="zeros",
+            bias_initializer=keras.initializers.Constant(self.gate_bias),
         )
         self.mlp_hidden.build((None, channels))
         self.mlp_output.build((None, hidden))
@@ -98,7 +113,9 @@ class CBAM(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"ratio": self.ratio, "kernel_size": self.kernel_size})
+        config.update(
+            {"ratio": self.ratio, "kernel_size": self.kernel_size, "gate_bias": self.gate_bias}
+        )
         return config
 
 

@@ -9,6 +9,12 @@ with two 3x3 convolutions and one 1x1 convolution. The global output stays
 supervised during training; at test time the fused local output is the
 segmentation, patch by patch, stitched.
 
+Optionally (`global_encoder` / `local_encoder`), GlobalNet's and/or LocalNet's
+encoder is a backbone (VGG16 / ResNet50, with or without CBAM: the stage-1
+classifier's of `rmib pretrain`), with the U-Net decoder over its skip taps
+(`rmib.models.unet.build_encoder_unet_trunk`); each net gets its own copy
+(`copy_backbone`), nested in its trunk as "global_encoder" / "local_encoder".
+
 Boxes are normalised (y0, x0, y1, x1) with respect to the whole (preprocessed)
 photograph, edge to edge: a patch whose top-left pixel is (top, left) and whose
 side is p in an H x W photograph has the box (top / H, left / W, (top + p) / H,
@@ -32,9 +38,11 @@ from rmib.data import fundus
 from rmib.data.pipeline import preprocess_array
 from rmib.errors import RmibError
 from rmib.inference import predict_tiled
+from rmib.models.backbones import backbone_name
 from rmib.models.unet import (
     DEFAULT_BASE_FILTERS,
     DEFAULT_MAX_FILTERS,
+    build_encoder_unet_trunk,
     build_unet,
     build_unet_trunk,
     conv_bn_relu,
@@ -48,6 +56,8 @@ LOCAL_DEPTHS = {"EX": 3, "MA": 3, "HE": 6, "SE": 6}
 NETWORKS = ("global", "local", "fused")
 # The layers of the fused model that phase 3 ("fusion") trains; everything else is frozen.
 FUSION_LAYERS = ("fusion_crop", "fusion_concat", "fusion_head")
+# A backbone encoder's deepest skip tap is P5 (stride 32): a net on one has at most 5 levels.
+BACKBONE_MAX_DEPTH = 5
 
 
 def default_depths(lesion: str) -> dict:
@@ -179,13 +189,83 @@ class GlobalFeatureCrop(keras.layers.Layer):
 # --------------------------------------------------------------------------- models
 
 
+def copy_backbone(source, depth: int | None = None, name: str | None = None):
+    """A copy of a backbone's layers, up to its skip tap P{depth}, with their weights.
+
+    The copy has its own variables (fine-tuning it leaves `source`, e.g. the
+    stage-1 classifier, alone; GlobalNet and LocalNet each get one), takes any
+    input size (a stage-1 encoder trained at 480 x 480 serves GlobalNet and
+    LocalNet at theirs) and follows the current dtype policy (the run's
+    precision), not the source's. Layers beyond P{depth} are left out, so
+    nothing is spent initialising them.
+
+    Args:
+        source: an rmib backbone (`build_backbone`), e.g.
+            `classifier.get_layer("backbone")` of a `rmib pretrain` model.
+        depth: the deepest tap kept (None: all).
+        name: the copy's name (default f"{source.name}_copy").
+
+    Returns:
+        A `keras.Model` from (B, H, W, 3) images to the taps "Pk", k <= depth,
+        whose weights equal `source`'s bit for bit.
+
+    Raises:
+        ValueError: `source` is not an rmib backbone, or has no tap that deep.
+    """
+    backbone_name(source)  # raises ValueError for anything else
+    taps = {
+        key: tap for key, tap in source.output.items() if depth is None or int(key[1:]) <= depth
+    }
+    if depth is not None and f"P{depth}" not in taps:
+        raise ValueError(
+            f"backbone {source.name!r} has no tap P{depth}; it has {sorted(source.output)}"
+        )
+    cut = keras.Model(source.input, taps)
+
+    def fresh(layer):
+        config = layer.get_config()
+        config.pop("dtype", None)  # the current dtype policy, not the source run's
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(
+        cut, input_tensors=keras.Input(shape=(None, None, 3), name="image"), clone_function=fresh
+    )
+    for layer in copy.layers:
+        if layer.weights:
+            layer.set_weights(cut.get_layer(layer.name).get_weights())
+    return keras.Model(copy.input, copy.output, name=name or f"{source.name}_copy")
+
+
+def _trunk(net, depth, base_filters, max_filters, l2, encoder, freeze_encoder):
+    name = f"{net}_trunk"
+    if encoder is None:
+        return build_unet_trunk(depth, base_filters, max_filters, l2, name)
+    return build_encoder_unet_trunk(
+        encoder,
+        depth,
+        base_filters,
+        max_filters,
+        l2,
+        name,
+        encoder_name=f"{net}_encoder",
+        freeze_encoder=freeze_encoder,
+    )
+
+
 def build_global_net(
     depth: int,
     base_filters: int = DEFAULT_BASE_FILTERS,
     max_filters: int = DEFAULT_MAX_FILTERS,
     l2: float = 0.0,
+    encoder=None,
+    freeze_encoder: bool = True,
 ):
-    """GlobalNet alone (phase "global"): a U-Net whose trunk is "global_trunk"."""
+    """GlobalNet alone (phase "global"): a U-Net whose trunk is "global_trunk".
+
+    With `encoder` (a backbone, used as is: pass a `copy_backbone`), the trunk's
+    encoder is that backbone cut at P{depth}, nested as "global_encoder" and
+    frozen when `freeze_encoder`.
+    """
     return build_unet(
         depth,
         base_filters,
@@ -194,6 +274,9 @@ def build_global_net(
         name="global_net",
         trunk_name="global_trunk",
         head_name="global_head",
+        encoder=encoder,
+        encoder_name="global_encoder",
+        freeze_encoder=freeze_encoder,
     )
 
 
@@ -202,8 +285,13 @@ def build_local_net(
     base_filters: int = DEFAULT_BASE_FILTERS,
     max_filters: int = DEFAULT_MAX_FILTERS,
     l2: float = 0.0,
+    encoder=None,
+    freeze_encoder: bool = True,
 ):
-    """LocalNet alone (phase "local"): a U-Net whose trunk is "local_trunk"."""
+    """LocalNet alone (phase "local"): a U-Net whose trunk is "local_trunk".
+
+    `encoder`, `freeze_encoder`: as `build_global_net` ("local_encoder").
+    """
     return build_unet(
         depth,
         base_filters,
@@ -212,6 +300,9 @@ def build_local_net(
         name="local_net",
         trunk_name="local_trunk",
         head_name="local_head",
+        encoder=encoder,
+        encoder_name="local_encoder",
+        freeze_encoder=freeze_encoder,
     )
 
 
@@ -233,6 +324,9 @@ def build_local_global(
     fusion_filters: int | None = None,
     l2: float = 0.0,
     name: str = "local_global_unet",
+    global_encoder=None,
+    local_encoder=None,
+    freeze_encoders: bool = True,
 ):
     """The fused local-global U-Net of Yan et al. (ISBI 2019), Fig. 1.
 
@@ -248,7 +342,8 @@ def build_local_global(
     trunks, `build_unet_trunk`), "global_head" (GlobalNet's 1x1 output),
     "fusion_crop" (`GlobalFeatureCrop`), "fusion_concat", "fusion_head"
     (`build_fusion_head`). Names match `build_global_net` / `build_local_net`,
-    so trained single nets load into it by weight path.
+    so trained single nets load into it (`copy_matching_weights`). With a
+    backbone encoder a trunk nests it as "global_encoder" / "local_encoder".
 
     Args:
         global_depth, local_depth: pooling layers of GlobalNet and LocalNet
@@ -256,14 +351,20 @@ def build_local_global(
         base_filters, max_filters: U-Net widths (`unet_filters`).
         global_size: side of the resized photograph (640 in the paper).
         fusion_filters: width of the fusion convolutions (default base_filters).
-        l2: L2 factor on every convolution kernel (the paper's lambda_3).
+        l2: L2 factor on every convolution kernel (the paper's lambda_3); a
+            backbone encoder's own regularisers (none in rmib's) are kept.
         name: the model's name.
+        global_encoder, local_encoder: a backbone as GlobalNet's / LocalNet's
+            encoder, used as is (give each net its own `copy_backbone`); None
+            for the plain U-Net. Depth at most `BACKBONE_MAX_DEPTH`.
+        freeze_encoders: make the backbone encoders' weights non-trainable.
 
     Returns:
         A `keras.Model`.
 
     Raises:
         RmibError: global_size not a multiple of 2**global_depth.
+        ValueError: a depth beyond a backbone encoder's deepest tap.
     """
     global_size = int(global_size)
     if global_size % 2 ** int(global_depth):
@@ -272,8 +373,12 @@ def build_local_global(
             f"got {global_size}"
         )
     fusion_filters = int(fusion_filters or base_filters)
-    global_trunk = build_unet_trunk(global_depth, base_filters, max_filters, l2, "global_trunk")
-    local_trunk = build_unet_trunk(local_depth, base_filters, max_filters, l2, "local_trunk")
+    global_trunk = _trunk(
+        "global", global_depth, base_filters, max_filters, l2, global_encoder, freeze_encoders
+    )
+    local_trunk = _trunk(
+        "local", local_depth, base_filters, max_filters, l2, local_encoder, freeze_encoders
+    )
     global_image = keras.Input(shape=(global_size, global_size, 3), name="global_image")
     patch = keras.Input(shape=(None, None, 3), name="patch")
     box = keras.Input(shape=(4,), name="box")
@@ -293,27 +398,64 @@ def build_local_global(
     )
 
 
-def set_fusion_only_trainable(model, fusion_only: bool = True):
+def backbone_encoders(model) -> dict:
+    """{"global": encoder, "local": encoder} of the nets of `model` that have a backbone encoder.
+
+    Works on the fused model, GlobalNet and LocalNet alone (an empty dict for plain U-Nets).
+    """
+    found = {}
+    for net in ("global", "local"):
+        try:
+            trunk = model.get_layer(f"{net}_trunk")
+            found[net] = trunk.get_layer(f"{net}_encoder")
+        except ValueError:
+            continue
+    return found
+
+
+def set_fusion_only_trainable(model, fusion_only: bool = True, freeze_encoders: bool = False):
     """Freeze everything before the fusion module (phase "fusion") or unfreeze all ("joint").
 
-    Frozen batch norms run in inference mode. Recompile afterwards.
-    Returns the model.
+    `freeze_encoders` keeps backbone encoders frozen in either case (a frozen
+    stage-1 encoder stays frozen in phase "joint"). Frozen batch norms run in
+    inference mode. Recompile afterwards. Returns the model.
     """
     for layer in model.layers:
         layer.trainable = (not fusion_only) or layer.name in FUSION_LAYERS
+    if freeze_encoders:
+        for encoder in backbone_encoders(model).values():
+            encoder.trainable = False
     return model
 
 
-def copy_matching_weights(source, target) -> int:
-    """Copy every weight of `source` into the `target` weight with the same path and shape.
+def _weights_by_place(model, prefix: str = "") -> dict:
+    """{(nested layer names, index): weight}: where each weight sits in the layer tree.
 
-    Moves trained GlobalNet / LocalNet trunks into the fused model and back.
-    Returns the number of weights copied.
+    Unlike `weight.path` (the bare layer name, e.g. "block1_conv1/kernel"),
+    this tells apart the layers of two nested backbones that share layer names.
     """
-    values = {w.path: w for w in source.weights}
+    places = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            places.update(_weights_by_place(layer, f"{prefix}{layer.name}/"))
+            continue
+        for index, weight in enumerate(layer.weights):
+            places[(f"{prefix}{layer.name}", index)] = weight
+    return places
+
+
+def copy_matching_weights(source, target) -> int:
+    """Copy every weight of `source` into the `target` weight at the same place and shape.
+
+    The place of a weight is its chain of (nested) layer names, e.g.
+    "local_trunk/local_encoder/block1_conv1" kernel, so trained GlobalNet /
+    LocalNet trunks move into the fused model and back whatever the model
+    around them. Returns the number of weights copied.
+    """
+    values = _weights_by_place(source)
     copied = 0
-    for weight in target.weights:
-        match = values.get(weight.path)
+    for place, weight in _weights_by_place(target).items():
+        match = values.get(place)
         if match is not None and tuple(match.shape) == tuple(weight.shape):
             weight.assign(match)
             copied += 1
@@ -469,15 +611,18 @@ class LocalGlobalSegmenter(Segmenter):
 
 
 __all__ = [
+    "BACKBONE_MAX_DEPTH",
     "FUSION_LAYERS",
     "GLOBAL_DEPTHS",
     "GlobalFeatureCrop",
     "LOCAL_DEPTHS",
     "LocalGlobalSegmenter",
+    "backbone_encoders",
     "build_fusion_head",
     "build_global_net",
     "build_local_global",
     "build_local_net",
+    "copy_backbone",
     "copy_matching_weights",
     "crop_global_features",
     "default_depths",

@@ -10,7 +10,9 @@ uses 32, doubling per pooling level up to a cap of 512.
 A U-Net here is a *trunk* (image -> the decoder's last feature map, the map the
 fusion module crops) plus a 1x1 sigmoid *head*; `build_unet` nests the trunk
 as a sub-model so that the same trunk (and its weights, by name) moves between
-GlobalNet / LocalNet and the fused network.
+GlobalNet / LocalNet and the fused network. The paper expects other backbones
+to help: `build_encoder_unet_trunk` puts the same decoder on a pretrained
+encoder (an rmib backbone, e.g. the stage-1 classifier's), over its skip taps.
 
 Reference:
     Yan et al., "Learning Mutually Local-Global U-Nets for High-Resolution
@@ -128,6 +130,85 @@ def build_unet_trunk(
     return keras.Model(inputs, x, name=name)
 
 
+def encoder_depth(encoder) -> int:
+    """The deepest pooling level of a backbone: k of its deepest skip tap "Pk" (5 for rmib's)."""
+    return max(int(key[1:]) for key in encoder.output)
+
+
+def build_encoder_unet_trunk(
+    encoder,
+    depth: int,
+    base_filters: int = DEFAULT_BASE_FILTERS,
+    max_filters: int = DEFAULT_MAX_FILTERS,
+    l2: float = 0.0,
+    name: str = "unet_trunk",
+    encoder_name: str | None = None,
+    freeze_encoder: bool = False,
+):
+    """A U-Net trunk whose encoder is a backbone: image -> the decoder's last feature map.
+
+    The encoder path is `encoder` (an rmib backbone, `build_backbone`: RGB in
+    [0, 255], its own preprocessing, skip taps "Pk" at stride 2**k) cut after
+    its tap "P{depth}", which takes the place of the U-Net's bottleneck; its
+    deeper layers are left out. The decoder is `build_unet_trunk`'s: per level,
+    from `depth - 1` up to full resolution, a 2x2 transposed convolution to
+    the level's width (`unet_filters`), concatenation of the encoder tap of
+    the same stride when there is one (ResNet50 has none at full resolution)
+    and two conv3x3-BN-ReLU. Height and width must be multiples of 2**depth.
+
+    The cut encoder is a nested sub-model named `encoder_name` that shares
+    its layers (and weights) with `encoder`; copy the backbone first when
+    two trunks must not share weights.
+
+    Args:
+        encoder: a backbone `keras.Model` whose outputs are a dict of taps.
+        depth: pooling levels used, 1 to `encoder_depth(encoder)` (5).
+        base_filters, max_filters, l2: see `build_unet_trunk` (decoder only).
+        name: the trunk's name and the decoder's layer-name prefix.
+        encoder_name: the cut encoder's name (default f"{name}_encoder").
+        freeze_encoder: make the encoder's weights non-trainable (frozen batch
+            norms then run in inference mode).
+
+    Returns:
+        A `keras.Model` from (B, H, W, 3) to (B, H, W, base_filters).
+
+    Raises:
+        ValueError: depth beyond the encoder's deepest tap, bad widths.
+
+    Example:
+        >>> trunk = build_encoder_unet_trunk(build_backbone("vgg16"), 3, base_filters=8)
+        >>> tuple(trunk(keras.ops.zeros((1, 64, 64, 3))).shape)
+        (1, 64, 64, 8)
+    """
+    deepest = encoder_depth(encoder)
+    depth = int(depth)
+    if not 1 <= depth <= deepest:
+        raise ValueError(
+            f"depth must be 1 to {deepest} (the encoder's deepest tap P{deepest}), got {depth}"
+        )
+    widths = unet_filters(depth, base_filters, max_filters)
+    kept = {key: tap for key, tap in encoder.output.items() if int(key[1:]) <= depth}
+    cut = keras.Model(encoder.input, kept, name=encoder_name or f"{name}_encoder")
+    if freeze_encoder:
+        cut.trainable = False
+    inputs = keras.Input(shape=(None, None, 3), name=f"{name}_image")
+    taps = cut(inputs)
+    x = taps[f"P{depth}"]
+    for level in reversed(range(depth)):
+        x = keras.layers.Conv2DTranspose(
+            widths[level],
+            2,
+            strides=2,
+            kernel_regularizer=_regularizer(l2),
+            name=f"{name}_up{level}",
+        )(x)
+        if f"P{level}" in taps:
+            x = keras.layers.Concatenate(name=f"{name}_concat{level}")([taps[f"P{level}"], x])
+        x = conv_bn_relu(x, widths[level], f"{name}_dec{level}a", l2)
+        x = conv_bn_relu(x, widths[level], f"{name}_dec{level}b", l2)
+    return keras.Model(inputs, x, name=name)
+
+
 def segmentation_head(x, name: str, l2: float = 0.0):
     """The 1x1 conv + sigmoid output of a U-Net, in float32 under any precision policy."""
     return keras.layers.Conv2D(
@@ -149,11 +230,15 @@ def build_unet(
     trunk_name: str | None = None,
     head_name: str | None = None,
     input_shape=(None, None, 3),
+    encoder=None,
+    encoder_name: str | None = None,
+    freeze_encoder: bool = False,
 ):
     """A binary-segmentation U-Net (Yan et al. 2019's GlobalNet / LocalNet).
 
-    image (B, H, W, 3) in [0, 255] -> trunk (`build_unet_trunk`, nested as a
-    sub-model) -> 1x1 conv + sigmoid -> (B, H, W, 1) float32 probabilities.
+    image (B, H, W, 3) in [0, 255] -> trunk (`build_unet_trunk`, or
+    `build_encoder_unet_trunk` with `encoder`, nested as a sub-model) ->
+    1x1 conv + sigmoid -> (B, H, W, 1) float32 probabilities.
 
     Args:
         depth, base_filters, max_filters, l2: see `build_unet_trunk`.
@@ -161,6 +246,9 @@ def build_unet(
         trunk_name: the nested trunk's name (default f"{name}_trunk").
         head_name: the output layer's name (default f"{name}_head").
         input_shape: (height, width, 3); None sides accept any multiple of 2**depth.
+        encoder: a backbone as the trunk's encoder (`build_encoder_unet_trunk`);
+            None for the plain U-Net.
+        encoder_name, freeze_encoder: see `build_encoder_unet_trunk`.
 
     Returns:
         A `keras.Model`.
@@ -170,12 +258,24 @@ def build_unet(
         >>> tuple(model(keras.ops.zeros((1, 64, 64, 3))).shape)
         (1, 64, 64, 1)
     """
-    trunk = build_unet_trunk(
-        depth, base_filters, max_filters, l2, trunk_name or f"{name}_trunk", input_shape
-    )
+    trunk_name = trunk_name or f"{name}_trunk"
+    if encoder is None:
+        trunk = build_unet_trunk(depth, base_filters, max_filters, l2, trunk_name, input_shape)
+    else:
+        trunk = build_encoder_unet_trunk(
+            encoder, depth, base_filters, max_filters, l2, trunk_name, encoder_name, freeze_encoder
+        )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     outputs = segmentation_head(trunk(inputs), head_name or f"{name}_head", l2)
     return keras.Model(inputs, outputs, name=name)
 
 
-__all__ = ["build_unet", "build_unet_trunk", "conv_bn_relu", "segmentation_head", "unet_filters"]
+__all__ = [
+    "build_encoder_unet_trunk",
+    "build_unet",
+    "build_unet_trunk",
+    "conv_bn_relu",
+    "encoder_depth",
+    "segmentation_head",
+    "unet_filters",
+]

@@ -58,10 +58,14 @@ def test_segmenter_encoder_is_the_trained_classifier_encoder(backbone, cbam, eag
     classifier = build_classifier(backbone, cbam=cbam, image_size=SIZE)
     initial = weights_by_path(classifier.get_layer("backbone"))
     x = _images()
-    fit_one_step(classifier, x, np.array([[0.0], [1.0]], "float32"), run_eagerly=True)
+    labels = np.array([[0.0], [1.0]], "float32")
+    fit_one_step(classifier, x, labels, run_eagerly=True)
+    if cbam:  # CBAM's hidden MLP moves once its zero-initialised output kernel has
+        fit_one_step(classifier, x, labels, run_eagerly=True)
     trained = weights_by_path(classifier.get_layer("backbone"))
     changed = [path for path in trained if not np.array_equal(trained[path], initial[path])]
-    assert len(changed) >= len(classifier.get_layer("backbone").trainable_weights)
+    kernels = [w.path for w in classifier.get_layer("backbone").trainable_weights if w.ndim >= 2]
+    assert set(kernels) <= set(changed)  # (a dead ReLU unit's bias may stay put)
 
     segmenter = build_encoder_decoder(classifier.get_layer("backbone"))
     encoder = segmenter.get_layer("backbone")
