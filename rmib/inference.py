@@ -5,8 +5,9 @@ overlap by a fraction of their size, the last tile of each row and column is
 flush with the image edge (no resized remainders), an image smaller than the
 tile is padded, tiles are predicted in batches, and each prediction is
 blended with a smooth weight window that has no zeros, so there are no seams.
-Tiles are cut lazily: at most ``batch_size`` of them exist at any time, so a
-4288x2848 photograph costs its output array plus one batch.
+Tiles are cut lazily: at most ``batch_size`` of them exist at any time, and
+the blending weights are summed per axis, so a 4288x2848 photograph costs its
+output array (plus a boolean field-of-view mask) and one batch.
 """
 
 from __future__ import annotations
@@ -78,14 +79,26 @@ def weight_window(tile, sigma_fraction: float = 0.125, floor: float = WINDOW_FLO
     th, tw = _tile_shape(tile)
     if not 0 < floor <= 1:
         raise ValueError(f"floor must be in (0, 1], got {floor}")
+    return np.outer(
+        _profile(th, sigma_fraction, floor), _profile(tw, sigma_fraction, floor)
+    ).astype(np.float32)
 
-    def profile(size: int) -> np.ndarray:
-        offset = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-        sigma = max(size * sigma_fraction, 1e-6)
-        gaussian = np.exp(-0.5 * (offset / sigma) ** 2)
-        return np.maximum(gaussian / gaussian.max(), floor)
 
-    return np.outer(profile(th), profile(tw)).astype(np.float32)
+def _profile(size: int, sigma_fraction: float = 0.125, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """One axis of `weight_window`: a Gaussian with max 1, clipped below at `floor` (float64)."""
+    offset = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    sigma = max(size * sigma_fraction, 1e-6)
+    gaussian = np.exp(-0.5 * (offset / sigma) ** 2)
+    return np.maximum(gaussian / gaussian.max(), floor)
+
+
+def _axis_weight_sum(length: int, tile: int, starts: list[int]) -> np.ndarray:
+    """Sum along one axis of the window profiles of tiles starting at `starts` (float64)."""
+    total = np.zeros(length, np.float64)
+    profile = _profile(tile)
+    for start in starts:
+        total[start : start + tile] += profile
+    return total
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -151,7 +164,7 @@ def predict_tiled(
             mask = mask[..., 0]
         if mask.shape != (height, width):
             raise ValueError(f"mask is {mask.shape} but the image is {(height, width)}")
-        inside = mask != 0
+        inside = mask  # nonzero = inside; no boolean copy of a whole photograph
 
     padded_h, padded_w = max(height, th), max(width, tw)
     if (padded_h, padded_w) != (height, width):
@@ -159,9 +172,9 @@ def predict_tiled(
         image = np.pad(image, pad, mode=pad_mode)
     stride_y = max(1, th - round(overlap * th))
     stride_x = max(1, tw - round(overlap * tw))
-    positions = [
-        (y, x) for y in tile_grid(padded_h, th, stride_y) for x in tile_grid(padded_w, tw, stride_x)
-    ]
+    starts_y = tile_grid(padded_h, th, stride_y)
+    starts_x = tile_grid(padded_w, tw, stride_x)
+    positions = [(y, x) for y in starts_y for x in starts_x]
     if inside is not None:
         # Fundus corners are black: skip tiles with no field-of-view pixel (their
         # output would be zeroed anyway), but keep one to learn the output depth.
@@ -170,7 +183,6 @@ def predict_tiled(
 
     window = weight_window((th, tw))
     output = None
-    weight_sum = np.zeros((padded_h, padded_w), dtype=np.float32)
     for batch in _batches(positions, batch_size):
         tiles = np.stack([image[y : y + th, x : x + tw] for y, x in batch]).astype(np.float32)
         if with_boxes:
@@ -195,15 +207,23 @@ def predict_tiled(
             )
         for (y, x), tile_prediction in zip(batch, prediction, strict=True):
             output[y : y + th, x : x + tw] += tile_prediction * window[:, :, None]
-            weight_sum[y : y + th, x : x + tw] += window
         del tiles, prediction
 
+    # The summed window weights are separable too: Sy(y) * Sx(x) over the full
+    # grid. The skipped tiles hold no field-of-view pixel, so wherever the
+    # output is kept every tile covering the pixel was predicted. Dividing by the
+    # two axis sums in place needs no image-sized weight array (memory: the
+    # output is the only image-sized float array).
     output = output[:height, :width]
-    weight_sum = weight_sum[:height, :width, None]
-    # Pixels no tile covered lie wholly outside the mask and stay 0.
-    np.divide(output, weight_sum, out=output, where=weight_sum > 0)
+    output /= _axis_weight_sum(padded_h, th, starts_y)[:height, None, None].astype(np.float32)
+    output /= _axis_weight_sum(padded_w, tw, starts_x)[None, :width, None].astype(np.float32)
     if inside is not None:
-        output[~inside] = 0.0
+        # Strip by strip, without the image-sized boolean and index arrays that
+        # `output[mask == 0] = 0` would build.
+        step = max(1, (1 << 16) // width)
+        for top in range(0, height, step):
+            rows = slice(top, top + step)
+            np.copyto(output[rows], 0.0, where=(inside[rows] == 0)[:, :, None])
     return np.ascontiguousarray(output)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io as _io
 import json
 from pathlib import Path
@@ -35,9 +36,26 @@ def collect_images(inputs) -> list[Path]:
     return paths
 
 
+# Pixels per strip when a full-size map is converted piece by piece: the
+# conversions' float / int64 temporaries (up to ~50 bytes a pixel) then cost a
+# strip of a few MB, whatever the photograph's size.
+STRIP_PIXELS = 1 << 18
+
+
+def _by_strips(function, array: np.ndarray, out: np.ndarray, *more) -> np.ndarray:
+    """`out[rows] = function(array[rows], *(m[rows] for m in more))`, strip by strip."""
+    height, width = array.shape[:2]
+    step = max(1, STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, step):
+        rows = slice(top, top + step)
+        out[rows] = function(array[rows], *(m[rows] for m in more))
+    return out
+
+
 def save_probability_png(path, prob):
     """A probability map as a 16-bit PNG (0..65535 = 0..1), the resolution evaluation uses."""
-    io.write_image(path, metrics.quantize16(prob))
+    prob = np.asarray(prob)
+    io.write_image(path, _by_strips(metrics.quantize16, prob, np.empty(prob.shape, np.uint16)))
 
 
 def read_probability_png(path) -> np.ndarray:
@@ -76,21 +94,32 @@ def predict_files(segmenter, inputs, out, threshold=0.5, on_bad="error", echo=cl
                     raise
                 problems.append((exc.path, exc.reason))
                 continue
-            prob = segmenter.predict(image)
             stem = path.stem
-            save_probability_png(out / f"{stem}_prob.png", prob)
-            mask = (prob >= threshold).astype(np.uint8)
-            io.write_image(out / f"{stem}_mask.png", mask * 255)
-            overlay = report.mask_outline_overlay(
-                report.probability_overlay(image, prob, colour), mask, colour
-            )
-            io.write_image(out / f"{stem}_overlay.png", overlay)
+            _predict_and_write(segmenter, image, out, stem, threshold, colour)
             done.append(stem)
     if problems:
         write_skipped(out, problems)
         if not done:
             raise RmibError(f"no image could be read; see {out / 'skipped.csv'}")
     return done, problems
+
+
+def _predict_and_write(segmenter, image, out: Path, stem: str, threshold, colour) -> None:
+    """Predict one photograph; write <stem>_prob.png, _mask.png and _overlay.png.
+
+    Memory: beyond the photograph and the maps written, only strips of
+    temporaries (the float overlay blend, the quantisation) and a copy for
+    encoding; the probability map is released once the overlay is blended.
+    """
+    prob = segmenter.predict(image)
+    save_probability_png(out / f"{stem}_prob.png", prob)
+    mask = np.greater_equal(prob, threshold).view(np.uint8)  # 0/1 without a copy
+    io.write_image(out / f"{stem}_mask.png", mask * np.uint8(255))
+    blend = functools.partial(report.probability_overlay, colour=colour)
+    overlay = _by_strips(blend, image, np.empty(image.shape, np.uint8), prob)
+    del prob
+    overlay = report.mask_outline_overlay(overlay, mask, colour)
+    io.write_image(out / f"{stem}_overlay.png", overlay)
 
 
 def evaluate_dataset(

@@ -101,9 +101,11 @@ class TiledSegmenter(Segmenter):
         self._predict = _compiled_predict(model)
 
     def predict_prepared(self, image, fov=None):
+        # The image goes in as it is (uint8): predict_tiled casts each batch of
+        # tiles to float32, so no float copy of the whole photograph is made.
         out = predict_tiled(
             lambda tiles: self._predict(tf.convert_to_tensor(tiles, tf.float32)),
-            np.asarray(image, np.float32),
+            np.asarray(image),
             tile=self.tile,
             overlap=self.overlap,
             batch_size=self.batch_size,

@@ -126,6 +126,8 @@ class PreprocessedCache:
     Args:
         directory: where to keep preprocessed arrays as `.npy` (memory-mapped on
             reading, so datasets larger than RAM stream); None keeps them in memory.
+            With a directory nothing is held here: every `load` maps the files
+            afresh, and the mapping (one open file each) ends with the Example.
     """
 
     def __init__(self, directory=None):
@@ -150,15 +152,15 @@ class PreprocessedCache:
         if key in self._memory:
             return self._memory[key]
         if self.directory is not None:
+            # The files are the cache: holding their memory maps here would keep
+            # two or three files open per photograph (EMFILE past ~500 photographs
+            # under the usual 1024-file limit, and the kernel's 65530 maps per
+            # process past ~30000).
             folder = self.directory / key
-            if (folder / "image.npy").exists():
-                example = self._read(folder, record.name)
-                self._memory[key] = example
-                return example
+            if not (folder / "image.npy").exists():
+                self._write(folder, self._compute(record, prep, lesion))
+            return self._read(folder, record.name)
         example = self._compute(record, prep, lesion)
-        if self.directory is not None:
-            self._write(self.directory / key, example)
-            example = self._read(self.directory / key, record.name)
         self._memory[key] = example
         return example
 
@@ -204,18 +206,26 @@ class PreprocessedCache:
 def load_examples(records, prep, lesion=None, cache=None, on_bad="error", problems=None):
     """Preprocess `records` through `cache`; bad files raise or, with on_bad="skip",
     are appended to `problems` as (path, reason) and left out."""
-    cache = cache or PreprocessedCache()
     examples, kept = [], []
+    for record, example in _load_each(records, prep, lesion, cache, on_bad, problems):
+        examples.append(example)
+        kept.append(record)
+    return examples, kept
+
+
+def _load_each(records, prep, lesion=None, cache=None, on_bad="error", problems=None):
+    """Yield (record, Example) of the readable `records`, one at a time (as `load_examples`)."""
+    cache = cache or PreprocessedCache()
     for record in records:
         try:
-            examples.append(cache.load(record, prep, lesion))
-            kept.append(record)
+            example = cache.load(record, prep, lesion)
         except BadInputError as exc:
             if on_bad != "skip":
                 raise
             if problems is not None:
                 problems.append((exc.path, exc.reason))
-    return examples, kept
+            continue
+        yield record, example
 
 
 def epoch_datasets(start_epoch, epochs, make_epoch):
@@ -254,11 +264,26 @@ def classification_dataset(
     missing = [r.image for r in records if r.label is None]
     if missing:
         raise RmibError(f"{missing[0]}: no lesion/healthy label for this image")
-    examples, kept = load_examples(records, prep, None, cache, on_bad, problems)
-    if not examples:
+    cache = cache or PreprocessedCache()
+    if cache.directory is None:
+        examples, kept = load_examples(records, prep, None, cache, on_bad, problems)
+
+        def image_of(index):
+            return examples[index].image
+
+    else:
+        # Streaming: every photograph is preprocessed into the cache directory
+        # now, and mapped back only while the generator serves it, so neither
+        # the pixels nor an open file per photograph stay with the dataset.
+        kept = [record for record, _ in _load_each(records, prep, None, cache, on_bad, problems)]
+
+        def image_of(index):
+            return cache.load(kept[index], prep).image
+
+    if not kept:
         raise RmibError("no usable images for the classification dataset")
     labels = np.array([[r.label] for r in kept], np.float32)
-    n = len(examples)
+    n = len(kept)
     steps = n // batch_size if drop_remainder else -(-n // batch_size)
     steps = max(steps, 1)
 
@@ -267,7 +292,7 @@ def classification_dataset(
         # directory), so a dataset larger than RAM streams.
         order = np.random.default_rng([seed, int(epoch)]).permutation(n) if shuffle else range(n)
         for index in order:
-            yield index, np.asarray(examples[index].image), labels[index]
+            yield index, np.asarray(image_of(index)), labels[index]
 
     signature = (
         tf.TensorSpec((), tf.int64),

@@ -228,3 +228,16 @@ def test_bad_weights_paths_name_the_file(applications, tmp_path):
     with pytest.raises(RmibError, match="vgg.weights.h5"):
         build_backbone("resnet50", weights=vgg_weights)
     assert build_backbone("vgg16", weights="none").name == "vgg16"
+
+
+@pytest.mark.parametrize("cbam", [False, True])
+def test_vgg16_from_scratch_keeps_its_signal(cbam):
+    """Untrained VGG16 (weights none) taps neither vanish nor explode (He init, CBAM gates).
+
+    With keras.applications' Glorot initialisation and standard CBAM initialisation the
+    P4 tap of VGG16-CBAM had a std of ~1e-3 and a frozen encoder carried no signal.
+    """
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    taps = build_backbone("vgg16", cbam=cbam)(x)
+    for name, value in taps.items():
+        assert 0.1 < float(np.std(np.array(value))) < 10.0, name

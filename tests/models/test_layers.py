@@ -232,3 +232,13 @@ def test_fused_batch_norm_bfloat16_and_fallback():
     np.testing.assert_allclose(flat.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(flat.var(axis=0), 1.0, atol=1e-2)
     assert_config_round_trip(FusedBatchNormalization(epsilon=1.001e-5, name="bn"))
+
+
+def test_cbam_starts_as_a_near_identity_gate():
+    """Zero attention kernels, bias b: Mc = sigmoid(b/2 + b/2), Ms = sigmoid(b) everywhere."""
+    f = np.random.default_rng(7).normal(0, 3, (2, 6, 5, 32)).astype("float32")
+    layer = CBAM(ratio=4, kernel_size=3, gate_bias=3.0)
+    gate = 1.0 / (1.0 + np.exp(-3.0))  # sigmoid(3) = 0.952574...
+    np.testing.assert_allclose(np.array(layer(f)), f * gate * gate, rtol=1e-5, atol=1e-6)
+    assert_config_round_trip(layer)
+    assert CBAM.from_config(layer.get_config()).gate_bias == 3.0

@@ -1,0 +1,145 @@
+"""A real training command under MultiWorkerMirroredStrategy: two `rmib segment` workers.
+
+tests/test_multiworker.py checks the runner's distributed loop on a tiny
+dense model; here the whole command runs in two worker processes on
+127.0.0.1 (CPU, free ports picked at run time), each with its own TF_CONFIG
+and the same `--out`: the GlobalNet of the local-global U-Net (4 filters,
+one pooling level), with its tf.data pipeline, poly learning-rate schedule,
+whole-image validation callback, phase files and final model. The chief
+writes the run; worker 1 writes under `workers/worker_1/`; both end with the
+same trained weights and the same (all-reduced) training loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+WORKER_TIMEOUT = 300  # seconds per process
+EPOCHS = 2
+RECIPE = """\
+[train]
+tensorboard = false
+
+[local_global]
+global_depth = 1
+base_filters = 4
+max_filters = 16
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory) -> Path:
+    """The run directory both workers trained into."""
+    from rmib.data import synthetic
+
+    tmp = tmp_path_factory.mktemp("multiworker-segment")
+    # IDRiD_01-03 have EX, 04-06 not; 07-08 form the test split.
+    data = synthetic.write_dataset(tmp / "data", "idrid", 8, 64, seed=0)
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(RECIPE)
+    out = tmp / "run"
+    command = [
+        sys.executable, "-m", "rmib", "segment", "--config", str(recipe), "--data", str(data),
+        "--lesion", "EX", "--model", "local-global", "--phases", "global", "--base-filters", "4",
+        "--global-size", "64", "--val-names", "IDRiD_03", "--epochs", str(EPOCHS),
+        "--batch-size", "2", "--precision", "float32", "--seed", "0",
+        "--strategy", "multiworker", "--out", str(out),
+    ]  # fmt: skip
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes, logs = [], []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+        env["TF_CONFIG"] = json.dumps(tf_config)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        log = tmp / f"worker{index}.log"
+        with open(log, "wb") as output:
+            processes.append(
+                subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+            )
+        logs.append(log)
+    try:
+        for process, log in zip(processes, logs, strict=True):
+            process.wait(timeout=WORKER_TIMEOUT)
+            assert process.returncode == 0, log.read_text()[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+    return out
+
+
+def _model(path: Path):
+    from rmib.training import load_model
+
+    return load_model(path)
+
+
+def test_the_chief_writes_the_run_and_worker_1_apart(cluster_run):
+    from rmib.training import RunDirectory
+
+    chief = RunDirectory(cluster_run, create=False)
+    worker = RunDirectory(cluster_run / "workers" / "worker_1", create=False)
+    assert sorted(p.name for p in (cluster_run / "workers").iterdir()) == ["worker_1"]
+    for run in (chief, worker):
+        assert run.model_path.is_file()
+        assert run.checkpoint_path("last", "global").is_file()
+        assert [row["epoch"] for row in run.read_history("global")] == list(range(1, EPOCHS + 1))
+    assert chief.read_metadata()["model"] == "local-global"
+
+
+def test_workers_end_with_the_same_trained_weights_and_history(cluster_run):
+    from rmib.training import RunDirectory
+
+    chief = _model(cluster_run / "model.keras")
+    worker = _model(cluster_run / "workers" / "worker_1" / "model.keras")
+    assert len(chief.trainable_weights) == len(worker.trainable_weights) > 0
+    for a, b in zip(chief.trainable_weights, worker.trainable_weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # The training loss is reduced over the workers: the same on both. (The
+    # whole-image validation runs on each worker's own model, whose batch-norm
+    # statistics differ: see the xfail below.)
+    rows = [
+        RunDirectory(path, create=False).read_history("global")
+        for path in (cluster_run, cluster_run / "workers" / "worker_1")
+    ]
+    for a, b in zip(*rows, strict=True):
+        for key in ("epoch", "loss", "learning_rate"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    # Training did something: the first epoch's loss is not the last's.
+    assert rows[0][0]["loss"] != rows[0][-1]["loss"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rmib.training's multiworker step leaves BatchNormalization's moving statistics "
+    "per worker: each keeps those of its own shard of every batch",
+)
+def test_workers_end_with_the_same_batch_norm_statistics(cluster_run):
+    chief = _model(cluster_run / "model.keras")
+    worker = _model(cluster_run / "workers" / "worker_1" / "model.keras")
+    moving = [w for w in chief.non_trainable_weights if "moving" in w.path]
+    assert moving  # the U-Net has BatchNormalization layers
+    for a, b in zip(chief.non_trainable_weights, worker.non_trainable_weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6, err_msg=a.path)
