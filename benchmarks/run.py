@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.local_global import local_global_prediction, render_local_global
+from benchmarks.multiworker import multiworker_throughput, render_multiworker
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -492,9 +493,10 @@ def _run_child(job: dict) -> dict:
 
 
 # Full-size arrays a whole-photograph prediction must hold, in bytes per pixel:
-# the photograph (uint8 RGB) and its preprocessed copy, the FOV mask, and the output
-# maps (predict_tiled's float32 sum and weight sum, the returned float32 map).
-FULL_SIZE_BYTES_PER_PIXEL = 3 + 3 + 1 + 4 + 4 + 4
+# the photograph (uint8 RGB), its preprocessed copy (uint8 RGB), the FOV mask
+# (uint8) and the float32 output map (predict_tiled keeps no weight sum and no
+# float copies of the photograph).
+FULL_SIZE_BYTES_PER_PIXEL = 3 + 3 + 1 + 4
 
 
 def tiled_prediction(settings: Settings, peak: dict, progress=None) -> dict:
@@ -551,20 +553,6 @@ def tiled_prediction(settings: Settings, peak: dict, progress=None) -> dict:
             pending = [f"{m} {p} {s[1]}x{s[0]}" for m, p, s in jobs[index + 1 :]]
             progress({"settings": {"tile": settings.tile}, "rows": rows, "pending": pending})
     return {"settings": {"tile": settings.tile, "naive_patch": settings.naive_patch}, "rows": rows}
-
-
-# --------------------------------------------------------------------------- multi-worker
-
-
-def multiworker_supported() -> bool:
-    from rmib import config
-
-    return "multiworker" in config.STRATEGIES
-
-
-def multiworker_throughput(settings: Settings, peak: dict, progress=None) -> dict:
-    """Placeholder: only a note until the runner and a multi-host setup exist."""
-    return {"supported": multiworker_supported()}
 
 
 BENCHMARKS = {
@@ -775,10 +763,10 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
             "Peak RSS of the child while it predicts the photograph (VmHWM reset after "
             "the model was built and warmed up), its growth over the RSS at that moment, "
             "and what is left of that growth beyond the "
-            f"photograph-sized arrays ({FULL_SIZE_BYTES_PER_PIXEL} bytes/pixel: the photograph "
-            "and its preprocessed copy, uint8 RGB; the FOV mask; the float32 output sum, "
-            "weight sum and returned map). With tiling, what is left should not grow "
-            "with the photograph.",
+            f"photograph-sized arrays ({FULL_SIZE_BYTES_PER_PIXEL} bytes/pixel = 3 + 3 + 1 + 4: "
+            "the photograph and its preprocessed copy, uint8 RGB; the FOV mask, uint8; the "
+            "float32 output map). With tiling, what is left should not grow with the "
+            "photograph.",
             _table(
                 [
                     "photograph",
@@ -793,26 +781,6 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
         ]
     parts.append(NOISE_NOTE)
     return "\n\n".join(parts)
-
-
-def render_multiworker(result: dict, machine: dict, settings: Settings) -> str:
-    if result["supported"]:
-        text = (
-            '`rmib.training` lists the "multiworker" strategy, but this harness has no '
-            "multi-host setup to measure it with; pending."
-        )
-    else:
-        text = (
-            'Pending: `rmib.training` does not offer the "multiworker" strategy yet '
-            f"(strategies: {', '.join(_strategies())}). To be measured once it does."
-        )
-    return "\n\n".join(["## multiworker_throughput", text])
-
-
-def _strategies():
-    from rmib import config
-
-    return config.STRATEGIES
 
 
 RENDERERS = {

@@ -48,7 +48,8 @@ class TrainConfig:
 
     Attributes:
         epochs: number of passes over the training data.
-        batch_size: images per step (the global batch under a distribution strategy).
+        batch_size: images per step and replica; a step under a distribution
+            strategy takes batch_size x replicas (`rmib.training.global_batch_size`).
         optimizer: "adam" or "sgd" (SGD with `momentum`).
         learning_rate: initial learning rate.
         momentum: SGD momentum (ignored by Adam).

@@ -72,6 +72,7 @@ from rmib.grading.lesion_map import MAX_WEIGHT, apply_lesion_map
 from rmib.training import (
     RunDirectory,
     fit,
+    global_batch_size,
     load_model,
     read_run_metadata,
 )
@@ -689,9 +690,10 @@ class _Training:
         """Train one phase through the runner, save <phase file>.keras, return the model."""
         if val is None:
             train_cfg = _without_validation(train_cfg)
+        batch = global_batch_size(train_cfg)  # --batch-size is per replica
         train_ds, steps = array_dataset(
             *train,
-            train_cfg.batch_size,
+            batch,
             augment=augment,
             seed=train_cfg.seed,
             start_epoch=_start_epoch(self.run, phase, self.resume),
@@ -699,7 +701,7 @@ class _Training:
         )
         val_ds = None
         if val is not None:
-            val_ds, _ = array_dataset(*val, train_cfg.batch_size, shuffle=False)
+            val_ds, _ = array_dataset(*val, batch, shuffle=False)
         model, _ = fit(
             build,
             train_ds,

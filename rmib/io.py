@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -170,6 +171,48 @@ def write_image(path, image: np.ndarray) -> None:
         raise BadInputError(path, "could not encode the image")
     with atomic_write(path, "wb") as f:
         f.write(buffer.tobytes())
+
+
+# The temporary names of the atomic writers below: mkstemp/mkdtemp put 8 characters
+# of [a-z0-9_] between prefix and suffix, giving ".<name>.XXXXXXXX.tmp" (atomic_write),
+# ".<stem>.XXXXXXXX<suffix>" (atomic_path) and ".<name>.XXXXXXXX" (atomic_directory).
+_TEMPORARY_NAME = re.compile(r"\.(?P<base>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]+)?")
+
+
+def is_atomic_temporary(name: str) -> bool:
+    """True when `name` has the form of the hidden temporary files of rmib's atomic writes.
+
+    A process killed (SIGKILL, power loss) while writing leaves such a file
+    behind; the file it was to replace is intact.
+    """
+    return _TEMPORARY_NAME.fullmatch(name) is not None
+
+
+def remove_atomic_temporaries(directory, skip=()) -> list[Path]:
+    """Delete the leftover temporary files of interrupted atomic writes below `directory`.
+
+    Only regular files whose names match `is_atomic_temporary` are removed.
+    Call it only when no other process writes there (e.g. when a run resumes).
+
+    Args:
+        directory: the folder to clean, with its subfolders.
+        skip: subfolders not to enter (e.g. those other processes write).
+
+    Returns:
+        The paths removed.
+    """
+    directory = Path(directory)
+    skipped = {Path(s).resolve() for s in skip}
+    removed = []
+    for root, folders, files in os.walk(directory):
+        folders[:] = [f for f in folders if (Path(root) / f).resolve() not in skipped]
+        for name in files:
+            path = Path(root) / name
+            if is_atomic_temporary(name) and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return sorted(removed)
 
 
 @contextlib.contextmanager

@@ -113,7 +113,8 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
     records = classification_records(cfg.data, cfg.on_bad)
     train_records, val_records = stratified_split(records, cfg.val_fraction, seed=cfg.train.seed)
     run = training.RunDirectory(cfg.out)
-    run.write_config(config_to_dict(cfg))
+    if training.is_chief(training.get_strategy(cfg.train.strategy)):
+        run.write_config(config_to_dict(cfg))
     prep = Preprocessing(method=cfg.preprocessing, fov_crop=True, size=cfg.image_size)
     cache = PreprocessedCache(cfg.cache_dir or None)
     problems = []
@@ -122,7 +123,7 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
     train_ds, steps, kept = classification_dataset(
         train_records,
         cfg.image_size,
-        cfg.train.batch_size,
+        training.global_batch_size(cfg.train),
         preprocessing=prep,
         augment=cfg.augment,
         seed=cfg.train.seed,

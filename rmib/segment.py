@@ -213,7 +213,8 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         "val_images": [r.name for r in val_records],
         **info,
     }
-    steps = max(1, cfg.patches_per_epoch // cfg.train.batch_size)
+    batch_size = training.global_batch_size(cfg.train)
+    steps = max(1, cfg.patches_per_epoch // batch_size)
     total_epochs = cfg.train.epochs
     phases = [(None, total_epochs, cfg.train.learning_rate, frozen)]
     if cfg.fine_tune_after and frozen and cfg.fine_tune_after < total_epochs:
@@ -241,7 +242,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         train_ds = patch_dataset(
             train_examples,
             cfg.patch_size,
-            cfg.train.batch_size,
+            batch_size,
             steps,
             pos_fraction=cfg.pos_fraction,
             augment=cfg.augment,
@@ -293,7 +294,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
             model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
         )
         result = evaluate_examples(segmenter, val_examples)
-    if problems:
+    if problems and training.is_chief(training.get_strategy(cfg.train.strategy)):
         from rmib.predict import write_skipped
 
         write_skipped(run.path, problems)
@@ -309,7 +310,11 @@ def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:
     run = training.RunDirectory(cfg.out)
     from rmib.config import config_to_dict
 
-    run.write_config(config_to_dict(cfg))
+    # Only the chief of a multi-worker run writes `--out` (the runner puts the
+    # other workers' checkpoints under `workers/`).
+    chief = training.is_chief(training.get_strategy(cfg.train.strategy))
+    if chief:
+        run.write_config(config_to_dict(cfg))
     echo(
         f"{cfg.model} for {cfg.lesion}: {len(train_records)} training and "
         f"{len(val_records)} validation images -> {run.path}"
@@ -322,7 +327,7 @@ def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:
     result = {
         k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in result.items()
     }
-    if result:
+    if result and chief:
         run.update_metrics({"validation": result})
         echo(
             "validation: "

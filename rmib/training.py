@@ -64,7 +64,7 @@ from keras.src.saving.keras_saveable import KerasSaveable
 import rmib
 from rmib.config import PRECISIONS, STRATEGIES, TrainConfig, config_to_dict, dump_toml
 from rmib.errors import RmibError
-from rmib.io import atomic_path, atomic_write
+from rmib.io import atomic_path, atomic_write, remove_atomic_temporaries
 
 CPUINFO = Path("/proc/cpuinfo")
 # x86 flags of CPUs with native bfloat16 maths (Intel AMX, AVX512-BF16 on
@@ -251,6 +251,34 @@ def is_chief(strategy) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return not has_chief and resolver.task_type == "worker" and int(resolver.task_id) == 0
+
+
+def global_batch_size(config: TrainConfig, strategy=None) -> int:
+    """The examples of one training step over all replicas: `config.batch_size` x replicas.
+
+    `batch_size` (`--batch-size`) is the batch of one replica (one GPU, one
+    TPU core, one worker); with one replica both are the same. Datasets given
+    to `fit` are batched by this global size, and a run's steps per epoch are
+    counted in global batches, so an epoch holds the same examples however
+    many replicas share it.
+
+    Args:
+        config: the `TrainConfig`.
+        strategy: the `tf.distribute` strategy; default `get_strategy(config.strategy)`.
+    """
+    strategy = strategy if strategy is not None else get_strategy(config.strategy)
+    return int(config.batch_size) * int(strategy.num_replicas_in_sync)
+
+
+def worker_run_directory(run: RunDirectory, strategy) -> RunDirectory:
+    """The run directory this process writes: `run` itself on the chief, and
+    `run/workers/<task>_<index>/` on the other workers of a multi-worker strategy."""
+    if is_chief(strategy):
+        return run
+    resolver = strategy.cluster_resolver
+    return RunDirectory(
+        run.path / RunDirectory.WORKERS / f"{resolver.task_type}_{resolver.task_id}"
+    )
 
 
 def distribute_dataset(strategy, dataset: tf.data.Dataset):
@@ -555,6 +583,7 @@ class RunDirectory:
     MODEL = "model.keras"
     CHECKPOINTS = "checkpoints"
     TENSORBOARD = "tensorboard"
+    WORKERS = "workers"
 
     def __init__(self, path, create: bool = True):
         self.path = Path(path)
@@ -601,6 +630,16 @@ class RunDirectory:
 
     def state_path(self, phase: str | None = None) -> Path:
         return self.checkpoints_dir / _phased("state", phase, ".json")
+
+    def remove_temporary_files(self) -> list[Path]:
+        """Delete the hidden temporary files that writes interrupted by a crash left here.
+
+        Only names of `rmib.io`'s atomic writes are removed (e.g.
+        `checkpoints/.last.k3x9a0q2.keras`); `workers/`, which other
+        processes of a multi-worker run write, is left alone. Call it only
+        when nothing writes the run (`fit` does on resume). Returns the paths removed.
+        """
+        return remove_atomic_temporaries(self.path, skip=[self.path / self.WORKERS])
 
     # -- config, metadata, metrics
 
@@ -959,8 +998,10 @@ def fit(
             model already built (default strategy only). On resume the model
             is rebuilt from the checkpoint instead, so every layer must be
             savable (registered serializable).
-        train_data: a batched `tf.data.Dataset` of (x, y[, sample_weight]), or
-            a tuple of arrays (x, y[, sample_weight]) batched by `config.batch_size`.
+        train_data: a `tf.data.Dataset` of (x, y[, sample_weight]) batched by
+            the global batch size (`global_batch_size(config)`: `config.batch_size`
+            per replica), or a tuple of arrays (x, y[, sample_weight]), which
+            `fit` batches so.
         val_data: validation data in the same form, or None.
         config: the `TrainConfig`.
         run_dir: the run directory (a path or a `RunDirectory`).
@@ -976,6 +1017,7 @@ def fit(
         resume: continue from `checkpoints/last.keras` (model and optimizer
             state, epoch, best value); a finished phase returns its model
             without training; without a checkpoint the phase starts afresh.
+            Temporary files of writes a crash interrupted are removed first.
         extra_callbacks: more Keras callbacks, run after rmib's own.
         validation_callbacks: callbacks that add validation values to the epoch's
             logs themselves (e.g. whole-image metrics of a segmenter); they run
@@ -1004,10 +1046,9 @@ def fit(
     cfg = config
     strategy = get_strategy(cfg.strategy)
     run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
-    if not is_chief(strategy):
-        # Every worker saves the same weights; only the chief writes the run itself.
-        resolver = strategy.cluster_resolver
-        run = RunDirectory(run.path / "workers" / f"{resolver.task_type}_{resolver.task_id}")
+    # Every worker saves the same weights; only the chief writes the run itself.
+    run = worker_run_directory(run, strategy)
+    batch_size = global_batch_size(cfg, strategy)
     if phase is not None and not _PHASE.fullmatch(phase):
         raise ValueError(f"phase must be letters, digits, '_' or '-', got {phase!r}")
     validation_callbacks = list(validation_callbacks)
@@ -1029,6 +1070,9 @@ def fit(
         run.write_config({"train": config_to_dict(cfg)})
     compile_args = dict(loss=loss, metrics=metrics, **(compile_kwargs or {}))
 
+    if resume:
+        for path in run.remove_temporary_files():
+            _say(f"removed {path}, left by a write that a crash interrupted", verbose)
     state = _saved_state(run, cfg, phase, verbose) if resume else {}
     if _finished(state, cfg):
         _say(
@@ -1046,7 +1090,7 @@ def fit(
                 "config.class_weights is on: pass class_weight=class_weights_from_labels(labels)"
             )
         class_weight = class_weights_from_labels(train_data[1])
-    steps = steps_per_epoch or cfg.steps_per_epoch or _steps(train_data, cfg.batch_size)
+    steps = steps_per_epoch or cfg.steps_per_epoch or _steps(train_data, batch_size)
 
     if state:
         _say(f"resuming{_phase_text(phase)} from {last_path} after epoch {initial_epoch}", verbose)
@@ -1088,6 +1132,7 @@ def fit(
                 train_data,
                 val_data,
                 cfg=cfg,
+                batch_size=batch_size,
                 initial_epoch=initial_epoch,
                 steps_per_epoch=steps_per_epoch or cfg.steps_per_epoch,
                 validation_steps=validation_steps or cfg.validation_steps,
@@ -1097,7 +1142,7 @@ def fit(
             )
         else:
             model.fit(
-                **_data_arguments(train_data, cfg.batch_size),
+                **_data_arguments(train_data, batch_size),
                 validation_data=tuple(val_data) if _is_arrays(val_data) else val_data,
                 epochs=cfg.epochs,
                 initial_epoch=initial_epoch,
@@ -1161,6 +1206,7 @@ def _distributed_fit(
     val_data,
     *,
     cfg: TrainConfig,
+    batch_size: int,
     initial_epoch: int,
     steps_per_epoch,
     validation_steps,
@@ -1171,7 +1217,11 @@ def _distributed_fit(
     """`model.fit` for MultiWorkerMirroredStrategy, where Keras 3's own fit fails
     (keras-team/keras#20585): each step runs the compiled model's `train_step`
     through `strategy.run` (the optimizer all-reduces the gradients), and the
-    same callbacks see the same logs as under `model.fit`.
+    same callbacks see the same logs as under `model.fit`. At the end of every
+    epoch, before validation and the callbacks, the moving statistics of the
+    batch-norm layers are averaged over the replicas
+    (`_average_batch_norm_statistics`), so every worker validates and saves
+    the same model.
 
     Every worker must run the same number of steps, so the steps per epoch must
     be known (given, or the dataset's cardinality). Arrays are batched in order,
@@ -1181,8 +1231,8 @@ def _distributed_fit(
         raise RmibError(
             "class weights are not supported with strategy multiworker; turn class_weights off"
         )
-    train = _as_dataset(train_data, cfg.batch_size)
-    steps = steps_per_epoch or _steps(train, cfg.batch_size)
+    train = _as_dataset(train_data, batch_size)
+    steps = steps_per_epoch or _steps(train, batch_size)
     if not steps:
         raise RmibError(
             "strategy multiworker needs the number of steps per epoch (set steps_per_epoch): "
@@ -1195,7 +1245,7 @@ def _distributed_fit(
     train_batches = distribute_dataset(strategy, train)
     val_batches = None
     if val_data is not None:
-        val = _as_dataset(val_data, cfg.batch_size)
+        val = _as_dataset(val_data, batch_size)
         if validation_steps:
             val = val.take(validation_steps)
         val_batches = distribute_dataset(strategy, val)
@@ -1222,6 +1272,8 @@ def _distributed_fit(
         with strategy.scope():
             return {f"{prefix}{k}": float(v) for k, v in metrics_result().items()}
 
+    average_statistics = _average_batch_norm_statistics(model, strategy)
+
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=False,
@@ -1245,6 +1297,7 @@ def _distributed_fit(
             callback_list.on_train_batch_begin(step)
             logs = train_step(epoch_iterator)
             callback_list.on_train_batch_end(step, logs)
+        average_statistics()
         epoch_logs = epoch_metrics()
         if val_batches is not None:
             model.reset_metrics()
@@ -1255,6 +1308,43 @@ def _distributed_fit(
         if model.stop_training:
             break
     callback_list.on_train_end()
+
+
+def _batch_norm_statistics(model) -> list:
+    """The moving mean and variance of every batch-norm layer of `model` that trains."""
+    statistics = []
+    # Keras' own walk over nested layers (models, and layers inside custom layers).
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable and layer.built:
+            statistics += [layer.moving_mean, layer.moving_variance]
+    return statistics
+
+
+def _average_batch_norm_statistics(model, strategy) -> Callable[[], None]:
+    """A function that sets every replica's batch-norm moving statistics to their mean.
+
+    Keras 3 creates them with aggregation "none", so under
+    MultiWorkerMirroredStrategy each worker updates its own copy from its own
+    shard of every batch. The moving updates are linear, so averaging the
+    copies at every epoch end gives what one copy fed the replicas' mean batch
+    statistics would hold, as tf.keras 2's batch norm (variables synchronized
+    on read with MEAN) did. Frozen layers keep their statistics and are left out.
+    """
+    statistics = _batch_norm_statistics(model)
+    if not statistics:
+        return lambda: None
+
+    def replace_by_mean():
+        context = tf.distribute.get_replica_context()
+        means = context.all_reduce("MEAN", [tf.identity(v.value) for v in statistics])
+        for variable, mean in zip(statistics, means, strict=True):
+            variable.assign(mean)  # aggregation "none": each replica sets its own copy
+
+    @tf.function
+    def average():
+        strategy.run(replace_by_mean)
+
+    return average
 
 
 def _saved_state(run: RunDirectory, cfg: TrainConfig, phase, verbose) -> dict:

@@ -3,7 +3,8 @@
 Each worker is a real process with its own TF_CONFIG (free ports picked at
 run time, CPU only); together they must see disjoint halves of every global
 batch, end with identical weights, and match a single process trained on
-the same global batches.
+the same global batches: `batch_size` is per replica, so 2 per worker x 2
+workers against 4 in the single process.
 """
 
 from __future__ import annotations
@@ -37,29 +38,31 @@ WORKER = textwrap.dedent(
     import tensorflow as tf
     from rmib.config import TrainConfig
 
-    N, GLOBAL_BATCH = 16, 4
+    N = 16
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, 3)).astype("float32")
     y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.1).astype("float32")
+    cfg = TrainConfig(
+        epochs=3, batch_size=2 if mode == "multi" else 4, optimizer="sgd", momentum=0.0,
+        learning_rate=0.05, monitor="loss", precision="float32",
+        strategy="multiworker" if mode == "multi" else "default", seed=0,
+        tensorboard=False, restore_best=False,
+    )
+    global_batch = training.global_batch_size(cfg)
 
-    seen = []  # the example indices this worker's replica receives
-    indices = tf.data.Dataset.range(N).batch(GLOBAL_BATCH)
+    seen, local_batches = [], []  # the example indices this worker's replica receives
+    indices = tf.data.Dataset.range(N).batch(global_batch)
     for batch in training.distribute_dataset(strategy, indices):
         for local in strategy.experimental_local_results(batch):
             seen += [int(i) for i in local.numpy()]
+            local_batches.append(len(local))
 
     def make_model():
         inputs = keras.Input((3,))
         hidden = keras.layers.Dense(4, activation="tanh")(inputs)
         return keras.Model(inputs, keras.layers.Dense(1)(hidden))
 
-    cfg = TrainConfig(
-        epochs=3, batch_size=GLOBAL_BATCH, optimizer="sgd", momentum=0.0,
-        learning_rate=0.05, monitor="loss", precision="float32",
-        strategy="multiworker" if mode == "multi" else "default", seed=0,
-        tensorboard=False, restore_best=False,
-    )
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
     # RMSE over the epoch, sqrt(sum / count), is not a mean of per-worker values.
     model, history = training.fit(
         make_model, data, (x[:6], y[:6]), config=cfg, run_dir=run_dir, loss="mse",
@@ -70,6 +73,8 @@ WORKER = textwrap.dedent(
             "replicas": strategy.num_replicas_in_sync,
             "chief": training.is_chief(strategy),
             "seen": seen,
+            "global_batch": global_batch,
+            "local_batches": local_batches,
             "history": {k: history[k] for k in ("loss", "rmse", "val_loss", "val_rmse")},
             "weights": [w.tolist() for w in model.get_weights()],
         }, f)
@@ -142,6 +147,14 @@ def test_two_workers_form_one_cluster(results):
     assert [workers[i]["replicas"] for i in (0, 1)] == [2, 2]
     assert single["replicas"] == 1
     assert [workers[i]["chief"] for i in (0, 1)] == [True, False]
+
+
+def test_batch_size_is_per_replica(results):
+    workers, single, _ = results
+    # --batch-size 2 on each of 2 workers: global batches of 4, as --batch-size 4 alone.
+    assert [workers[i]["global_batch"] for i in (0, 1)] == [4, 4] == [single["global_batch"]] * 2
+    assert workers[0]["local_batches"] == workers[1]["local_batches"] == [2] * 4
+    assert single["local_batches"] == [4] * 4
 
 
 def test_workers_see_disjoint_shards_covering_the_data(results):

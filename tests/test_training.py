@@ -528,3 +528,65 @@ def test_resume_under_mixed_float16_keeps_the_loss_scale_optimizer(tmp_path):
         np.testing.assert_array_equal(restored, expected)
     assert int(model.optimizer.iterations) == 2 * STEPS
     assert history["epoch"] == [1, 2] and all(math.isfinite(v) for v in history["loss"])
+
+
+# --------------------------------------------------------------------------- issue 9 additions
+
+
+class _Replicas:
+    """The default strategy, claiming `n` replicas (no machine here has several)."""
+
+    def __init__(self, n):
+        self.num_replicas_in_sync = n
+        self._strategy = tf.distribute.get_strategy()
+
+    def __getattr__(self, name):
+        return getattr(self._strategy, name)
+
+
+def test_batch_size_is_per_replica(tmp_path, monkeypatch):
+    cfg = config(epochs=1, batch_size=4)
+    assert training.global_batch_size(cfg) == 4  # one replica here
+    assert training.global_batch_size(cfg, _Replicas(3)) == 12
+    # fit batches arrays by the global batch: 32 examples, 2 x 4 per step, 4 steps.
+    monkeypatch.setattr(training, "get_strategy", lambda name: _Replicas(2))
+    run_fit(tmp_path / "run", cfg, metrics=None)
+    assert RunDirectory(tmp_path / "run").read_state()["iterations"] == N // 8
+
+
+def test_resume_removes_what_interrupted_atomic_writes_left(tmp_path, capsys):
+    from rmib import io
+
+    cfg = config(epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(tmp_path / "run", cfg, extra_callbacks=[InterruptAfter(0)])
+    run = RunDirectory(tmp_path / "run")
+    before = {p for p in run.path.rglob("*") if p.is_file()}
+    # A SIGKILL inside atomic_path / atomic_write leaves their temporary files:
+    # entered here and never left, they stay as a killed process leaves them.
+    checkpoint_writer = io.atomic_path(run.checkpoint_path("last"))
+    checkpoint_writer.__enter__().write_bytes(b"PK\x03\x04 half a checkpoint")
+    history_writer = io.atomic_write(run.history_path())
+    history_writer.__enter__().write("epoch,loss\n")
+    stale = {p for p in run.path.rglob("*") if p.is_file()} - before
+    assert len(stale) == 2 and all(p.name.startswith(".") for p in stale)
+    # Files that are not rmib's temporaries, or that another worker is writing, stay.
+    kept = [
+        run.path / ".notes.txt",
+        run.path / "notes.k3x9a0q2.keras",
+        run.path / "workers" / "worker_1" / "checkpoints" / ".last.k3x9a0q2.keras",
+    ]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    try:
+        capsys.readouterr()
+        _, history = run_fit(run.path, cfg, resume=True, verbose=1)
+        assert history["epoch"] == [1, 2]
+        assert "removed" in capsys.readouterr().out
+        assert not any(p.exists() for p in stale)
+        assert all(p.is_file() for p in kept)
+        assert not [p for p in run.path.rglob(".*") if p not in kept]
+    finally:
+        checkpoint_writer.gen.close()
+        history_writer.gen.close()

@@ -62,8 +62,10 @@ def grade():
 @click.option("--global-size", type=int, help="Side of the global net's input [256].")
 @click.option("--epochs", type=int, help="Epochs of each global net [30].")
 @click.option("--local-epochs", type=int, help="Epochs of the local net [10].")
-@click.option("--batch-size", type=int, help="Images per step of the global nets [16].")
-@click.option("--local-batch-size", type=int, help="Patches per step of the local net [128].")
+@click.option("--batch-size", type=int, help="Images per step and replica of the global nets [16].")
+@click.option(
+    "--local-batch-size", type=int, help="Patches per step and replica of the local net [128]."
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),

@@ -7,7 +7,7 @@ import pathlib
 
 import click
 
-from rmib.commands.options import max_pixels_option, on_bad_option
+from rmib.commands.options import batch_size_option, max_pixels_option, on_bad_option
 
 _path = click.Path(path_type=pathlib.Path)
 _existing = click.Path(exists=True, path_type=pathlib.Path)
@@ -17,7 +17,7 @@ def train_options(func):
     """Flags of the one training runner, shared by every training command."""
     options = [
         click.option("--epochs", type=click.IntRange(min=1), help="Training epochs."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Images (patches) per step."),
+        batch_size_option,
         click.option("--lr", "learning_rate", type=float, help="Initial learning rate."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Optimizer."),
         click.option(

@@ -17,6 +17,14 @@ on_bad_option = click.option(
 )
 
 
+batch_size_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Images (patches) per step on each replica (GPU, TPU core or worker); "
+    "a step trains on this x replicas in all.",
+)
+
+
 def _set_max_pixels(ctx, param, value):
     io.set_max_pixels(value)
     return value

@@ -266,8 +266,10 @@ def training_dataset(
 
 
 def steps_per_epoch(cfg: SegmentConfig, n_images: int) -> int:
-    """`[train] steps_per_epoch`, else enough batches for every image to reach each branch once."""
-    return cfg.train.steps_per_epoch or max(1, math.ceil(n_images / cfg.train.batch_size))
+    """`[train] steps_per_epoch`, else enough (global) batches for every image to reach
+    each branch once."""
+    batch = training.global_batch_size(cfg.train)
+    return cfg.train.steps_per_epoch or max(1, math.ceil(n_images / batch))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -364,7 +366,12 @@ def train(
     cfg, notes = resolve_config(cfg, has_validation=bool(val_examples))
     for note in notes:
         _say(note, verbose)
-    run.write_config(cfg)  # as resolved, paper defaults included
+    # Only the chief of a multi-worker run writes the run directory itself; the
+    # others keep their model where the runner put their checkpoints.
+    strategy = training.get_strategy(cfg.train.strategy)
+    chief = training.is_chief(strategy)
+    if chief:
+        run.write_config(cfg)  # as resolved, paper defaults included
 
     metadata = {
         "task": "segment",
@@ -386,7 +393,7 @@ def train(
     steps = steps_per_epoch(cfg, len(train_set))
     train_ds = training_dataset(
         train_set,
-        cfg.train.batch_size,
+        training.global_batch_size(cfg.train, strategy),  # --batch-size is per replica
         steps,
         dual=d2.variant == "dual-dsm",
         pos_fraction=d2.pos_fraction,
@@ -420,6 +427,7 @@ def train(
         save_final=False,
         verbose=verbose,
     )
+    run = training.worker_run_directory(run, strategy)
     state = run.read_state() or {}
     if not (state.get("early_stopped") or state.get("epoch", 0) >= cfg.train.epochs):
         return {}  # stopped early by a callback: no final model yet (fit said how to resume)
@@ -431,7 +439,7 @@ def train(
     if val_examples:
         segmenter = Dual2NetSegmenter(network, run.read_metadata())
         result = evaluate_with_regions(segmenter, val_examples)
-    if problems:
+    if problems and chief:
         from rmib.predict import write_skipped
 
         write_skipped(run.path, problems)

@@ -658,7 +658,7 @@ def _start_epoch(run, phase, resume) -> int:
 def _steps(cfg: SegmentConfig, phase: str, n_images: int) -> int:
     if cfg.train.steps_per_epoch:
         return cfg.train.steps_per_epoch
-    batch = cfg.train.batch_size
+    batch = training.global_batch_size(cfg.train)
     if phase == "global":
         return max(1, math.ceil(n_images / batch))
     return max(1, cfg.patches_per_epoch // batch)
@@ -666,7 +666,7 @@ def _steps(cfg: SegmentConfig, phase: str, n_images: int) -> int:
 
 def _train_data(phase, photos, sizes, cfg, steps, start, epochs):
     seed = cfg.train.seed
-    batch = cfg.train.batch_size
+    batch = training.global_batch_size(cfg.train)  # --batch-size is per replica
     common = dict(seed=seed, start_epoch=start, epochs=epochs)
     if phase == "global":
         return global_dataset(photos, batch, steps, augment=cfg.augment, **common)
@@ -787,7 +787,9 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     if not train_photos.examples:
         raise RmibError("no training image could be read")
     centre_crop = train_photos.cropped > 0
-    if not run.config_path.exists():
+    # Only the chief of a multi-worker run writes the run directory itself.
+    chief = training.is_chief(training.get_strategy(cfg.train.strategy))
+    if chief and not run.config_path.exists():
         run.write_config(cfg)
 
     trained: dict = {}
@@ -842,7 +844,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
             encoders,
         )
         result = evaluate_examples(LocalGlobalSegmenter(model, metadata), val_photos.examples)
-    if problems:
+    if problems and chief:
         from rmib.predict import write_skipped
 
         write_skipped(run.path, problems)

@@ -401,7 +401,8 @@ def test_sizes_follow_the_paper_unless_set():
     assert (joint.epochs, joint.learning_rate, joint.monitor) == (60, 1e-4, "loss")
 
 
-def test_a_stage1_encoder_is_refused_not_ignored(tmp_path):
+def test_an_encoder_directory_that_is_not_a_run_is_refused(tmp_path):
+    """A folder without a stage-1 run's rmib.json is named in the error, never ignored."""
     from rmib import training
     from rmib.errors import RmibError
 
