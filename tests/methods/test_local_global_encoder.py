@@ -186,6 +186,7 @@ def test_two_encoders_with_the_same_layer_names_keep_their_own_weights():
     )
 
 
+@pytest.mark.slow  # ~65 s; the four phases through the CLI are in make test via test_local_global
 def test_four_phases_predict_evaluate_and_resume_through_the_cli(tmp_path, pretrain_run, eager):
     from rmib.data.synthetic import write_dataset
     from rmib.predict import read_probability_png
