@@ -177,11 +177,12 @@ def main(argv=None):
 
     from rmib.cli import cli
 
-    result = CliRunner().invoke(cli, ["data", "inspect", str(data_root)])
-    print(result.output.rstrip())
-    if result.exit_code != 0:
-        print("inspect failed", file=sys.stderr)
-        return 1
+    for root in (data_root, stage1_root):
+        result = CliRunner().invoke(cli, ["data", "inspect", str(root)])
+        print(result.output.rstrip())
+        if result.exit_code != 0:
+            print(f"inspect failed: {root}", file=sys.stderr)
+            return 1
 
     _step("3. Contact sheet of raw and preprocessed photographs with their masks")
     sheet = contact_sheet(dataset, out / "contact_sheet.png")
