@@ -6,6 +6,8 @@ import keras
 
 from rmib.models.backbones import backbone_name, build_backbone
 
+HEAD_BN_MOMENTUM = 0.9
+
 
 def build_classifier(
     backbone,
@@ -63,7 +65,11 @@ def build_classifier(
         kernel_regularizer=keras.regularizers.L2(l2),
         name="head_dense",
     )(x)
-    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    # Momentum 0.9 as the decoders (PyTorch's default): with Keras' 0.99, a stage-1 run
+    # of a few dozen steps validated with moving statistics still ~80 % at their
+    # initial values (the demo's head: moving mean -24 against a batch mean of -1228),
+    # and every validation prediction saturated at 1 (ROC AUC 0.5).
+    x = keras.layers.BatchNormalization(momentum=HEAD_BN_MOMENTUM, name="head_bn")(x)
     x = keras.layers.Activation("relu", name="head_relu")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="lesion")(x)
