@@ -35,6 +35,7 @@ from pathlib import Path
 
 from benchmarks.local_global import local_global_prediction, render_local_global
 from benchmarks.multiworker import multiworker_throughput, render_multiworker
+from benchmarks.real_data import idrid_transfer, render_idrid_transfer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -560,7 +561,10 @@ BENCHMARKS = {
     "tiled_prediction": tiled_prediction,
     "local_global_prediction": local_global_prediction,
     "multiworker_throughput": multiworker_throughput,
+    "idrid_transfer": idrid_transfer,
 }
+# Run by `make bench` without --only; idrid_transfer (about an hour of training) only on request.
+DEFAULT_BENCHMARKS = [name for name in BENCHMARKS if name != "idrid_transfer"]
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -788,6 +792,7 @@ RENDERERS = {
     "tiled_prediction": render_tiled,
     "local_global_prediction": render_local_global,
     "multiworker_throughput": render_multiworker,
+    "idrid_transfer": render_idrid_transfer,
 }
 
 HEADER = """# rmib benchmarks
@@ -927,7 +932,7 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(child_tiled(json.loads(args.child))), flush=True)
         return {}
     settings = settings_from(args)
-    names = args.only or list(BENCHMARKS)
+    names = args.only or DEFAULT_BENCHMARKS
     machine = machine_description()
     print(f"machine: {machine['cpu']}, auto precision {machine['auto_precision']}", flush=True)
     peak = measure_peak(settings)

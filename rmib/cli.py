@@ -63,7 +63,7 @@ def reference_markdown() -> str:
         # The parent chain and context settings make each page what `--help` shows
         # (``-h`` included), whatever click has cached from earlier invocations.
         ctx = click.Context(
-            command, info_name=" ".join(path), parent=parent, **command.context_settings
+            command, info_name=path[-1], parent=parent, **command.context_settings
         )
         lines.extend(
             [f"## `{' '.join(path)}`", "", "```", command.get_help(ctx).rstrip(), "```", ""]

@@ -63,6 +63,10 @@ class TrainConfig:
         plateau_factor: factor the rate is multiplied by on a plateau.
         early_stopping_patience: stop after this many epochs without
             improvement of `monitor`; 0 turns early stopping off.
+        time_limit: minutes of training (summed over `--resume`s; per phase for
+            phased methods); the run stops after the first epoch past which
+            another epoch, as long as the mean epoch so far, would not fit.
+            0 = no limit. For comparisons at equal wall-clock time.
         restore_best: end with the weights of the best epoch (by `monitor`)
             rather than those of the last one.
         monitor: the logged quantity that decides the best epoch, e.g.
@@ -92,6 +96,7 @@ class TrainConfig:
     plateau_patience: int = 5
     plateau_factor: float = 0.5
     early_stopping_patience: int = 0
+    time_limit: float = 0.0
     restore_best: bool = True
     monitor: str = "val_loss"
     monitor_mode: Literal[MONITOR_MODES] = "auto"
@@ -115,6 +120,7 @@ class TrainConfig:
         require(self, "plateau_patience", self.plateau_patience >= 1, "at least 1")
         require(self, "plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)")
         require(self, "early_stopping_patience", self.early_stopping_patience >= 0, ">= 0")
+        require(self, "time_limit", self.time_limit >= 0, "zero (no limit) or positive minutes")
         require(self, "monitor", bool(self.monitor.strip()), "a logged metric name")
         for name in ("steps_per_epoch", "validation_steps"):
             value = getattr(self, name)

@@ -80,7 +80,8 @@ class WholeImageValidation(keras.callbacks.Callback):
     Args:
         examples: preprocessed validation `Example`s (image, mask, fov).
         make_segmenter: model -> `rmib.segmenters.Segmenter`.
-        every: compute every this many epochs (and always at the last epoch).
+        every: compute every this many epochs (and always at the last epoch,
+            including one that a time limit makes the last).
         threshold: the threshold of the pixel metrics.
     """
 
@@ -96,7 +97,10 @@ class WholeImageValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        last_epoch = self.epochs is not None and epoch + 1 >= self.epochs
+        # The time limit (rmib.training) sets stop_training before this runs.
+        last_epoch = (self.epochs is not None and epoch + 1 >= self.epochs) or bool(
+            getattr(self.model, "stop_training", False)
+        )
         if self.last and (epoch + 1) % self.every and not last_epoch:
             logs.update(self.last)
             return

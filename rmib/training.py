@@ -48,6 +48,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -810,6 +811,43 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
                 raise _NonFiniteLoss(self.epoch + 1, batch + 1, value)
 
 
+class _TimeLimit(keras.callbacks.Callback):
+    """Stops training when another epoch would not fit in `config.time_limit` minutes.
+
+    Counts the wall-clock time of `fit` (validation included) on top of what
+    earlier invocations of the run spent (`previous`, from the state). At the
+    end of each epoch it sets `model.stop_training` when the time spent plus
+    the mean epoch so far exceeds the limit; it runs before the validation
+    callbacks, so they see that the epoch is the last and validate it.
+    """
+
+    def __init__(self, limit_minutes: float, previous: float = 0.0):
+        super().__init__()
+        self.limit = 60.0 * float(limit_minutes)
+        self.previous = float(previous)
+        self.reached = False
+        self.durations: list[float] = []
+        self.start = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds of the run so far, earlier invocations included."""
+        return self.previous + time.monotonic() - self.start
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+        self.epoch_end = self.start
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self.durations.append(now - self.epoch_end)
+        self.epoch_end = now
+        mean = sum(self.durations) / len(self.durations)
+        if self.limit > 0 and self.seconds + mean > self.limit:
+            self.reached = True
+            self.model.stop_training = True
+
+
 class _RunCheckpoint(keras.callbacks.Callback):
     """At each epoch end: history row, best and last checkpoints, state, early stopping.
 
@@ -818,12 +856,21 @@ class _RunCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, run: RunDirectory, cfg: TrainConfig, phase, state, history, metadata, plateau
+        self,
+        run: RunDirectory,
+        cfg: TrainConfig,
+        phase,
+        state,
+        history,
+        metadata,
+        plateau,
+        clock: _TimeLimit | None = None,
     ):
         super().__init__()
         self.run, self.cfg, self.phase = run, cfg, phase
         self.state, self.history, self.metadata = state, history, metadata
         self.plateau = plateau
+        self.clock = clock
         self.mode = cfg.resolved_monitor_mode
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -864,6 +911,9 @@ class _RunCheckpoint(keras.callbacks.Callback):
             monitor=self.cfg.monitor,
             mode=self.mode,
             early_stopped=stop,
+            train_seconds=round(self.clock.seconds, 3) if self.clock else None,
+            time_limited=bool(self.clock and self.clock.reached),
+            time_limit=self.cfg.time_limit,
             iterations=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
             plateau=self.plateau.get_state() if self.plateau else None,
             seed_generators=_seed_generator_states(self.model),
@@ -935,8 +985,22 @@ def _check_float32_outputs(model) -> None:
         )
 
 
-def _finished(state: dict | None, cfg: TrainConfig) -> bool:
-    return bool(state) and (state.get("early_stopped") or state.get("epoch", 0) >= cfg.epochs)
+def run_finished(state: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a run (phase) whose saved state is `state` has nothing left to train.
+
+    Finished: all `cfg.epochs` done, stopped early, or its time limit reached
+    (under the current `cfg.time_limit`, so a resumed run with a longer limit
+    goes on).
+    """
+    if not state:
+        return False
+    if state.get("early_stopped") or state.get("epoch", 0) >= cfg.epochs:
+        return True
+    limited = state.get("time_limited") and state.get("time_limit")
+    return bool(limited) and 0 < cfg.time_limit <= float(state["time_limit"])
+
+
+_finished = run_finished
 
 
 def _say(message: str, verbose) -> None:
@@ -1057,6 +1121,11 @@ def fit(
             f"monitor {cfg.monitor!r} needs validation data, and there is none; "
             "set monitor to a training value such as 'loss'"
         )
+    if cfg.time_limit and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise RmibError(
+            "time_limit is not supported with strategy multiworker (the workers' clocks "
+            "would stop them at different epochs); set a number of epochs instead"
+        )
     last_path = run.checkpoint_path("last", phase)
     if not resume and last_path.exists():
         raise RmibError(
@@ -1113,10 +1182,11 @@ def fit(
 
     plateau = schedule_callbacks(cfg, state.get("plateau"))
     history = [row for row in run.read_history(phase) if row["epoch"] <= initial_epoch]
+    clock = _TimeLimit(cfg.time_limit, state.get("train_seconds") or 0.0)
     checkpoint = _RunCheckpoint(
-        run, cfg, phase, state, history, run_metadata, plateau[0] if plateau else None
+        run, cfg, phase, state, history, run_metadata, plateau[0] if plateau else None, clock
     )
-    callbacks = [_StopOnNonFiniteLoss(), *validation_callbacks, *plateau, checkpoint]
+    callbacks = [_StopOnNonFiniteLoss(), clock, *validation_callbacks, *plateau, checkpoint]
     if cfg.tensorboard:
         log_dir = run.tensorboard_dir / phase if phase else run.tensorboard_dir
         callbacks.append(
@@ -1175,6 +1245,12 @@ def fit(
         _say(
             f"early stopping after epoch {state['epoch']}: no improvement of {cfg.monitor} "
             f"since epoch {state['best_epoch']}",
+            verbose,
+        )
+    elif state.get("time_limited") and state.get("epoch", 0) < cfg.epochs:
+        _say(
+            f"time limit of {cfg.time_limit:g} min reached after epoch {state['epoch']} "
+            f"({state['train_seconds'] / 60:.1f} min of training)",
             verbose,
         )
     return _finish(run, cfg, phase, state, model, run_metadata, save_final, unsafe_load)
@@ -1440,6 +1516,8 @@ def _finish(run, cfg, phase, state, model, metadata, save_final, unsafe_load):
                 "best_epoch": state.get("best_epoch"),
                 "epochs_trained": state.get("epoch"),
                 "early_stopped": bool(state.get("early_stopped")),
+                "time_limited": bool(state.get("time_limited")),
+                "train_seconds": state.get("train_seconds"),
                 "weights": "best" if cfg.restore_best and best_path.is_file() else "last",
                 "last_epoch": rows[-1] if rows else {},
             }

@@ -13,6 +13,13 @@ def test_reference_lists_every_command():
         assert f"## `rmib {name}`" in text
 
 
+def test_usage_lines_name_each_command_once():
+    text = reference_markdown()
+    assert "Usage: rmib segment [OPTIONS]" in text
+    assert "Usage: rmib data synth [OPTIONS] OUT" in text
+    assert "rmib rmib" not in text
+
+
 def test_docs_cli_md_is_up_to_date(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     committed = (ROOT / "docs" / "CLI.md").read_text()

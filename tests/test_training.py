@@ -355,6 +355,73 @@ def test_early_stopping(tmp_path):
     assert metrics["early_stopped"] is True and metrics["best_epoch"] == 1
 
 
+class _FakeClock:
+    """A time.monotonic that advances only when told to."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class _SpendSeconds(keras.callbacks.Callback):
+    """Each epoch "takes" the given seconds of the fake clock (before rmib's callbacks end it)."""
+
+    def __init__(self, clock, seconds):
+        super().__init__()
+        self.clock, self.seconds = clock, list(seconds)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.clock.now += self.seconds[epoch]
+
+
+def test_time_limit_stops_when_another_epoch_would_not_fit(tmp_path, monkeypatch):
+    # Limit 1 minute, epochs of 25 s: after epoch 1, 25 + 25 (mean) = 50 <= 60 goes on;
+    # after epoch 2, 50 + 25 = 75 > 60 stops. Worked by hand.
+    clock = _FakeClock()
+    monkeypatch.setattr(training.time, "monotonic", clock)
+    cfg = config(epochs=10, monitor="loss", time_limit=1.0)
+    spend = _SpendSeconds(clock, [25.0] * 10)
+    _, history = run_fit(tmp_path / "run", cfg, val_data=None, validation_callbacks=[spend])
+    assert history["epoch"] == [1, 2]
+    run = RunDirectory(tmp_path / "run")
+    state = run.read_state()
+    assert state["time_limited"] is True and state["train_seconds"] == pytest.approx(50.0)
+    metrics = run.read_metrics()["training"]
+    assert metrics["time_limited"] is True and metrics["epochs_trained"] == 2
+    assert run.model_path.is_file()
+
+    # Resumed with the same limit: finished, nothing to train.
+    recorder = EpochRecorder()
+    run_fit(tmp_path / "run", cfg, val_data=None, resume=True, extra_callbacks=[recorder])
+    assert recorder.epochs == []
+    # With a longer limit (2 min) it goes on from 50 s: after epoch 3, 75 + 25 = 100 <= 120;
+    # after epoch 4, 100 + 25 = 125 > 120 stops.
+    longer = config(epochs=10, monitor="loss", time_limit=2.0)
+    spend = _SpendSeconds(clock, [25.0] * 10)
+    _, history = run_fit(
+        tmp_path / "run", longer, val_data=None, resume=True, validation_callbacks=[spend]
+    )
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert run.read_state()["train_seconds"] == pytest.approx(100.0)
+
+
+def test_time_limit_never_stops_a_run_without_one(tmp_path, monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(training.time, "monotonic", clock)
+    spend = _SpendSeconds(clock, [3600.0] * 3)
+    cfg = config(epochs=3, monitor="loss")
+    _, history = run_fit(tmp_path / "run", cfg, val_data=None, validation_callbacks=[spend])
+    assert history["epoch"] == [1, 2, 3]
+    assert RunDirectory(tmp_path / "run").read_state()["time_limited"] is False
+
+
+def test_time_limit_must_not_be_negative():
+    with pytest.raises(RmibError, match="time_limit"):
+        config(time_limit=-1.0)
+
+
 # --------------------------------------------------------------------------- resume
 
 

@@ -44,6 +44,11 @@ def train_options(func):
             type=click.IntRange(min=0),
             help="Stop after N epochs without improvement (0 = off).",
         ),
+        click.option(
+            "--time-limit",
+            type=click.FloatRange(min=0),
+            help="Minutes of training: stop after the last epoch that fits (0 = no limit).",
+        ),
         click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint."),
         click.option(
             "--config",
@@ -76,6 +81,7 @@ _TRAIN_KEYS = (
     "seed",
     "deterministic",
     "early_stopping_patience",
+    "time_limit",
 )
 
 

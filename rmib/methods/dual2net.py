@@ -429,7 +429,7 @@ def train(
     )
     run = training.worker_run_directory(run, strategy)
     state = run.read_state() or {}
-    if not (state.get("early_stopped") or state.get("epoch", 0) >= cfg.train.epochs):
+    if not training.run_finished(state, cfg.train):
         return {}  # stopped early by a callback: no final model yet (fit said how to resume)
 
     network = model.inference_model(name=model.name)

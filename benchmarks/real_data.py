@@ -1,0 +1,290 @@
+"""`idrid_transfer`: does the stage-1 transfer pay for itself on real photographs? (issue #4)
+
+The RMIB paper's central claim, on the real samples in `../shared/data`:
+
+1. stage 1: `rmib pretrain` a VGG16-CBAM lesion / healthy classifier on a
+   synthetic Kaggle-layout set plus the EyePACS sample (25 graded photographs);
+2. stage 2, transferred: `rmib segment --encoder STAGE1_RUN` (the classifier's
+   backbone frozen as the encoder) for hard exudates on IDRiD_01..07,
+   validated on the whole photographs IDRiD_08..10;
+3. stage 2, from scratch: the same segmenter with `--encoder vgg16 --cbam
+   --weights none` (a trainable, randomly initialised encoder), with the
+   **same wall-clock training time** (`--time-limit`).
+
+Every step is the real command line in a fresh child process, run one after
+the other on an otherwise idle machine; the two stage-2 runs share every
+setting but the encoder. Validation: AUPR of the pixels of the three
+validation photographs pooled, at full resolution through tiled prediction,
+as `rmib segment` reports it (metrics.json "validation").
+
+The sample is tiny (7 training photographs, 3 validation photographs): the
+numbers show that the pipeline runs end to end on real photographs and how
+the two encoders compare at equal time here, not what they reach on IDRiD.
+
+    python -m benchmarks.run --only idrid_transfer --out benchmarks/BENCHMARKS.md
+
+Not part of the default `make bench` run (it takes about an hour).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+IDRID = SHARED_DATA / "idrid-sample"
+EYEPACS = SHARED_DATA / "eyepacs-sample"
+VAL_NAMES = ("IDRiD_08", "IDRiD_09", "IDRiD_10")
+FULL = {
+    "synth_count": 96,
+    "synth_size": 512,
+    "stage1_size": 224,
+    "stage1_epochs": 4,
+    "stage1_batch": 8,
+    "patch_size": 160,
+    "patches_per_epoch": 256,
+    "batch_size": 8,
+    "time_limit": 10.0,
+    "predict_tile": 512,
+}
+QUICK = {
+    "synth_count": 8,
+    "synth_size": 96,
+    "stage1_size": 64,
+    "stage1_epochs": 1,
+    "stage1_batch": 4,
+    "patch_size": 64,
+    "patches_per_epoch": 8,
+    "batch_size": 4,
+    "time_limit": 0.2,
+    "predict_tile": 512,
+}
+TIMEOUT = 3 * 3600
+
+
+def _rmib(args, log: Path) -> float:
+    """Run `python -m rmib ARGS` in a child, its output to `log`; returns its wall seconds."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.monotonic()
+    with open(log, "w") as out:
+        code = subprocess.run(
+            [sys.executable, "-m", "rmib", *map(str, args)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=TIMEOUT,
+            cwd=PROJECT_ROOT,
+        ).returncode
+    seconds = time.monotonic() - start
+    if code:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(
+            f"rmib {' '.join(map(str, args[:2]))} failed ({code}); log {log}:\n{tail}"
+        )
+    return seconds
+
+
+def _segment_recipe(path: Path, sizes: dict) -> Path:
+    """The stage-2 settings both runs share (validation only at the last epoch)."""
+    path.write_text(
+        f"""lesion = "EX"
+model = "encoder-decoder"
+patch_size = {sizes["patch_size"]}
+patches_per_epoch = {sizes["patches_per_epoch"]}
+pos_fraction = 0.5
+loss = "bce"
+preprocessing = "clahe"
+augment = "free"
+predict_tile = {sizes["predict_tile"]}
+predict_overlap = 0.125
+val_every = 1000
+
+[train]
+epochs = 1000
+batch_size = {sizes["batch_size"]}
+learning_rate = 1e-3
+lr_schedule = "constant"
+monitor = "val_aupr"
+monitor_mode = "max"
+precision = "float32"
+time_limit = {sizes["time_limit"]}
+seed = 0
+"""
+    )
+    return path
+
+
+def _load() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _read(run: Path) -> tuple[dict, dict]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    return metrics, state
+
+
+def idrid_transfer(settings, peak, progress=None) -> dict:
+    """Run the experiment; returns its rows (or a `skipped` reason without the data)."""
+    if not (IDRID.is_dir() and EYEPACS.is_dir()):
+        return {"skipped": f"the real samples are not at {SHARED_DATA}"}
+    sizes = dict(QUICK if settings.quick else FULL)
+    work = Path(os.environ.get("RMIB_BENCH_WORKDIR", "/tmp/rmib-idrid-transfer"))
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    result: dict = {"sizes": sizes, "workdir": str(work), "rows": [], "steps": {}}
+
+    synth = work / "synth-kaggle"
+    result["steps"]["synth_seconds"] = _rmib(
+        [
+            "data", "synth", synth, "--layout", "kaggle",
+            "--count", sizes["synth_count"], "--size", sizes["synth_size"], "--seed", 0,
+        ],
+        work / "synth.log",
+    )  # fmt: skip
+    stage1 = work / "stage1"
+    load = _load()
+    seconds = _rmib(
+        [
+            "pretrain", "--data", synth, "--data", EYEPACS,
+            "--backbone", "vgg16", "--cbam", "--image-size", sizes["stage1_size"],
+            "--epochs", sizes["stage1_epochs"], "--batch-size", sizes["stage1_batch"],
+            "--precision", "float32", "--seed", 0, "--out", stage1,
+        ],
+        work / "stage1.log",
+    )  # fmt: skip
+    stage1_metrics = json.loads((stage1 / "metrics.json").read_text())["validation"]
+    result["stage1"] = {"seconds": seconds, "load": load, **stage1_metrics}
+    if progress:
+        progress(result)
+
+    recipe = _segment_recipe(work / "segment.toml", sizes)
+    runs = {
+        "transferred": ["--encoder", stage1],
+        "scratch": ["--encoder", "vgg16", "--cbam", "--weights", "none"],
+    }
+    for label, encoder in runs.items():
+        out = work / f"ex-{label}"
+        load = _load()
+        seconds = _rmib(
+            [
+                "segment", "--config", recipe, "--data", IDRID,
+                *(x for name in VAL_NAMES for x in ("--val-names", name)),
+                *encoder, "--out", out,
+            ],
+            work / f"ex-{label}.log",
+        )  # fmt: skip
+        metrics, state = _read(out)
+        training = metrics.get("training", {})
+        validation = metrics.get("validation", {})
+        result["rows"].append(
+            {
+                "encoder": label,
+                "epochs": state.get("epoch"),
+                "train_seconds": state.get("train_seconds"),
+                "process_seconds": seconds,
+                "patches_seen": int(state.get("epoch", 0)) * sizes["patches_per_epoch"],
+                "val_aupr": validation.get("aupr"),
+                "val_f1": validation.get("f1"),
+                "val_iou": validation.get("iou"),
+                "val_sensitivity": validation.get("sensitivity"),
+                "val_ppv": validation.get("ppv"),
+                "time_limited": training.get("time_limited"),
+                "load": load,
+            }
+        )
+        if progress:
+            progress(result)
+    return result
+
+
+def render_idrid_transfer(result: dict, machine: dict, settings) -> str:
+    """The Markdown section of `idrid_transfer`."""
+    from benchmarks.run import _fmt, _run_line, _table
+
+    title = "## idrid_transfer: transferred vs from-scratch encoder on real IDRiD photographs\n\n"
+    if "skipped" in result:
+        return title + f"Skipped: {result['skipped']}.\n"
+    s = result["sizes"]
+    lines = [title, _run_line(machine, settings), ""]
+    lines.append(
+        "Hard exudates (EX), VGG16-CBAM encoder-decoder, trained on IDRiD_01..07 of "
+        f"`../shared/data/idrid-sample` ({s['patches_per_epoch']} lesion-aware "
+        f"{s['patch_size']}-px patches per epoch, batch {s['batch_size']}, Adam 1e-3, "
+        "binary cross-entropy, CLAHE, free augmentation, float32) and validated on the whole "
+        "photographs IDRiD_08..10 (pixels pooled, full resolution, tiles of "
+        f"{s['predict_tile']} px). Both runs get the same training time: "
+        f"`--time-limit {s['time_limit']:g}` minutes (the run stops after the last epoch "
+        "that fits; its final validation included). Stage 1 (the transferred encoder): "
+        f"`rmib pretrain --backbone vgg16 --cbam` at {s['stage1_size']} px, "
+        f"{s['stage1_epochs']} epochs, on {s['synth_count']} synthetic Kaggle-layout "
+        "photographs plus the 25 EyePACS sample photographs. Reproduce: "
+        "`python -m benchmarks.run --only idrid_transfer --out benchmarks/BENCHMARKS.md`."
+    )
+    stage1 = result.get("stage1")
+    if stage1:
+        lines.append("")
+        lines.append(
+            f"Stage 1: {stage1['seconds']:.0f} s; on its validation split "
+            f"({stage1.get('n')} photographs) accuracy {_fmt(stage1.get('accuracy'), 3)}, "
+            f"ROC AUC {_fmt(stage1.get('roc_auc'), 3)} (load {stage1['load']})."
+        )
+    rows = []
+    for row in result["rows"]:
+        rows.append(
+            [
+                {"transferred": "stage-1 VGG16-CBAM, frozen", "scratch": "VGG16-CBAM from scratch"}[
+                    row["encoder"]
+                ],
+                _fmt(row["train_seconds"], 0),
+                row["epochs"],
+                row["patches_seen"],
+                _fmt(row["val_aupr"], 3),
+                _fmt(row["val_f1"], 3),
+                _fmt(row["val_iou"], 3),
+                _fmt(row["val_sensitivity"], 3),
+                _fmt(row["val_ppv"], 3),
+                _fmt(row["process_seconds"], 0),
+                row["load"],
+            ]
+        )
+    if rows:
+        lines.append("")
+        lines.append(
+            _table(
+                [
+                    "encoder",
+                    "training s",
+                    "epochs",
+                    "patches seen",
+                    "val AUPR",
+                    "val F1 @0.5",
+                    "val IoU",
+                    "val sensitivity",
+                    "val PPV",
+                    "process s",
+                    "load at start",
+                ],
+                rows,
+            )
+        )
+    if len(result["rows"]) == 2:
+        t, f = result["rows"]
+        if t["val_aupr"] is not None and f["val_aupr"] is not None:
+            lines.append("")
+            lines.append(
+                f"**Validation AUPR at equal training time: transferred {t['val_aupr']:.3f}, "
+                f"from scratch {f['val_aupr']:.3f}** ({t['epochs']} vs {f['epochs']} epochs)."
+            )
+    return "\n".join(lines) + "\n"
