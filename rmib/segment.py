@@ -73,17 +73,24 @@ class WholeImageValidation(keras.callbacks.Callback):
     """Validation metrics on held-out whole photographs, predicted as in production.
 
     Adds `val_aupr`, `val_f1`, `val_iou`, `val_sensitivity` and `val_ppv` to
-    the epoch's logs (every `every` epochs; in between the last values are
-    repeated, so a monitor always finds them). It must run before the
-    checkpoint callback so that the best checkpoint sees them.
+    the epoch's logs every `every` epochs and at the last epoch (the last of
+    `epochs`, or one that a time limit of `rmib.training` makes the last: it
+    sets `stop_training` before this runs). Epochs in between log NaN (not
+    computed: they never count as an improvement of a monitor, and the
+    history shows which epochs were validated). It must run before the
+    checkpoint callback so that the best checkpoint sees them. `results`
+    keeps every validated epoch's full metrics (`evaluate_examples`), by
+    1-based epoch, so the caller need not predict them again.
 
     Args:
         examples: preprocessed validation `Example`s (image, mask, fov).
         make_segmenter: model -> `rmib.segmenters.Segmenter`.
-        every: compute every this many epochs (and always at the last epoch,
-            including one that a time limit makes the last).
+        every: compute every this many epochs (and always at the last epoch).
         threshold: the threshold of the pixel metrics.
+        epochs: the number of epochs of the fit, if known.
     """
+
+    KEYS = ("aupr", "f1", "iou", "sensitivity", "ppv")
 
     def __init__(self, examples, make_segmenter, every=1, threshold=0.5, epochs=None):
         super().__init__()
@@ -92,26 +99,42 @@ class WholeImageValidation(keras.callbacks.Callback):
         self.every = every
         self.threshold = threshold
         self.epochs = epochs
-        self.last: dict = {}
+        self.results: dict[int, dict] = {}
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        # The time limit (rmib.training) sets stop_training before this runs.
         last_epoch = (self.epochs is not None and epoch + 1 >= self.epochs) or bool(
             getattr(self.model, "stop_training", False)
         )
-        if self.last and (epoch + 1) % self.every and not last_epoch:
-            logs.update(self.last)
+        if (epoch + 1) % self.every and not last_epoch:
+            logs.update({f"val_{k}": float("nan") for k in self.KEYS})
             return
-        self.last = {
-            f"val_{k}": v
-            for k, v in evaluate_examples(
-                self.make_segmenter(self.model), self.examples, threshold=self.threshold
-            ).items()
-            if k in ("aupr", "f1", "iou", "sensitivity", "ppv")
-        }
-        logs.update(self.last)
+        result = evaluate_examples(
+            self.make_segmenter(self.model), self.examples, threshold=self.threshold
+        )
+        self.results[epoch + 1] = result
+        logs.update({f"val_{k}": result[k] for k in self.KEYS})
+
+
+def final_validation(run, phase, callback, evaluate):
+    """The validation metrics of the weights a fit ended with, reusing `callback`'s.
+
+    `training.fit` ends with the best epoch's weights (or the last epoch's,
+    per its metrics.json "weights"; `phase` as given to fit, None for
+    none); when `callback` validated that epoch in
+    this process, its metrics are returned, else `evaluate()` computes them
+    (a resumed run, a worker's copy of the run).
+    """
+    try:
+        training_metrics = run.read_metrics()["training" if phase is None else f"training_{phase}"]
+        key = "best_epoch" if training_metrics["weights"] == "best" else "epochs_trained"
+        epoch = int(training_metrics[key])
+    except (KeyError, TypeError, ValueError, OSError, RmibError):
+        return evaluate()
+    if callback is not None and epoch in callback.results:
+        return dict(callback.results[epoch])
+    return evaluate()
 
 
 def evaluate_examples(segmenter, examples, threshold=0.5, fov_only=False):
@@ -265,17 +288,17 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
             return build_encoder_decoder(build_encoder(), freeze_encoder=freeze)
 
         callbacks = []
+        validation = None
         if val_examples:
-            callbacks.append(
-                WholeImageValidation(
-                    val_examples,
-                    lambda m: TiledSegmenter(
-                        m, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
-                    ),
-                    every=cfg.val_every,
-                    epochs=epochs,
-                )
+            validation = WholeImageValidation(
+                val_examples,
+                lambda m: TiledSegmenter(
+                    m, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
+                ),
+                every=cfg.val_every,
+                epochs=epochs,
             )
+            callbacks.append(validation)
         model, _ = training.fit(
             make_model,
             train_ds,
@@ -297,7 +320,9 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         segmenter = TiledSegmenter(
             model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
         )
-        result = evaluate_examples(segmenter, val_examples)
+        result = final_validation(
+            run, phases[-1][0], validation, lambda: evaluate_examples(segmenter, val_examples)
+        )
     if problems and training.is_chief(training.get_strategy(cfg.train.strategy)):
         from rmib.predict import write_skipped
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
 from rmib.data.pipeline import Example
-from rmib.segment import WholeImageValidation
+from rmib.segment import WholeImageValidation, final_validation
 
 
 class _Segmenter:
@@ -40,19 +42,50 @@ def _validation(every, epochs=None):
 
 def test_computes_every_n_epochs_and_at_the_last():
     callback, built, expected = _validation(every=3, epochs=5)
+    logged = []
     for epoch in range(5):
         logs = {}
         callback.on_epoch_end(epoch, logs)
-        assert logs["val_aupr"] == pytest.approx(expected)
-    # Epoch 1 (the first values), 3 (every 3), 5 (the last).
-    assert len(built) == 3
+        logged.append(logs["val_aupr"])
+    # Epochs 3 (every 3) and 5 (the last); the others are not computed (NaN).
+    assert len(built) == 2 and sorted(callback.results) == [3, 5]
+    assert [math.isnan(v) for v in logged] == [True, True, False, True, False]
+    assert logged[2] == pytest.approx(expected) and logged[4] == pytest.approx(expected)
+    assert callback.results[5]["aupr"] == pytest.approx(expected)
 
 
 def test_an_epoch_a_time_limit_makes_the_last_is_validated():
     callback, built, _ = _validation(every=100)
     callback.on_epoch_end(0, {})
     callback.on_epoch_end(1, {})
-    assert len(built) == 1
+    assert built == []
     callback.model.stop_training = True  # rmib.training's time limit, which runs first
     callback.on_epoch_end(2, {})
-    assert len(built) == 2
+    assert len(built) == 1 and list(callback.results) == [3]
+
+
+class _Run:
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def read_metrics(self):
+        return self.metrics
+
+
+@pytest.mark.parametrize(
+    ("training", "phase", "reused"),
+    [
+        ({"training": {"weights": "best", "best_epoch": 3, "epochs_trained": 5}}, None, 3),
+        ({"training": {"weights": "last", "best_epoch": 3, "epochs_trained": 5}}, None, 5),
+        ({"training_fine-tune": {"weights": "best", "best_epoch": 5}}, "fine-tune", 5),
+        ({"training": {"weights": "best", "best_epoch": 4}}, None, None),  # not validated
+        ({}, None, None),  # a worker's copy: no metrics
+    ],
+)
+def test_final_validation_reuses_the_epoch_whose_weights_the_run_ended_with(
+    training, phase, reused
+):
+    callback, _, _ = _validation(every=1)
+    callback.results = {3: {"aupr": 0.3}, 5: {"aupr": 0.5}}
+    result = final_validation(_Run(training), phase, callback, lambda: {"aupr": -1.0})
+    assert result["aupr"] == (-1.0 if reused is None else reused / 10)
