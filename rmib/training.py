@@ -905,7 +905,13 @@ class _RunCheckpoint(keras.callbacks.Callback):
         if improved:
             self.state.update(best=value, best_epoch=done)
         patience = self.cfg.early_stopping_patience
-        stop = patience > 0 and done - self.state.get("best_epoch", 0) >= patience
+        # A NaN monitor is a value not computed this epoch (e.g. whole-image
+        # validation every N epochs): it never stops a run before it is measured.
+        stop = (
+            patience > 0
+            and math.isfinite(value)
+            and done - self.state.get("best_epoch", 0) >= patience
+        )
         self.state.update(
             epoch=done,
             monitor=self.cfg.monitor,

@@ -422,6 +422,31 @@ def test_time_limit_must_not_be_negative():
         config(time_limit=-1.0)
 
 
+class _ScoreEvery(keras.callbacks.Callback):
+    """Logs "val_score" (falling) only every `every` epochs, NaN in between."""
+
+    def __init__(self, every):
+        super().__init__()
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        logs["val_score"] = 1.0 / done if done % self.every == 0 else float("nan")
+
+
+def test_early_stopping_waits_for_a_measured_monitor(tmp_path):
+    # Scores at epochs 3 (1/3, the best) and 6 (1/6, worse in "max" mode); NaN in between.
+    # Patience 2: epochs 1-2 do not stop (nothing measured yet); 4-5 are not measured;
+    # epoch 6 is measured, 6 - 3 >= 2: stop there.
+    cfg = config(epochs=20, monitor="val_score", monitor_mode="max", early_stopping_patience=2)
+    _, history = run_fit(
+        tmp_path / "run", cfg, val_data=None, validation_callbacks=[_ScoreEvery(3)]
+    )
+    assert history["epoch"] == [1, 2, 3, 4, 5, 6]
+    state = RunDirectory(tmp_path / "run").read_state()
+    assert state["best_epoch"] == 3 and state["early_stopped"] is True
+
+
 # --------------------------------------------------------------------------- resume
 
 
