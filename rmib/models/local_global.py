@@ -88,7 +88,17 @@ def resize_global(image: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the crop
 
 
-def crop_global_features(features, boxes, size, box_indices=None):
+def pad_global_features(features):
+    """The global feature maps padded by one edge pixel, as `crop_global_features` reads them.
+
+    Whole-photograph prediction pads the map once and passes it with
+    `padded=True` to the crop of every batch of tiles (padding a 640 x 640 x 32
+    map costs about as much as cropping a batch of four tiles from it).
+    """
+    return tf.pad(tf.cast(features, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]], "SYMMETRIC")
+
+
+def crop_global_features(features, boxes, size, box_indices=None, padded=False):
     """Bilinear crop of a global feature map to patch boxes, at the patch's resolution.
 
     Output pixel (j, i) of box b is the global map sampled at the centre of
@@ -108,6 +118,8 @@ def crop_global_features(features, boxes, size, box_indices=None):
         size: (height, width) of the patches (ints or int tensors).
         box_indices: (B,) which map each box reads; default: map b for box b,
             or map 0 for every box when N == 1 (one photograph, many tiles).
+        padded: `features` is already `pad_global_features(maps)` (its grid is
+            then 2 pixels smaller than its shape); the result is the same.
 
     Returns:
         (B, height, width, C) tensor in the dtype of `features`.
@@ -117,7 +129,9 @@ def crop_global_features(features, boxes, size, box_indices=None):
     maps = tf.cast(features, tf.float32)
     boxes = tf.cast(tf.convert_to_tensor(boxes), tf.float32)
     shape = tf.shape(maps)
-    grid_h, grid_w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    border = 2 if padded else 0
+    grid_h = tf.cast(shape[1] - border, tf.float32)
+    grid_w = tf.cast(shape[2] - border, tf.float32)
     height, width = size
     size_h = tf.cast(height, tf.float32)
     size_w = tf.cast(width, tf.float32)
@@ -132,7 +146,8 @@ def crop_global_features(features, boxes, size, box_indices=None):
     last_x = first_x + (size_w - 1.0) * step_x
     # crop_and_resize reads normalised coordinate c at c * (side - 1) of the
     # padded map, whose index is the global coordinate + 1.
-    padded = tf.pad(maps, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
+    if not padded:
+        maps = pad_global_features(maps)
     crop_boxes = tf.stack(
         [
             (first_y + 1.0) / (grid_h + 1.0),
@@ -150,7 +165,7 @@ def crop_global_features(features, boxes, size, box_indices=None):
             tf.range(count, dtype=tf.int32),
         )
     crops = tf.image.crop_and_resize(
-        padded,
+        maps,
         crop_boxes,
         tf.cast(box_indices, tf.int32),
         tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)]),
@@ -546,9 +561,11 @@ class LocalGlobalSegmenter(Segmenter):
                 tf.TensorSpec((1, None, None, channels), tf.float32),
             ]
         )
-        def local_fused(tiles, boxes, features):
+        def local_fused(tiles, boxes, padded_features):
             local = local_trunk(tiles, training=False)
-            cropped = crop([features, boxes, local])
+            size = (tf.shape(local)[1], tf.shape(local)[2])
+            cropped = crop_global_features(padded_features, boxes, size, padded=True)
+            cropped = tf.cast(cropped, crop.compute_dtype)
             return tf.cast(head(concat([local, cropped]), training=False), tf.float32)
 
         self._global_features = global_features
@@ -594,6 +611,7 @@ class LocalGlobalSegmenter(Segmenter):
             return out[..., 0]
         small = resize_global(image, self.global_size)[None]
         features = self._global_features(tf.convert_to_tensor(small, tf.float32))
+        features = pad_global_features(features)  # once per photograph, not per batch
         out = predict_tiled(
             lambda tiles, boxes: self._local_fused(
                 tf.convert_to_tensor(tiles, tf.float32),
@@ -626,6 +644,7 @@ __all__ = [
     "copy_matching_weights",
     "crop_global_features",
     "default_depths",
+    "pad_global_features",
     "resize_global",
     "set_fusion_only_trainable",
 ]

@@ -20,6 +20,7 @@ from rmib.models.local_global import (
     build_local_net,
     crop_global_features,
     default_depths,
+    pad_global_features,
     resize_global,
 )
 from rmib.segment_config import LocalGlobalConfig, SegmentConfig
@@ -182,6 +183,11 @@ def test_crop_at_the_edges_holds_the_edge_value_and_boxes_share_one_map():
         expect_x = np.clip((left + np.arange(patch) + 0.5) / width, 1 / 16, 15 / 16)
         np.testing.assert_allclose(crop[:, 0, 0], expect_y, atol=1e-6)
         np.testing.assert_allclose(crop[0, :, 1], expect_x, atol=1e-6)
+    # Padded once beforehand (whole-photograph prediction): the same expected coordinates.
+    again = crop_global_features(
+        pad_global_features(features), boxes, (patch, patch), padded=True
+    ).numpy()
+    np.testing.assert_array_equal(again, crops)
 
 
 def test_each_box_reads_its_own_map_in_a_training_batch():
