@@ -28,6 +28,7 @@ def test_training_raises_validation_aupr_by_at_least_0_1(synthetic_idrid, tmp_pa
             "patches_per_epoch": 96,
             "predict_tile": 128,
             "val_fraction": 0.25,
+            "val_every": 4,  # validated once, after the last epoch (the metric compared)
             "out": str(tmp_path / "run"),
             "train.epochs": 4,
             "train.batch_size": 8,
