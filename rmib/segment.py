@@ -120,11 +120,11 @@ class WholeImageValidation(keras.callbacks.Callback):
 def final_validation(run, phase, callback, evaluate):
     """The validation metrics of the weights a fit ended with, reusing `callback`'s.
 
-    `training.fit` ends with the best epoch's weights (or the last epoch's,
-    per its metrics.json "weights"; `phase` as given to fit, None for
-    none); when `callback` validated that epoch in
-    this process, its metrics are returned, else `evaluate()` computes them
-    (a resumed run, a worker's copy of the run).
+    `training.fit` ends with the best epoch's weights, or the last epoch's
+    (metrics.json "weights" of `phase`, the phase given to fit, or None).
+    When `callback` validated that epoch in this process, its metrics are
+    returned; otherwise `evaluate()` computes them (a resumed run, a worker's
+    copy of the run).
     """
     try:
         training_metrics = run.read_metrics()["training" if phase is None else f"training_{phase}"]
