@@ -296,3 +296,117 @@ def render_idrid_transfer(result: dict, machine: dict, settings) -> str:
                 f"from scratch {f['val_aupr']:.3f}** ({t['epochs']} vs {f['epochs']} epochs)."
             )
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- tile_aupr
+#
+# Issue #4: "validation AUPR with the large tiles not lower than with
+# training-size tiles". One EX segmenter (the from-scratch VGG16-CBAM of
+# idrid_transfer's recipe, trained on IDRiD_01..07 under a time limit) is
+# evaluated on the whole photographs IDRiD_08..10 three ways: tiles of the
+# training patch (160 px), the earlier fixed 512-px tiles, and the planned large
+# tiles of `--tile auto`. Same model, same photographs: only the tiling differs.
+
+TILINGS = (
+    ("training-size tiles", ["--tile", "160", "--overlap", "0.25"]),
+    ("fixed 512-px tiles", ["--tile", "512", "--overlap", "0.125"]),
+    ("auto (large tiles, halo 64)", ["--tile", "auto", "--halo", "64"]),
+)
+QUICK_TILINGS = (
+    ("training-size tiles", ["--tile", "64", "--overlap", "0.25"]),
+    ("auto (large tiles, halo 64)", ["--tile", "auto", "--halo", "64"]),
+)
+
+
+def tile_aupr(settings, peak, progress=None) -> dict:
+    """Train (or reuse) one EX segmenter, then evaluate it with each tiling."""
+    if not IDRID.is_dir():
+        return {"skipped": f"the IDRiD sample is not at {SHARED_DATA}"}
+    sizes = dict(QUICK if settings.quick else FULL)
+    work = Path(os.environ.get("RMIB_BENCH_WORKDIR", "/tmp/rmib-tile-aupr"))
+    work.mkdir(parents=True, exist_ok=True)
+    run = work / "ex-scratch"
+    result: dict = {"sizes": sizes, "workdir": str(work), "rows": []}
+    if not (run / "metrics.json").is_file():  # a finished run of an earlier call is reused
+        if run.exists():
+            shutil.rmtree(run)
+        recipe = _segment_recipe(work / "segment.toml", sizes)
+        _rmib(
+            [
+                "segment", "--config", recipe, "--data", IDRID,
+                *(x for name in VAL_NAMES for x in ("--val-names", name)),
+                "--encoder", "vgg16", "--cbam", "--weights", "none", "--out", run,
+            ],
+            work / "train.log",
+        )  # fmt: skip
+    metrics, state = _read(run)
+    result["training"] = {"epochs": state.get("epoch"), "train_seconds": state.get("train_seconds")}
+    for label, tiling in QUICK_TILINGS if settings.quick else TILINGS:
+        out = work / f"eval-{tiling[1]}"
+        load = _load()
+        seconds = _rmib(
+            [
+                "evaluate", run, "--data", IDRID,
+                *(x for name in VAL_NAMES for x in ("--names", name)),
+                "--out", out, "--no-overlays", *tiling,
+            ],
+            work / f"eval-{tiling[1]}.log",
+        )  # fmt: skip
+        scores = json.loads((out / "metrics.json").read_text())
+        result["rows"].append(
+            {
+                "tiling": label,
+                "args": " ".join(tiling),
+                "aupr": scores.get("aupr"),
+                "f1": scores.get("f1"),
+                "iou": scores.get("iou"),
+                "images": scores.get("images"),
+                "seconds": seconds,
+                "load": load,
+            }
+        )
+        if progress:
+            progress(result)
+    return result
+
+
+def render_tile_aupr(result: dict, machine: dict, settings) -> str:
+    """The Markdown section of `tile_aupr`."""
+    from benchmarks.run import _fmt, _run_line, _table
+
+    title = "## tile_aupr: validation AUPR with large tiles vs training-size tiles\n\n"
+    if "skipped" in result:
+        return title + f"Skipped: {result['skipped']}.\n"
+    training = result.get("training", {})
+    lines = [title, _run_line(machine, settings), ""]
+    lines.append(
+        "One hard-exudate segmenter (VGG16-CBAM encoder-decoder from scratch, idrid_transfer's "
+        f"recipe: {training.get('epochs')} epochs, {_fmt(training.get('train_seconds'), 0)} s "
+        "of training on IDRiD_01..07) evaluated with `rmib evaluate --names IDRiD_08 ... "
+        "--no-overlays` on the whole validation photographs IDRiD_08..10 at full resolution "
+        "(pixels of the three pooled), float32, each tiling in a fresh process. Only the "
+        "tiling differs. Reproduce: `python -m benchmarks.run --only tile_aupr --out "
+        "benchmarks/BENCHMARKS.md` (trains the model first, about 15 minutes, unless "
+        "`$RMIB_BENCH_WORKDIR/ex-scratch` holds a finished run)."
+    )
+    rows = [
+        [
+            row["tiling"],
+            f"`{row['args']}`",
+            _fmt(row["aupr"], 4),
+            _fmt(row["f1"], 4),
+            _fmt(row["iou"], 4),
+            _fmt(row["seconds"], 0),
+            row["load"],
+        ]
+        for row in result["rows"]
+    ]
+    if rows:
+        lines += [
+            "",
+            _table(
+                ["tiling", "flags", "val AUPR", "F1 @0.5", "IoU @0.5", "process s", "load"],
+                rows,
+            ),
+        ]
+    return "\n".join(lines) + "\n"

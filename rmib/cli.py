@@ -62,9 +62,7 @@ def reference_markdown() -> str:
     def walk(command, path, parent=None):
         # The parent chain and context settings make each page what `--help` shows
         # (``-h`` included), whatever click has cached from earlier invocations.
-        ctx = click.Context(
-            command, info_name=path[-1], parent=parent, **command.context_settings
-        )
+        ctx = click.Context(command, info_name=path[-1], parent=parent, **command.context_settings)
         lines.extend(
             [f"## `{' '.join(path)}`", "", "```", command.get_help(ctx).rstrip(), "```", ""]
         )

@@ -1552,13 +1552,29 @@ def _load(model_path, kind: str, unsafe: bool):
 
 
 def _tiling(kind: str, model, metadata: dict, tile, overlap, batch_size):
-    """(tile, overlap, batch size) of ``segment_image``: `rmib predict`'s, with the overrides."""
+    """(tile, overlap, batch size) of ``segment_image``: `rmib predict`'s, with the overrides.
+
+    An encoder-decoder run whose `rmib predict` plans large tiles per photograph
+    (``predict_tile = "auto"``) exports fixed `EXPORT_TILE`-px tiles unless
+    --tile says otherwise.
+    """
     if kind not in ("tiled", "fused"):
         return None, None, None
-    from rmib.segmenters import make_segmenter
+    from rmib.segmenters import AUTO_TILE, EXPORT_TILE, make_segmenter
 
+    if kind == "tiled" and tile is None and _planned_tiles(metadata):
+        # rmib predict plans large tiles per photograph ("auto"); the graph of
+        # segment_image tiles with fixed square tiles, the same for every photograph.
+        tile = EXPORT_TILE
     segmenter = make_segmenter(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size)
+    if segmenter.tile == AUTO_TILE:  # pragma: no cover - resolved above
+        raise RmibError("segment_image needs a fixed tile side: pass --tile")
     return segmenter.tile, segmenter.overlap, segmenter.batch_size
+
+
+def _planned_tiles(metadata: dict) -> bool:
+    """Does `rmib predict` plan the tiles of this encoder-decoder run ("auto")?"""
+    return metadata.get("predict_tile") in (None, "auto")
 
 
 def _write_savedmodel(folder: Path, model, metadata: dict, patch_size=None) -> list:

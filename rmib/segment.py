@@ -28,7 +28,7 @@ from rmib.data.pipeline import (
 )
 from rmib.errors import RmibError
 from rmib.segment_config import SegmentConfig
-from rmib.segmenters import SEGMENTER_TYPES
+from rmib.segmenters import SEGMENTER_TYPES, TiledSegmenter
 
 METHOD_MODULES = {"local-global": "rmib.methods.local_global", "dual2net": "rmib.methods.dual2net"}
 
@@ -217,7 +217,6 @@ def _loss(cfg):
 def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, resume=False):
     """RMIB stage 2: the (stage-1) encoder, frozen, with a residual decoder, on patches."""
     from rmib.models import build_encoder_decoder
-    from rmib.segmenters import TiledSegmenter
 
     build_encoder, info, frozen = encoder_factory(cfg)
     prep = Preprocessing(method=cfg.preprocessing)
@@ -234,6 +233,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         "preprocessing": prep.to_dict(),
         "patch_size": cfg.patch_size,
         "predict_tile": cfg.predict_tile,
+        "predict_halo": cfg.predict_halo,
         "size_multiple": 32,
         "loss": cfg.loss,
         "train_images": [r.name for r in train_records],
@@ -292,9 +292,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         if val_examples:
             validation = WholeImageValidation(
                 val_examples,
-                lambda m: TiledSegmenter(
-                    m, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
-                ),
+                lambda m: tiled_segmenter(m, metadata, cfg),
                 every=cfg.val_every,
                 epochs=epochs,
             )
@@ -317,9 +315,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         offset += epochs
     result = {}
     if val_examples:
-        segmenter = TiledSegmenter(
-            model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch
-        )
+        segmenter = tiled_segmenter(model, metadata, cfg)
         result = final_validation(
             run, phases[-1][0], validation, lambda: evaluate_examples(segmenter, val_examples)
         )
@@ -328,6 +324,18 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
 
         write_skipped(run.path, problems)
     return result
+
+
+def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
+    """The encoder-decoder's `TiledSegmenter` with the tiling of a `SegmentConfig`.
+
+    ``predict_tile = "auto"`` plans large tiles overlapping by 2 * predict_halo
+    pixels (one per call); a number gives fixed tiles overlapping by the fraction
+    predict_overlap, predict_batch per call.
+    """
+    if cfg.predict_tile == "auto":
+        return TiledSegmenter(model, metadata, "auto", halo=cfg.predict_halo)
+    return TiledSegmenter(model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch)
 
 
 def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:

@@ -166,7 +166,10 @@ class SegmentConfig:
         val_fraction / val_names: hold out whole images for validation.
         preprocessing: "none", "clahe" or "graham".
         augment: "free", "rot90" or "none".
-        predict_tile / predict_overlap / predict_batch: whole-image prediction.
+        predict_tile / predict_halo / predict_overlap / predict_batch: whole-image
+            prediction (`rmib.segmenters.TiledSegmenter`): "auto" plans large tiles
+            over the field of view overlapping by 2 * predict_halo pixels; a number
+            is a fixed square tile overlapping by the fraction predict_overlap.
         val_every: compute the whole-image validation metrics every N epochs.
         cache_dir: keep preprocessed images here (memory-mapped), else in memory.
         on_bad: "error" or "skip".
@@ -191,7 +194,8 @@ class SegmentConfig:
     preprocessing: Literal[PREPROCESSING] = "clahe"
     augment: Literal[AUGMENT] = "free"
     patches_per_epoch: int = 512
-    predict_tile: int = 512
+    predict_tile: Literal["auto"] | int = "auto"
+    predict_halo: int = 64
     predict_overlap: float = 0.125
     predict_batch: int = 2
     val_every: int = 1
@@ -212,5 +216,12 @@ class SegmentConfig:
         require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
         require(self, "fine_tune_after", self.fine_tune_after >= 0, ">= 0")
         require(self, "predict_overlap", 0.0 <= self.predict_overlap < 1.0, "in [0, 1)")
+        require(self, "predict_halo", self.predict_halo >= 0, ">= 0")
+        require(
+            self,
+            "predict_tile",
+            self.predict_tile == "auto" or self.predict_tile >= 32,
+            '"auto" or at least 32',
+        )
         require(self, "val_every", self.val_every >= 1, "at least 1")
         require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")

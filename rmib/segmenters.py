@@ -16,7 +16,12 @@ import tensorflow as tf
 from rmib.data import fundus
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.errors import RmibError
-from rmib.inference import predict_tiled
+from rmib.inference import mask_box, plan_tiles, predict_tiled
+
+AUTO_TILE = "auto"
+DEFAULT_HALO = 64
+DEFAULT_MAX_TILE_PIXELS = 1024 * 1024
+EXPORT_TILE = 512  # segment_image of a SavedModel tiles with fixed tiles (see rmib.export)
 
 SEGMENTER_TYPES: dict = {}
 
@@ -86,43 +91,134 @@ class TiledSegmenter(Segmenter):
     """A fully convolutional segmenter applied to overlapping tiles.
 
     The tile may be much larger than the training patch: the network is fully
-    convolutional, so a 512-px tile costs the same per pixel as a 160-px one
+    convolutional, so a large tile costs the same per pixel as a 160-px one
     while the overlap needed for seamless blending becomes a small fraction.
+
+    Two tilings:
+
+    - ``tile="auto"`` (the default): the tiles cover only the field of view's
+      bounding box, as few and as even as `rmib.inference.plan_tiles` finds
+      with at most `max_tile_pixels` pixels each (1024 x 1024: about 1 GB of
+      float32 activations through VGG16), and neighbours overlap by ``2 *
+      halo`` pixels blended with the ``"ramp"`` window, so the pixels a tile
+      contributes most to lie at least `halo` pixels from its border (a
+      VGG16 decoder's output changes by about 1% at 48-64 px from a zero-padded
+      border, and by 1e-5 beyond 128 px);
+    - ``tile=N``: square N-px tiles overlapping by the fraction `overlap`,
+      blended with nnU-Net's Gaussian window, over the whole photograph (the
+      tiling of an exported SavedModel's ``segment_image``).
+
+    Args:
+        model, metadata: the trained model and its run metadata.
+        tile: "auto" or a tile side (a multiple of the model's size multiple);
+            default the run's ``predict_tile``, else "auto".
+        overlap: overlap fraction of fixed tiles (default 0.125).
+        batch_size: tiles per call (default 1 for "auto", 2 for fixed tiles).
+        halo: pixels of context a tile keeps beyond what it contributes most
+            to ("auto" only; default the run's ``predict_halo``, else 64).
+        max_tile_pixels: largest tile area ("auto" only).
     """
 
-    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
+    def __init__(
+        self,
+        model,
+        metadata,
+        tile=None,
+        overlap=None,
+        batch_size=None,
+        *,
+        halo=None,
+        max_tile_pixels=None,
+    ):
         super().__init__(model, metadata, tile, overlap, batch_size)
-        multiple = int(self.metadata.get("size_multiple", 32))
-        self.tile = int(tile or self.metadata.get("predict_tile", 512))
-        if self.tile % multiple:
-            raise RmibError(f"--tile must be a multiple of {multiple}, got {self.tile}")
-        self.overlap = 0.125 if overlap is None else float(overlap)
-        self.batch_size = int(batch_size or 2)
+        self.multiple = int(self.metadata.get("size_multiple", 32))
+        tile = tile or self.metadata.get("predict_tile") or AUTO_TILE
+        if tile == AUTO_TILE:
+            if overlap is not None:
+                raise RmibError(
+                    "--overlap sets the overlap of fixed tiles (--tile N); with --tile auto "
+                    "tiles overlap by twice --halo pixels"
+                )
+            self.tile = AUTO_TILE
+            self.overlap = None
+            halo = self.metadata.get("predict_halo", DEFAULT_HALO) if halo is None else halo
+            if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+                raise RmibError(f"--halo must be a non-negative number of pixels, got {halo!r}")
+            self.halo = int(halo)
+            self.max_tile_pixels = int(max_tile_pixels or DEFAULT_MAX_TILE_PIXELS)
+            smallest = -(-(2 * self.halo + 1) // self.multiple) * self.multiple
+            if smallest * smallest > self.max_tile_pixels:
+                raise RmibError(
+                    f"--halo {self.halo} needs tiles of at least {smallest}x{smallest} pixels, "
+                    f"more than the {self.max_tile_pixels} allowed"
+                )
+            self.batch_size = int(batch_size or 1)
+        else:
+            try:
+                self.tile = int(tile)
+            except (TypeError, ValueError):
+                raise RmibError(
+                    f"--tile must be 'auto' or a number of pixels, got {tile!r}"
+                ) from None
+            if self.tile < 1 or self.tile % self.multiple:
+                raise RmibError(f"--tile must be a multiple of {self.multiple}, got {self.tile}")
+            if halo is not None:
+                raise RmibError("--halo applies to --tile auto; fixed tiles take --overlap")
+            self.halo = None
+            self.max_tile_pixels = None
+            self.overlap = 0.125 if overlap is None else float(overlap)
+            self.batch_size = int(batch_size or 2)
         self._predict = _compiled_predict(model)
+        self.last_plan = None  # (tile, region) of the last "auto" prediction
+
+    def tiling(self, height: int, width: int, fov=None):
+        """(tile, overlap, region) that `predict_prepared` uses for an image of this size.
+
+        For "auto": tile = (th, tw), overlap = 2 * halo pixels, region = the
+        field of view's bounding box (None without a mask, or when it is
+        empty); for fixed tiles: (tile, overlap fraction, None).
+        """
+        if self.tile != AUTO_TILE:
+            return self.tile, self.overlap, None
+        region = mask_box(fov) if fov is not None else None
+        if region is None:
+            region_h, region_w = height, width
+        else:
+            region_h, region_w = region[2] - region[0], region[3] - region[1]
+        overlap = 2 * self.halo
+        tile = plan_tiles(region_h, region_w, self.max_tile_pixels, overlap, self.multiple)
+        return tile, overlap, region
 
     def predict_prepared(self, image, fov=None):
+        image = np.asarray(image)
+        fov = None if fov is None else np.asarray(fov)
+        tile, overlap, region = self.tiling(image.shape[0], image.shape[1], fov)
+        if self.tile == AUTO_TILE:
+            self.last_plan = (tile, region)
         # The image goes in as it is (uint8): predict_tiled casts each batch of
         # tiles to float32, so no float copy of the whole photograph is made.
         out = predict_tiled(
             lambda tiles: self._predict(tf.convert_to_tensor(tiles, tf.float32)),
-            np.asarray(image),
-            tile=self.tile,
-            overlap=self.overlap,
+            image,
+            tile=tile,
+            overlap=overlap,
             batch_size=self.batch_size,
-            mask=None if fov is None else np.asarray(fov),
+            mask=fov,
+            window="ramp" if self.tile == AUTO_TILE else "gaussian",
+            region=region,
         )
         return out[..., 0]
 
 
 def load_segmenter(
-    model_path, *, unsafe=False, tile=None, overlap=None, batch_size=None, **overrides
+    model_path, *, unsafe=False, tile=None, overlap=None, batch_size=None, halo=None, **overrides
 ):
     """Load a run directory or `.keras` file as a Segmenter.
 
     Args:
         model_path: run directory or `.keras` file.
         unsafe: allow models that need Keras unsafe deserialization (Lambda layers).
-        tile, overlap, batch_size: tiling overrides.
+        tile, overlap, batch_size, halo: tiling overrides ("auto" or a side; see `TiledSegmenter`).
         **overrides: metadata overrides (e.g. lesion="HE").
 
     Raises:
@@ -146,12 +242,19 @@ def load_segmenter(
             f"{model_path}: unknown segmentation model type {model_type!r} "
             f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
         )
-    return SEGMENTER_TYPES[model_type](
-        model, metadata, tile=tile, overlap=overlap, batch_size=batch_size
-    )
+    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo)
 
 
-def make_segmenter(model, metadata, *, tile=None, overlap=None, batch_size=None):
+def _construct(model_type, model, metadata, tile, overlap, batch_size, halo):
+    cls = SEGMENTER_TYPES[model_type]
+    if halo is None:
+        return cls(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size)
+    if cls is not TiledSegmenter:
+        raise RmibError(f"--halo applies to encoder-decoder models, not to {model_type}")
+    return cls(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size, halo=halo)
+
+
+def make_segmenter(model, metadata, *, tile=None, overlap=None, batch_size=None, halo=None):
     """The Segmenter of an already loaded model and its run metadata (as `load_segmenter`).
 
     Raises:
@@ -165,9 +268,7 @@ def make_segmenter(model, metadata, *, tile=None, overlap=None, batch_size=None)
             f"unknown segmentation model type {model_type!r} "
             f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
         )
-    return SEGMENTER_TYPES[model_type](
-        model, metadata, tile=tile, overlap=overlap, batch_size=batch_size
-    )
+    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo)
 
 
 def _import_model_types():

@@ -3,7 +3,15 @@ import itertools
 import numpy as np
 import pytest
 
-from rmib.inference import predict_tiled, tile_grid, weight_window
+from rmib.inference import (
+    WINDOW_FLOOR,
+    mask_box,
+    plan_tiles,
+    predict_tiled,
+    ramp_profile,
+    tile_grid,
+    weight_window,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -193,9 +201,20 @@ def test_accepts_tensor_outputs():
 
 def test_argument_validation():
     image = np.zeros((10, 10, 1), np.float32)
-    for overlap in (1.0, -0.1, 1.5, "0.5", True):
+    for overlap in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="overlap must be in \\[0, 1\\), got"):
             predict_tiled(plus_one, image, 4, overlap, 2)
+    for overlap in ("0.5", True, None):
+        with pytest.raises(ValueError, match="overlap must be a fraction in \\[0, 1\\) or pixels"):
+            predict_tiled(plus_one, image, 4, overlap, 2)
+    for overlap in (-1, -7):
+        with pytest.raises(ValueError, match=f"overlap of {overlap} pixels must be >= 0"):
+            predict_tiled(plus_one, image, 4, overlap, 2)
+    with pytest.raises(ValueError, match="window must be one of gaussian, ramp"):
+        predict_tiled(plus_one, image, 4, 0.5, 2, window="hann")
+    for region in ((0, 0, 11, 10), (5, 5, 5, 8), (0, 0, 4), "all"):
+        with pytest.raises(ValueError, match="region"):
+            predict_tiled(plus_one, image, 4, 0.5, 2, region=region)
     with pytest.raises(ValueError, match="overlap must be in \\[0, 1\\), got 1.0"):
         predict_tiled(plus_one, image, 4, 1.0, 2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
@@ -212,3 +231,152 @@ def test_argument_validation():
         predict_tiled(plus_one, image, 16, 0.5, 2, pad_mode="wrap")
     with pytest.raises(ValueError, match="predict_fn returned shape \\(1, 4, 4\\)"):
         predict_tiled(lambda t: t[:1, ..., 0], image, 4, 0.5, 2)
+
+
+# ------------------------------------------------------------- large tiles: plan, ramp, region
+
+
+def test_ramp_profile_by_hand():
+    # pixel d from the nearer end weighs (1 - cos(pi (d + 0.5) / ramp)) / 2 below the ramp
+    s1, s3 = np.sin(np.pi / 8) ** 2, np.sin(3 * np.pi / 8) ** 2  # 0.1464, 0.8536
+    np.testing.assert_allclose(ramp_profile(6, 2, floor=0.0), [s1, s3, 1, 1, s3, s1])
+    np.testing.assert_allclose(ramp_profile(5, 0), np.ones(5))
+    floor = 0.01
+    np.testing.assert_allclose(
+        ramp_profile(4, 2, floor), floor + (1 - floor) * np.array([s1, s3, s3, s1])
+    )
+    # two tiles overlapping by the ramp: the weights of every shared pixel sum to 1 + floor
+    profile = ramp_profile(16, 8)
+    np.testing.assert_allclose(profile[8:] + profile[:8], 1 + WINDOW_FLOOR)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="ramp must be a non-negative integer"):
+            ramp_profile(8, bad)
+
+
+def test_ramp_blend_moves_from_one_tile_to_the_next():
+    # Two 16-px tiles overlapping by 8 on a 24-px row: the first predicts 0, the second 1.
+    image = np.zeros((1, 24, 1), np.float32)
+    counter = iter(range(10))
+
+    def constant_per_tile(tiles):
+        return np.stack([np.full(t.shape, next(counter), np.float32) for t in tiles])
+
+    output = predict_tiled(constant_per_tile, image, (1, 16), 8, 1, window="ramp")[0, :, 0]
+    np.testing.assert_array_equal(output[:8], 0)
+    np.testing.assert_array_equal(output[16:], 1)
+    d = np.arange(8)  # distance of x = 8 + d from the second tile's left end
+    rising = WINDOW_FLOOR + (1 - WINDOW_FLOOR) * (1 - np.cos(np.pi * (d + 0.5) / 8)) / 2
+    falling = rising[::-1]
+    np.testing.assert_allclose(output[8:16], rising / (rising + falling), rtol=1e-6)
+    assert np.all(np.diff(output) >= 0)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (37, 53), (64, 64), (100, 33)])
+@pytest.mark.parametrize("tile,overlap", [(16, 0), (16, 5), ((24, 40), 12), (128, 3)])
+def test_pixel_overlap_and_ramp_identity_plus_one(height, width, tile, overlap):
+    image = np.random.default_rng(height * width).random((height, width, 2)).astype(np.float32)
+    output = predict_tiled(plus_one, image, tile, overlap, 3, window="ramp")
+    np.testing.assert_allclose(output, image + 1, rtol=1e-6)
+
+
+def test_pixel_overlap_sets_the_stride():
+    image = np.zeros((50, 70, 1), np.float32)
+    seen = []
+
+    def fn(tiles, boxes):
+        seen.extend(map(tuple, boxes))
+        return tiles
+
+    predict_tiled(fn, image, (20, 30), 6, 4, with_boxes=True)
+    ys = sorted({round(b[0] * 50) for b in seen})
+    xs = sorted({round(b[1] * 70) for b in seen})
+    assert ys == tile_grid(50, 20, 14) == [0, 14, 28, 30]
+    assert xs == tile_grid(70, 30, 24) == [0, 24, 40]
+
+
+def test_region_tiles_only_the_box_and_zeroes_the_rest():
+    rng = np.random.default_rng(5)
+    image = rng.random((60, 80, 3)).astype(np.float32)
+    box = (7, 11, 50, 69)
+    boxes = []
+
+    def fn(tiles, tile_boxes):
+        boxes.extend(tile_boxes.tolist())
+        return tiles + 1.0
+
+    output = predict_tiled(fn, image, 16, 4, 5, with_boxes=True, region=box, window="ramp")
+    y0, x0, y1, x1 = box
+    np.testing.assert_allclose(output[y0:y1, x0:x1], image[y0:y1, x0:x1] + 1, rtol=1e-6)
+    outside = np.ones((60, 80), bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.all(output[outside] == 0)
+    # boxes are relative to the whole image and every tile lies inside the region
+    corners = np.array(boxes) * [60, 80, 60, 80]
+    assert corners[:, 0].min() == pytest.approx(y0) and corners[:, 2].max() == pytest.approx(y1)
+    assert corners[:, 1].min() == pytest.approx(x0) and corners[:, 3].max() == pytest.approx(x1)
+    # a region smaller than the tile is padded, still zero outside
+    small = predict_tiled(plus_one, image, 32, 0.25, 2, region=(3, 4, 13, 24))
+    np.testing.assert_allclose(small[3:13, 4:24], image[3:13, 4:24] + 1, rtol=1e-6)
+    assert small[:3].max() == 0 and small[13:].max() == 0 and small[:, 24:].max() == 0
+
+
+def test_region_with_mask_equals_whole_image_inside_the_view():
+    rng = np.random.default_rng(6)
+    image = rng.random((64, 64, 1)).astype(np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    fov = ((yy - 30) ** 2 + (xx - 34) ** 2 < 20**2).astype(np.uint8)
+    box = mask_box(fov)
+    assert box == (11, 15, 50, 54)  # centre (30, 34), radius 20: rows 11..49, cols 15..53
+    output = predict_tiled(plus_one, image, 16, 4, 4, mask=fov, region=box, window="ramp")
+    np.testing.assert_allclose(output[..., 0], np.where(fov > 0, image[..., 0] + 1, 0), rtol=1e-6)
+
+
+def test_mask_box():
+    mask = np.zeros((5, 6), np.uint8)
+    assert mask_box(mask) is None
+    mask[1:3, 2:5] = 1
+    mask[4, 0] = 7
+    assert mask_box(mask) == (1, 0, 5, 5)
+    assert mask_box(mask[..., None]) == (1, 0, 5, 5)
+    with pytest.raises(ValueError, match="mask must be"):
+        mask_box(np.zeros(4))
+
+
+def _tile_count(length, tile, overlap):
+    return len(tile_grid(length, tile, tile - overlap)) if tile < length else 1
+
+
+@pytest.mark.parametrize(
+    "height,width,max_pixels,overlap,multiple",
+    [
+        (2848, 3500, 1024 * 1024, 128, 32),
+        (2848, 4288, 1024 * 1024, 128, 32),
+        (4000, 6000, 768 * 768, 96, 32),
+        (500, 700, 256 * 256, 40, 16),
+        (97, 130, 4096, 10, 8),
+        (64, 64, 1024 * 1024, 128, 32),
+    ],
+)
+def test_plan_tiles_matches_brute_force(height, width, max_pixels, overlap, multiple):
+    th, tw = plan_tiles(height, width, max_pixels, overlap, multiple)
+    assert th % multiple == 0 and tw % multiple == 0 and th * tw <= max_pixels
+    planned = _tile_count(height, th, overlap) * _tile_count(width, tw, overlap) * th * tw
+    # every tile shape of the multiple within the area, counted by tile_grid
+    best = min(
+        _tile_count(height, a, overlap) * _tile_count(width, b, overlap) * a * b
+        for a in range(multiple, -(-height // multiple) * multiple + 1, multiple)
+        for b in range(multiple, -(-width // multiple) * multiple + 1, multiple)
+        if a * b <= max_pixels and (a > overlap or a >= height) and (b > overlap or b >= width)
+    )
+    assert planned == best
+
+
+def test_plan_tiles_by_hand():
+    # 2848 rows in 3 tiles of >= (2848 + 2 * 128) / 3 = 1034.7 -> 1056; then at most
+    # 1024^2 / 1056 -> 992 columns: 3500 in 4 tiles of (3500 + 3 * 128) / 4 = 971 -> 992.
+    assert plan_tiles(2848, 3500, 1024 * 1024, 128, 32) == (1056, 992)
+    assert plan_tiles(64, 90, 1024 * 1024, 128, 32) == (64, 96)  # one tile, rounded up
+    with pytest.raises(ValueError, match="max_pixels 1000 is too small"):
+        plan_tiles(100, 100, 1000, 64, 32)
+    with pytest.raises(ValueError, match="overlap must be a non-negative integer"):
+        plan_tiles(100, 100, 4096, -1)

@@ -153,3 +153,21 @@ def test_strip_by_strip_outputs_equal_the_whole_array_ones(segmenter, tmp_path, 
         report.probability_overlay(image, prob, colour), mask, colour
     )
     np.testing.assert_array_equal(io.read_image(tmp_path / "out" / "photo_overlay.png"), expected)
+
+
+def test_planned_tiles_grow_by_the_map_and_preprocessing_only(segmenter):
+    """--tile auto: the tiles are cut from a view of the field of view's box and the
+    output is written through a view of the whole map: no extra image-sized array."""
+    from rmib.segmenters import TiledSegmenter
+
+    auto = TiledSegmenter(
+        segmenter.model, segmenter.metadata, "auto", halo=32, max_tile_pixels=512 * 512
+    )
+    auto.predict(_photograph(300, 400))  # traces the prediction function
+
+    def measure(height, width):
+        return _peak(auto.predict, _photograph(height, width))
+
+    growth = _growth_per_pixel(measure)
+    assert auto.last_plan[0][0] * auto.last_plan[0][1] <= 512 * 512
+    assert growth <= PROB + PREPROCESSED + FOV + SLACK, f"{growth:.2f} bytes/pixel"

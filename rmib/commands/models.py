@@ -7,7 +7,12 @@ import pathlib
 
 import click
 
-from rmib.commands.options import batch_size_option, max_pixels_option, on_bad_option
+from rmib.commands.options import (
+    TILE_SIDE,
+    batch_size_option,
+    max_pixels_option,
+    on_bad_option,
+)
 
 _path = click.Path(path_type=pathlib.Path)
 _existing = click.Path(exists=True, path_type=pathlib.Path)
@@ -192,8 +197,9 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 )
 @click.option(
     "--predict-tile",
-    type=click.IntRange(min=32),
-    help="Tile side for whole-image validation and prediction (a multiple of 32) [512].",
+    type=TILE_SIDE,
+    help="Tile side for whole-image validation and prediction: 'auto' (large tiles over the "
+    "field of view) or a multiple of 32 [auto].",
 )
 @click.option(
     "--variant",
@@ -272,8 +278,23 @@ def _model_options(func):
                 type=click.Choice(["EX", "HE", "MA", "SE"]),
                 help="Override the lesion type stored in the model.",
             ),
-            click.option("--tile", type=click.IntRange(min=32), help="Tile side for tiled models."),
-            click.option("--overlap", type=float, help="Tile overlap fraction in [0, 1)."),
+            click.option(
+                "--tile",
+                type=TILE_SIDE,
+                help="Tile side for tiled models, or 'auto': the fewest large tiles over "
+                "the field of view (encoder-decoder; its default for new runs).",
+            ),
+            click.option(
+                "--overlap",
+                type=float,
+                help="Overlap fraction in [0, 1) of fixed tiles (--tile N).",
+            ),
+            click.option(
+                "--halo",
+                type=click.IntRange(min=0),
+                help="With --tile auto: pixels of context each tile keeps around what it "
+                "predicts (tiles overlap by twice this) [64].",
+            ),
             click.option(
                 "--tile-batch", "batch_size", type=click.IntRange(min=1), help="Tiles per batch."
             ),
@@ -295,14 +316,20 @@ def _model_options(func):
     return func
 
 
-def _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load):
+def _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load):
     from rmib.errors import RmibError
     from rmib.segmenters import load_segmenter
 
     if overlap is not None and not 0.0 <= overlap < 1.0:
         raise RmibError(f"--overlap must be in [0, 1), got {overlap}")
     return load_segmenter(
-        model, unsafe=unsafe_load, tile=tile, overlap=overlap, batch_size=batch_size, lesion=lesion
+        model,
+        unsafe=unsafe_load,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        halo=halo,
+        lesion=lesion,
     )
 
 
@@ -313,14 +340,16 @@ def _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load):
 @_model_options
 @on_bad_option
 @max_pixels_option
-def predict(model, images, out, lesion, tile, overlap, batch_size, threshold, unsafe_load, on_bad):
+def predict(
+    model, images, out, lesion, tile, overlap, halo, batch_size, threshold, unsafe_load, on_bad
+):
     """Segment whole photographs: probability map (16-bit PNG), mask and overlay per image.
 
     MODEL is a run directory or a .keras file; IMAGES are files or folders.
     """
     from rmib.predict import predict_files
 
-    segmenter = _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load)
+    segmenter = _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load)
     done, skipped = predict_files(segmenter, images, out, threshold=threshold, on_bad=on_bad)
     click.echo(
         f"{len(done)} image(s) predicted -> {out}"
@@ -356,6 +385,7 @@ def evaluate(
     lesion,
     tile,
     overlap,
+    halo,
     batch_size,
     threshold,
     unsafe_load,
@@ -364,7 +394,7 @@ def evaluate(
     """Evaluate a segmenter on whole photographs: AUPR, pixel and region-level scores."""
     from rmib.predict import evaluate_dataset
 
-    segmenter = _segmenter(model, lesion, tile, overlap, batch_size, unsafe_load)
+    segmenter = _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load)
     result = evaluate_dataset(
         segmenter,
         data,

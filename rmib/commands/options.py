@@ -43,3 +43,23 @@ max_pixels_option = click.option(
 data_root_argument = click.argument(
     "root", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
 )
+
+
+class TileSide(click.ParamType):
+    """A tile side for whole-image prediction: "auto" or a number of pixels (>= 32)."""
+
+    name = "auto|PIXELS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() != "auto":
+            try:
+                side = int(value)
+            except (TypeError, ValueError):
+                self.fail(f"expected 'auto' or a number of pixels, got {value!r}", param, ctx)
+            if side < 32:
+                self.fail(f"a tile side must be at least 32 pixels, got {side}", param, ctx)
+            return side
+        return "auto"
+
+
+TILE_SIDE = TileSide()

@@ -504,7 +504,8 @@ class LocalGlobalSegmenter(Segmenter):
     Args:
         model: the trained model of the run.
         metadata: its rmib.json ("network", "global_size", "patch_size", "depths" ...).
-        tile: tile side (default the training patch size; a multiple of 2**local_depth).
+        tile: tile side (default, or "auto": the training patch size; a multiple of
+            2**local_depth).
         overlap: tile overlap fraction (default 0.25).
         batch_size: tiles per batch (default the run's predict_batch, else 4).
 
@@ -523,6 +524,8 @@ class LocalGlobalSegmenter(Segmenter):
         self.global_size = int(self.metadata.get("global_size", 640))
         depths = self.metadata.get("depths") or {}
         multiple = 2 ** int(depths.get("local", 0))
+        if tile == "auto":  # the planned large tiles are the encoder-decoder's; here the patch
+            tile = None
         self.tile = int(tile or self.metadata.get("patch_size") or 256)
         if self.network != "global" and self.tile % multiple:
             raise RmibError(

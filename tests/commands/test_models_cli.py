@@ -68,6 +68,32 @@ def test_predict_writes_maps_masks_and_overlays(segment_run, synthetic_idrid, tm
         assert (out / f"{image.stem}_prob.png").is_file()
 
 
+def test_predict_with_planned_tiles_and_tiling_errors(segment_run, synthetic_idrid, tmp_path):
+    image = next((synthetic_idrid / "A. Segmentation" / "1. Original Images").rglob("*.jpg"))
+    fixed, auto = tmp_path / "fixed", tmp_path / "auto"
+    assert invoke(["predict", segment_run, image, "--out", fixed]).exit_code == 0
+    result = invoke(["predict", segment_run, image, "--out", auto, "--tile", "auto", "--halo", 16])
+    assert result.exit_code == 0, result.output
+    from rmib.predict import read_probability_png
+
+    a = read_probability_png(fixed / f"{image.stem}_prob.png")
+    b = read_probability_png(auto / f"{image.stem}_prob.png")
+    assert a.shape == b.shape == io.read_image(image).shape[:2]
+    difference = np.abs(a - b)
+    # the same model tiled two ways: close, but not the same tiles
+    assert 0 < difference.max() and difference.mean() < 0.05, difference.mean()
+    for args, message in [
+        (["--tile", "auto", "--overlap", "0.25"], "tiles overlap by twice --halo"),
+        (["--tile", "128", "--halo", "8"], "--halo applies to --tile auto"),
+        (["--tile", "100"], "--tile must be a multiple of 32, got 100"),
+    ]:
+        result = invoke(["predict", segment_run, image, "--out", tmp_path / "x", *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    result = invoke(["predict", segment_run, image, "--out", tmp_path / "x", "--tile", "big"])
+    assert result.exit_code == 2 and "expected 'auto' or a number of pixels" in result.output
+
+
 def test_predict_bad_image_error_and_skip(segment_run, synthetic_idrid, tmp_path):
     good = next((synthetic_idrid / "A. Segmentation" / "1. Original Images").rglob("*.jpg"))
     bad = tmp_path / "broken.jpg"
