@@ -311,6 +311,8 @@ TILINGS = (
     ("training-size tiles", ["--tile", "160", "--overlap", "0.25"]),
     ("fixed 512-px tiles", ["--tile", "512", "--overlap", "0.125"]),
     ("auto (large tiles, halo 64)", ["--tile", "auto", "--halo", "64"]),
+    ("auto, halo 128", ["--tile", "auto", "--halo", "128"]),
+    ("auto, tiles of at most 384x384", ["--tile", "auto", "--halo", "64", "--max-tile", "384"]),
 )
 QUICK_TILINGS = (
     ("training-size tiles", ["--tile", "64", "--overlap", "0.25"]),
@@ -342,16 +344,22 @@ def tile_aupr(settings, peak, progress=None) -> dict:
     metrics, state = _read(run)
     result["training"] = {"epochs": state.get("epoch"), "train_seconds": state.get("train_seconds")}
     for label, tiling in QUICK_TILINGS if settings.quick else TILINGS:
-        out = work / f"eval-{tiling[1]}"
-        load = _load()
-        seconds = _rmib(
-            [
-                "evaluate", run, "--data", IDRID,
-                *(x for name in VAL_NAMES for x in ("--names", name)),
-                "--out", out, "--no-overlays", *tiling,
-            ],
-            work / f"eval-{tiling[1]}.log",
-        )  # fmt: skip
+        name = "eval-" + "-".join(tiling[1::2])
+        out, record = work / name, work / f"{name}.json"
+        if record.is_file() and (out / "metrics.json").is_file():
+            # Evaluated by an earlier call with the same flags and model: reused.
+            seconds, load = (json.loads(record.read_text())[k] for k in ("seconds", "load"))
+        else:
+            load = _load()
+            seconds = _rmib(
+                [
+                    "evaluate", run, "--data", IDRID,
+                    *(x for name in VAL_NAMES for x in ("--names", name)),
+                    "--out", out, "--no-overlays", *tiling,
+                ],
+                work / f"{name}.log",
+            )  # fmt: skip
+            record.write_text(json.dumps({"seconds": seconds, "load": load}))
         scores = json.loads((out / "metrics.json").read_text())
         result["rows"].append(
             {

@@ -234,6 +234,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         "patch_size": cfg.patch_size,
         "predict_tile": cfg.predict_tile,
         "predict_halo": cfg.predict_halo,
+        "predict_max_tile": cfg.predict_max_tile,
         "size_multiple": 32,
         "loss": cfg.loss,
         "train_images": [r.name for r in train_records],
@@ -334,7 +335,9 @@ def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
     predict_overlap, predict_batch per call.
     """
     if cfg.predict_tile == "auto":
-        return TiledSegmenter(model, metadata, "auto", halo=cfg.predict_halo)
+        return TiledSegmenter(
+            model, metadata, "auto", halo=cfg.predict_halo, max_tile=cfg.predict_max_tile
+        )
     return TiledSegmenter(model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch)
 
 

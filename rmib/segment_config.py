@@ -166,10 +166,11 @@ class SegmentConfig:
         val_fraction / val_names: hold out whole images for validation.
         preprocessing: "none", "clahe" or "graham".
         augment: "free", "rot90" or "none".
-        predict_tile / predict_halo / predict_overlap / predict_batch: whole-image
-            prediction (`rmib.segmenters.TiledSegmenter`): "auto" plans large tiles
-            over the field of view overlapping by 2 * predict_halo pixels; a number
-            is a fixed square tile overlapping by the fraction predict_overlap.
+        predict_tile / predict_halo / predict_max_tile / predict_overlap /
+            predict_batch: whole-image prediction (`rmib.segmenters.TiledSegmenter`):
+            "auto" plans tiles of at most predict_max_tile ** 2 pixels over the field
+            of view overlapping by 2 * predict_halo pixels; a number is a fixed
+            square tile overlapping by the fraction predict_overlap.
         val_every: compute the whole-image validation metrics every N epochs.
         cache_dir: keep preprocessed images here (memory-mapped), else in memory.
         on_bad: "error" or "skip".
@@ -196,6 +197,7 @@ class SegmentConfig:
     patches_per_epoch: int = 512
     predict_tile: Literal["auto"] | int = "auto"
     predict_halo: int = 64
+    predict_max_tile: int = 1024
     predict_overlap: float = 0.125
     predict_batch: int = 2
     val_every: int = 1
@@ -217,6 +219,7 @@ class SegmentConfig:
         require(self, "fine_tune_after", self.fine_tune_after >= 0, ">= 0")
         require(self, "predict_overlap", 0.0 <= self.predict_overlap < 1.0, "in [0, 1)")
         require(self, "predict_halo", self.predict_halo >= 0, ">= 0")
+        require(self, "predict_max_tile", self.predict_max_tile >= 32, "at least 32")
         require(
             self,
             "predict_tile",

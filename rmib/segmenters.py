@@ -98,7 +98,7 @@ class TiledSegmenter(Segmenter):
 
     - ``tile="auto"`` (the default): the tiles cover only the field of view's
       bounding box, as few and as even as `rmib.inference.plan_tiles` finds
-      with at most `max_tile_pixels` pixels each (1024 x 1024: about 1 GB of
+      with at most ``max_tile ** 2`` pixels each (1024 x 1024: about 1 GB of
       float32 activations through VGG16), and neighbours overlap by ``2 *
       halo`` pixels blended with the ``"ramp"`` window, so the pixels a tile
       contributes most to lie at least `halo` pixels from its border (a
@@ -116,7 +116,9 @@ class TiledSegmenter(Segmenter):
         batch_size: tiles per call (default 1 for "auto", 2 for fixed tiles).
         halo: pixels of context a tile keeps beyond what it contributes most
             to ("auto" only; default the run's ``predict_halo``, else 64).
-        max_tile_pixels: largest tile area ("auto" only).
+        max_tile: largest tile side ("auto" only): tiles hold at most
+            ``max_tile ** 2`` pixels (default the run's ``predict_max_tile``, else 1024).
+        max_tile_pixels: largest tile area, instead of `max_tile`.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class TiledSegmenter(Segmenter):
         batch_size=None,
         *,
         halo=None,
+        max_tile=None,
         max_tile_pixels=None,
     ):
         super().__init__(model, metadata, tile, overlap, batch_size)
@@ -145,12 +148,21 @@ class TiledSegmenter(Segmenter):
             if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
                 raise RmibError(f"--halo must be a non-negative number of pixels, got {halo!r}")
             self.halo = int(halo)
-            self.max_tile_pixels = int(max_tile_pixels or DEFAULT_MAX_TILE_PIXELS)
+            if max_tile_pixels is None:
+                side = self.metadata.get("predict_max_tile") if max_tile is None else max_tile
+                if side is not None and (
+                    isinstance(side, bool) or not isinstance(side, int) or side < self.multiple
+                ):
+                    raise RmibError(
+                        f"--max-tile must be a number of pixels >= {self.multiple}, got {side!r}"
+                    )
+                max_tile_pixels = side * side if side else DEFAULT_MAX_TILE_PIXELS
+            self.max_tile_pixels = int(max_tile_pixels)
             smallest = -(-(2 * self.halo + 1) // self.multiple) * self.multiple
             if smallest * smallest > self.max_tile_pixels:
                 raise RmibError(
                     f"--halo {self.halo} needs tiles of at least {smallest}x{smallest} pixels, "
-                    f"more than the {self.max_tile_pixels} allowed"
+                    f"more than the {self.max_tile_pixels} allowed (--max-tile)"
                 )
             self.batch_size = int(batch_size or 1)
         else:
@@ -162,8 +174,10 @@ class TiledSegmenter(Segmenter):
                 ) from None
             if self.tile < 1 or self.tile % self.multiple:
                 raise RmibError(f"--tile must be a multiple of {self.multiple}, got {self.tile}")
-            if halo is not None:
-                raise RmibError("--halo applies to --tile auto; fixed tiles take --overlap")
+            if halo is not None or max_tile is not None:
+                raise RmibError(
+                    "--halo and --max-tile apply to --tile auto; fixed tiles take --overlap"
+                )
             self.halo = None
             self.max_tile_pixels = None
             self.overlap = 0.125 if overlap is None else float(overlap)
@@ -211,14 +225,23 @@ class TiledSegmenter(Segmenter):
 
 
 def load_segmenter(
-    model_path, *, unsafe=False, tile=None, overlap=None, batch_size=None, halo=None, **overrides
+    model_path,
+    *,
+    unsafe=False,
+    tile=None,
+    overlap=None,
+    batch_size=None,
+    halo=None,
+    max_tile=None,
+    **overrides,
 ):
     """Load a run directory or `.keras` file as a Segmenter.
 
     Args:
         model_path: run directory or `.keras` file.
         unsafe: allow models that need Keras unsafe deserialization (Lambda layers).
-        tile, overlap, batch_size, halo: tiling overrides ("auto" or a side; see `TiledSegmenter`).
+        tile, overlap, batch_size, halo, max_tile: tiling overrides ("auto" or a side;
+            see `TiledSegmenter`).
         **overrides: metadata overrides (e.g. lesion="HE").
 
     Raises:
@@ -242,19 +265,31 @@ def load_segmenter(
             f"{model_path}: unknown segmentation model type {model_type!r} "
             f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
         )
-    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo)
+    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
 
 
-def _construct(model_type, model, metadata, tile, overlap, batch_size, halo):
+def _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile):
     cls = SEGMENTER_TYPES[model_type]
-    if halo is None:
+    if halo is None and max_tile is None:
         return cls(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size)
     if cls is not TiledSegmenter:
-        raise RmibError(f"--halo applies to encoder-decoder models, not to {model_type}")
-    return cls(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size, halo=halo)
+        raise RmibError(
+            f"--halo and --max-tile apply to encoder-decoder models, not to {model_type}"
+        )
+    return cls(
+        model,
+        metadata,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        halo=halo,
+        max_tile=max_tile,
+    )
 
 
-def make_segmenter(model, metadata, *, tile=None, overlap=None, batch_size=None, halo=None):
+def make_segmenter(
+    model, metadata, *, tile=None, overlap=None, batch_size=None, halo=None, max_tile=None
+):
     """The Segmenter of an already loaded model and its run metadata (as `load_segmenter`).
 
     Raises:
@@ -268,7 +303,7 @@ def make_segmenter(model, metadata, *, tile=None, overlap=None, batch_size=None,
             f"unknown segmentation model type {model_type!r} "
             f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
         )
-    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo)
+    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
 
 
 def _import_model_types():

@@ -92,8 +92,14 @@ def test_tiling_arguments_are_checked():
     meta = {"lesion": "EX"}
     with pytest.raises(RmibError, match="with --tile auto tiles overlap by twice --halo"):
         TiledSegmenter(model, meta, "auto", overlap=0.25)
-    with pytest.raises(RmibError, match="--halo applies to --tile auto"):
+    with pytest.raises(RmibError, match="--halo and --max-tile apply to --tile auto"):
         TiledSegmenter(model, meta, 64, halo=8)
+    with pytest.raises(RmibError, match="--halo and --max-tile apply to --tile auto"):
+        TiledSegmenter(model, meta, 64, max_tile=256)
+    with pytest.raises(RmibError, match="--max-tile must be a number of pixels >= 32, got 16"):
+        TiledSegmenter(model, meta, "auto", max_tile=16)
+    with pytest.raises(RmibError, match=r"allowed \(--max-tile\)"):
+        TiledSegmenter(model, meta, "auto", halo=64, max_tile=128)  # needs 160 x 160
     with pytest.raises(RmibError, match="--tile must be 'auto' or a number of pixels, got 'big'"):
         TiledSegmenter(model, meta, "big")
     with pytest.raises(RmibError, match="--tile must be a multiple of 32, got 100"):
@@ -108,6 +114,9 @@ def test_tiling_arguments_are_checked():
     old = TiledSegmenter(model, {**meta, "predict_tile": 512})
     assert (old.tile, old.overlap, old.batch_size) == (512, 0.125, 2)
     assert TiledSegmenter(model, {**meta, "predict_tile": "auto", "predict_halo": 40}).halo == 40
+    assert TiledSegmenter(model, meta).max_tile_pixels == 1024 * 1024
+    assert TiledSegmenter(model, meta, "auto", max_tile=384).max_tile_pixels == 384 * 384
+    assert TiledSegmenter(model, {**meta, "predict_max_tile": 512}).max_tile_pixels == 512 * 512
 
 
 def test_segment_config_predict_tile():

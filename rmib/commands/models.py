@@ -296,6 +296,12 @@ def _model_options(func):
                 "predicts (tiles overlap by twice this) [64].",
             ),
             click.option(
+                "--max-tile",
+                type=click.IntRange(min=32),
+                help="With --tile auto: the largest tile side; tiles hold at most its square "
+                "in pixels (memory, and the context the model sees) [1024].",
+            ),
+            click.option(
                 "--tile-batch", "batch_size", type=click.IntRange(min=1), help="Tiles per batch."
             ),
             click.option(
@@ -316,7 +322,7 @@ def _model_options(func):
     return func
 
 
-def _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load):
+def _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load):
     from rmib.errors import RmibError
     from rmib.segmenters import load_segmenter
 
@@ -329,6 +335,7 @@ def _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load):
         overlap=overlap,
         batch_size=batch_size,
         halo=halo,
+        max_tile=max_tile,
         lesion=lesion,
     )
 
@@ -341,7 +348,18 @@ def _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load):
 @on_bad_option
 @max_pixels_option
 def predict(
-    model, images, out, lesion, tile, overlap, halo, batch_size, threshold, unsafe_load, on_bad
+    model,
+    images,
+    out,
+    lesion,
+    tile,
+    overlap,
+    halo,
+    max_tile,
+    batch_size,
+    threshold,
+    unsafe_load,
+    on_bad,
 ):
     """Segment whole photographs: probability map (16-bit PNG), mask and overlay per image.
 
@@ -349,7 +367,7 @@ def predict(
     """
     from rmib.predict import predict_files
 
-    segmenter = _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load)
+    segmenter = _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load)
     done, skipped = predict_files(segmenter, images, out, threshold=threshold, on_bad=on_bad)
     click.echo(
         f"{len(done)} image(s) predicted -> {out}"
@@ -386,6 +404,7 @@ def evaluate(
     tile,
     overlap,
     halo,
+    max_tile,
     batch_size,
     threshold,
     unsafe_load,
@@ -394,7 +413,7 @@ def evaluate(
     """Evaluate a segmenter on whole photographs: AUPR, pixel and region-level scores."""
     from rmib.predict import evaluate_dataset
 
-    segmenter = _segmenter(model, lesion, tile, overlap, halo, batch_size, unsafe_load)
+    segmenter = _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load)
     result = evaluate_dataset(
         segmenter,
         data,

@@ -72,7 +72,21 @@ def test_predict_with_planned_tiles_and_tiling_errors(segment_run, synthetic_idr
     image = next((synthetic_idrid / "A. Segmentation" / "1. Original Images").rglob("*.jpg"))
     fixed, auto = tmp_path / "fixed", tmp_path / "auto"
     assert invoke(["predict", segment_run, image, "--out", fixed]).exit_code == 0
-    result = invoke(["predict", segment_run, image, "--out", auto, "--tile", "auto", "--halo", 16])
+    result = invoke(
+        [
+            "predict",
+            segment_run,
+            image,
+            "--out",
+            auto,
+            "--tile",
+            "auto",
+            "--halo",
+            16,
+            "--max-tile",
+            64,
+        ]
+    )
     assert result.exit_code == 0, result.output
     from rmib.predict import read_probability_png
 
@@ -84,7 +98,8 @@ def test_predict_with_planned_tiles_and_tiling_errors(segment_run, synthetic_idr
     assert 0 < difference.max() and difference.mean() < 0.05, difference.mean()
     for args, message in [
         (["--tile", "auto", "--overlap", "0.25"], "tiles overlap by twice --halo"),
-        (["--tile", "128", "--halo", "8"], "--halo applies to --tile auto"),
+        (["--tile", "128", "--halo", "8"], "--halo and --max-tile apply to --tile auto"),
+        (["--tile", "auto", "--halo", "64", "--max-tile", "64"], "allowed (--max-tile)"),
         (["--tile", "100"], "--tile must be a multiple of 32, got 100"),
     ]:
         result = invoke(["predict", segment_run, image, "--out", tmp_path / "x", *args])
