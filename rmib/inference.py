@@ -348,7 +348,6 @@ def predict_tiled(
             raise ValueError(
                 f"region {tuple(region)} must be a non-empty box inside the {full_h}x{full_w} image"
             )
-    full_image = image
     image = image[top:bottom, left:right]  # views: no copy of the photograph
     if inside is not None:
         inside = inside[top:bottom, left:right]
@@ -434,7 +433,6 @@ def predict_tiled(
     if whole is None:
         whole = np.zeros((full_h, full_w, output.shape[-1]), dtype=np.float32)
         whole[top:bottom, left:right] = output
-    del full_image
     return whole
 
 
