@@ -322,7 +322,8 @@ def _model_options(func):
     return func
 
 
-def _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load):
+def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load):
+    """The Segmenter of MODEL with the options of `_model_options` (threshold aside)."""
     from rmib.errors import RmibError
     from rmib.segmenters import load_segmenter
 
@@ -347,27 +348,14 @@ def _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_
 @_model_options
 @on_bad_option
 @max_pixels_option
-def predict(
-    model,
-    images,
-    out,
-    lesion,
-    tile,
-    overlap,
-    halo,
-    max_tile,
-    batch_size,
-    threshold,
-    unsafe_load,
-    on_bad,
-):
+def predict(model, images, out, threshold, on_bad, **model_options):
     """Segment whole photographs: probability map (16-bit PNG), mask and overlay per image.
 
     MODEL is a run directory or a .keras file; IMAGES are files or folders.
     """
     from rmib.predict import predict_files
 
-    segmenter = _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load)
+    segmenter = _segmenter(model, **model_options)
     done, skipped = predict_files(segmenter, images, out, threshold=threshold, on_bad=on_bad)
     click.echo(
         f"{len(done)} image(s) predicted -> {out}"
@@ -400,25 +388,19 @@ def evaluate(
     names,
     fov_only,
     no_overlays,
-    lesion,
-    tile,
-    overlap,
-    halo,
-    max_tile,
-    batch_size,
     threshold,
-    unsafe_load,
     on_bad,
+    **model_options,
 ):
     """Evaluate a segmenter on whole photographs: AUPR, pixel and region-level scores."""
     from rmib.predict import evaluate_dataset
 
-    segmenter = _segmenter(model, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load)
+    segmenter = _segmenter(model, **model_options)
     result = evaluate_dataset(
         segmenter,
         data,
         out,
-        lesion=lesion,
+        lesion=model_options["lesion"],
         threshold=threshold,
         fov_only=fov_only,
         split=split,
