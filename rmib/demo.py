@@ -113,7 +113,8 @@ def run_main_job(data_root, out, args, stage1_root=None):
     photo, masks, grade = synthetic.synthesize_fundus(1024, seed=10_000 + args.seed, grade=3)
     photo_path = out / "photo" / "synthetic_photo.png"
     io.write_image(photo_path, photo)
-    segmenter = load_segmenter(runs / "segment-ex")
+    segmenter = load_segmenter(runs / "segment-ex", precision="float32")
+    print("predicting in float32 (rmib predict's default, whatever the training precision)")
     predict_files(segmenter, [photo_path], out / "predictions")
     print(f"wrote {out / 'predictions'}/synthetic_photo_{{prob,mask,overlay}}.png")
 
@@ -127,6 +128,10 @@ def run_main_job(data_root, out, args, stage1_root=None):
     exported = export_model(runs / "segment-ex", out / "export" / "segment-ex", check=True)
     worst = max(exported.differences.values()) if exported.differences else float("nan")
     print(f"wrote {exported.path} (signatures: {', '.join(exported.signatures)})")
+    print(
+        f"it computes in {exported.precision}; max abs difference {worst:.2e} from rmib's own "
+        f"prediction in {exported.precision} (tolerance {exported.tolerance:g})"
+    )
 
     return [
         f"stage 1  VGG16-CBAM classifier on {pre['n']} validation photographs: "
@@ -136,7 +141,8 @@ def run_main_job(data_root, out, args, stage1_root=None):
         f"evaluate {ev['images']} test images: AUPR {ev['aupr']:.3f}, F1 {ev['f1']:.3f}, "
         f"IoU {ev['iou']:.3f}, region F (sigma 0.5) {region:.3f}  ({out / 'evaluation'})",
         f"predict  {out / 'predictions'} (probability map, mask, overlay)",
-        f"export   {exported.path}: SavedModel reloaded, max abs difference {worst:.2e}",
+        f"export   {exported.path}: {exported.precision} SavedModel reloaded, max abs "
+        f"difference {worst:.2e} (tolerance {exported.tolerance:g})",
         f"contact sheet  {out / 'contact_sheet.png'}",
     ]
 
@@ -199,5 +205,16 @@ def main(argv=None):
     return 0
 
 
+def _main_one_line(argv=None) -> int:
+    """`main`, with rmib's own errors as one line on stderr (exit 1), as the CLI does."""
+    from rmib.errors import RmibError
+
+    try:
+        return main(argv)
+    except RmibError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_one_line())

@@ -118,6 +118,9 @@ class ExportResult:
         differences: signature -> max abs difference from rmib's own
             prediction, filled by `check=True`.
         metadata: the export metadata (what `assets/rmib.json` holds).
+        precision: the policy the export computes in ("float32" by default).
+        tolerance: the largest difference the check accepts
+            (`rmib.precision.check_tolerance` of `precision`).
     """
 
     path: Path
@@ -125,6 +128,8 @@ class ExportResult:
     signatures: list
     differences: dict
     metadata: dict
+    precision: str = "float32"
+    tolerance: float = CHECK_TOLERANCE
 
 
 # --------------------------------------------------------------------------- kinds
@@ -393,7 +398,12 @@ def _caller_preprocessing(kind: str, preprocessing: dict) -> str:
 
 
 def export_metadata(
-    run_metadata: dict, tile=None, overlap=None, batch_size=None, patch_batch=None
+    run_metadata: dict,
+    tile=None,
+    overlap=None,
+    batch_size=None,
+    patch_batch=None,
+    precision: str = "float32",
 ) -> dict:
     """The metadata stored with an export: what the caller must know to feed it.
 
@@ -401,6 +411,7 @@ def export_metadata(
         run_metadata: the run's rmib.json dict.
         tile, overlap, batch_size: tiling of ``segment_image`` (tiled and fused kinds).
         patch_batch: local-net patches per call in ``grade_image`` (graders).
+        precision: the policy the exported graph computes in.
 
     Returns:
         A JSON-serialisable dict: kind, task, preprocessing, the signatures'
@@ -423,6 +434,8 @@ def export_metadata(
         "kind": kind,
         "task": task,
         "preprocessing": preprocessing,
+        "precision": precision,
+        "trained_precision": run_metadata.get("precision"),
     }
     if kind != "grader":
         meta["threshold"] = float(run_metadata.get("threshold", DEFAULT_THRESHOLD))
@@ -520,15 +533,22 @@ def _resize_rule(run_metadata: dict) -> dict:
 
 
 def _probability(model, batch):
-    """The model's probability output, float32, whatever structure it returns."""
+    """The model's probability output, float32, whatever structure it returns.
+
+    Runs the model in a `tf.function`, as `rmib predict` does: under a mixed
+    policy, eager execution rounds after every op while a graph fuses ops
+    (e.g. convolution, bias and ReLU in one oneDNN kernel), and the two differ
+    by up to 0.06 in probability on a bfloat16 encoder-decoder (issue 15); the
+    SavedModel runs the same graph as rmib's own prediction, bit for bit.
+    """
     import tensorflow as tf
 
-    out = model(batch, training=False)
-    if isinstance(out, dict):
-        out = out[sorted(out)[0]]
-    if isinstance(out, (list, tuple)):
-        out = out[0]
-    return tf.cast(out, tf.float32)
+    from rmib.segmenters import compiled_predict
+
+    if tf.executing_eagerly():
+        return compiled_predict(model, int(batch.shape[-1]))(tf.cast(batch, tf.float32))
+    # Inside a signature being traced: the model joins that graph.
+    return compiled_predict(model, int(batch.shape[-1])).python_function(batch)
 
 
 def _reflect_indices(length, padded_length):
@@ -1357,12 +1377,22 @@ def _batch_cases(model, metadata: dict, patch_size: int | None = None, seed: int
     side = metadata["global_size"]
     boxes = np.array([[0.0, 0.0, 0.5, 0.4], [0.3, 0.55, 0.8, 0.95]], np.float32)
     global_image = uniform(1, side, side, 3)
-    out = model(
-        {"global_image": np.repeat(global_image, 2, axis=0), "patch": tiles, "box": boxes},
-        training=False,
+    out = _fused_local(
+        model, {"global_image": np.repeat(global_image, 2, axis=0), "patch": tiles, "box": boxes}
     )
     inputs = {"tiles": tiles, "boxes": boxes, "global_image": global_image}
-    return [_Case("segment_patch", inputs, {"probability": np.asarray(out["local"], np.float32)})]
+    return [_Case("segment_patch", inputs, {"probability": out})]
+
+
+def _fused_local(model, inputs: dict) -> np.ndarray:
+    """The fused model's "local" output on `inputs`, run in a graph as `_probability`."""
+    import tensorflow as tf
+
+    @tf.function
+    def run(inputs):
+        return tf.cast(model(inputs, training=False)["local"], tf.float32)
+
+    return run({k: tf.convert_to_tensor(v) for k, v in inputs.items()}).numpy()
 
 
 def _image_case(model, metadata: dict) -> _Case:
@@ -1392,19 +1422,20 @@ def _max_difference(a, b) -> float:
 
 def _compare(path, case: _Case, served: dict, metadata: dict) -> float:
     """Max abs difference of the float outputs; the integer ones must agree (but at near ties)."""
+    tolerance = _tolerance(metadata)
     difference = 0.0
     for name, expected in case.expected.items():
         got = np.asarray(served[name])
         if name in ("grade", "plain_grade"):
             probs = np.sort(np.asarray(case.expected[name.replace("grade", "probabilities")]))
-            if int(got) != int(expected) and probs[-1] - probs[-2] >= CHECK_TOLERANCE:
+            if int(got) != int(expected) and probs[-1] - probs[-2] >= tolerance:
                 raise RmibError(f"export check failed: {path}: {case.signature} {name} differs")
             continue
         difference = max(difference, _max_difference(got, expected))
     if case.signature == "segment_image":
         expected = case.expected["probability"]
         mask = (expected >= metadata["threshold"]).astype(np.uint8)
-        near = np.abs(expected - metadata["threshold"]) < CHECK_TOLERANCE
+        near = np.abs(expected - metadata["threshold"]) < tolerance
         if np.any((np.asarray(served["mask"]) != mask) & ~near):
             raise RmibError(f"export check failed: {path}: segment_image mask differs")
     return difference
@@ -1448,7 +1479,7 @@ def check_savedmodel(path, model, metadata: dict) -> dict:
     stored = json.loads(loaded.signatures["metadata"]()["json"].numpy().decode("utf-8"))
     if stored != json.loads(json.dumps(metadata, default=str)):
         raise RmibError(f"export check failed: {path}: the stored metadata does not read back")
-    _raise_if_different(path, differences)
+    _raise_if_different(path, differences, metadata)
     return differences
 
 
@@ -1464,7 +1495,7 @@ def check_tflite(path, model, metadata: dict) -> dict:
     runner = interpreter.get_signature_runner(key)
     served = runner(**case.inputs)
     differences = {key: _compare(path, case, served, metadata)}
-    _raise_if_different(path, differences)
+    _raise_if_different(path, differences, metadata)
     return differences
 
 
@@ -1482,22 +1513,30 @@ def check_keras(path, model, metadata: dict, unsafe: bool = False) -> dict:
                 "patch": tiles,
                 "box": boxes,
             }
-            served = {"probability": copy(inputs, training=False)["local"]}
+            served = {"probability": _fused_local(copy, inputs)}
         else:
             (batch,) = case.inputs.values()
             served = {"probability": _probability(copy, batch)}
         differences[case.signature] = _compare(path, case, served, metadata)
-    _raise_if_different(path, differences)
+    _raise_if_different(path, differences, metadata)
     return differences
 
 
-def _raise_if_different(path, differences: dict) -> None:
-    bad = {k: v for k, v in differences.items() if not v < CHECK_TOLERANCE}
+def _tolerance(metadata: dict) -> float:
+    from rmib.precision import check_tolerance
+
+    return check_tolerance(metadata.get("precision", "float32"))
+
+
+def _raise_if_different(path, differences: dict, metadata: dict) -> None:
+    tolerance = _tolerance(metadata)
+    bad = {k: v for k, v in differences.items() if not v < tolerance}
     if bad:
         text = ", ".join(f"{k} {v:.3g}" for k, v in bad.items())
         raise RmibError(
             f"export check failed: {path}: max abs difference from rmib's own prediction {text} "
-            f"(tolerance {CHECK_TOLERANCE:g}); the export was not written"
+            f"(tolerance {tolerance:g} for {metadata.get('precision', 'float32')}); "
+            "the export was not written"
         )
 
 
@@ -1622,6 +1661,7 @@ def export_model(
     tile: int | None = None,
     overlap: float | None = None,
     batch_size: int | None = None,
+    precision: str | None = None,
 ) -> ExportResult:
     """Export a trained rmib model; written atomically (a failed export leaves no trace).
 
@@ -1642,6 +1682,12 @@ def export_model(
         unsafe: allow models with Lambda layers (`--unsafe-load`).
         tile, overlap, batch_size: tiling of ``segment_image`` (tiled
             segmenters); default what `rmib predict` uses for the run.
+        precision: what the SavedModel or TFLite graph computes in, one of
+            `rmib.precision.PREDICT_PRECISIONS`; None: float32 (portable, and
+            as accurate as the weights allow). The check compares with rmib's
+            own prediction in the same precision, within
+            `rmib.precision.check_tolerance` of it. A ``keras`` copy keeps the
+            precision the model was trained in (None only).
 
     Returns:
         An `ExportResult`.
@@ -1660,9 +1706,19 @@ def export_model(
         raise RmibError(f"unknown export format {format!r}; expected {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
     run_metadata, kind = _read_run(model_path, format, tile, overlap)
+    if format == "keras" and precision is not None:
+        raise RmibError(
+            "--precision applies to savedmodel and tflite exports; a .keras copy keeps the "
+            f"precision the model was trained in ({run_metadata.get('precision', 'float32')})"
+        )
+    resolved = _export_precision(precision, run_metadata)
     model = _load(model_path, kind, unsafe)
+    if format == "keras":
+        resolved = _model_precision(model)
+    else:
+        _set_precision(model, resolved)
     tile, overlap, batch_size = _tiling(kind, model, run_metadata, tile, overlap, batch_size)
-    metadata = export_metadata(run_metadata, tile, overlap, batch_size)
+    metadata = export_metadata(run_metadata, tile, overlap, batch_size, precision=resolved)
     differences = {}
     if format == "savedmodel":
         with io.atomic_directory(out) as folder:
@@ -1693,7 +1749,39 @@ def export_model(
                 tmp.write_bytes(flat)
                 if check:
                     differences = check_tflite(tmp, model, metadata)
-    return ExportResult(out, format, names, differences, metadata)
+    return ExportResult(out, format, names, differences, metadata, resolved, _tolerance(metadata))
+
+
+def _export_precision(precision: str | None, run_metadata: dict) -> str:
+    """The policy an export computes in; mixed_float16 is allowed without a GPU (for a GPU server)."""
+    from rmib.precision import PREDICT_DEFAULT, resolve_predict_precision
+
+    resolved, _ = resolve_predict_precision(
+        precision or PREDICT_DEFAULT, run_metadata.get("precision"), allow_slow=True
+    )
+    return resolved
+
+
+def _networks(model) -> list:
+    """The Keras models of an export: the model, or a grader's loaded networks."""
+    import keras
+
+    if isinstance(model, keras.Model):
+        return [model]
+    return [net for net in model._models.values() if isinstance(net, keras.Model)]
+
+
+def _set_precision(model, precision: str) -> None:
+    from rmib.precision import with_precision
+
+    for net in _networks(model):
+        with_precision(net, precision)
+
+
+def _model_precision(model) -> str:
+    from rmib.precision import model_precision
+
+    return model_precision(_networks(model)[0])
 
 
 __all__ = [

@@ -73,7 +73,9 @@ class Segmenter:
         return prob
 
 
-def _compiled_predict(model, channels=3):
+def compiled_predict(model, channels=3):
+    """The model in a `tf.function` over float32 batches: its first output, cast to float32."""
+
     @tf.function(input_signature=[tf.TensorSpec((None, None, None, channels), tf.float32)])
     def predict(batch):
         out = model(batch, training=False)
@@ -182,7 +184,7 @@ class TiledSegmenter(Segmenter):
             self.max_tile_pixels = None
             self.overlap = 0.125 if overlap is None else float(overlap)
             self.batch_size = int(batch_size or 2)
-        self._predict = _compiled_predict(model)
+        self._predict = compiled_predict(model)
         self.last_plan = None  # (tile, region) of the last "auto" prediction
 
     def tiling(self, height: int, width: int, fov=None):
@@ -233,6 +235,7 @@ def load_segmenter(
     batch_size=None,
     halo=None,
     max_tile=None,
+    precision="float32",
     **overrides,
 ):
     """Load a run directory or `.keras` file as a Segmenter.
@@ -242,6 +245,10 @@ def load_segmenter(
         unsafe: allow models that need Keras unsafe deserialization (Lambda layers).
         tile, overlap, batch_size, halo, max_tile: tiling overrides ("auto" or a side;
             see `TiledSegmenter`).
+        precision: the policy to predict in: "float32" (the default, as
+            `rmib predict`), "mixed_bfloat16" or "mixed_float16" (see
+            `rmib.precision.resolve_predict_precision` for "auto"); None: the
+            precision the model was trained in.
         **overrides: metadata overrides (e.g. lesion="HE").
 
     Raises:
@@ -250,6 +257,10 @@ def load_segmenter(
     from rmib import training
 
     model = training.load_model(model_path, unsafe=unsafe)
+    if precision is not None:
+        from rmib.precision import with_precision
+
+        with_precision(model, precision)
     metadata = training.read_run_metadata(model_path)
     metadata.update({k: v for k, v in overrides.items() if v is not None})
     if metadata.get("task") != "segment":

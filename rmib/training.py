@@ -90,15 +90,7 @@ def cpu_supports_bfloat16(cpuinfo=None) -> bool:
     Reads the `flags` line of `cpuinfo` (default `/proc/cpuinfo`); False when
     it cannot be read.
     """
-    try:
-        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.split(":", 1)[0].strip() == "flags":
-            flags = set(line.split(":", 1)[1].split())
-            return any(flag in flags for flag in BF16_CPU_FLAGS)
-    return False
+    return bool(_bfloat16_flags(cpuinfo))
 
 
 def resolve_precision(name: str = "auto", allow_slow: bool = False) -> str:
@@ -129,6 +121,34 @@ def resolve_precision(name: str = "auto", allow_slow: bool = False) -> str:
             "(mixed_bfloat16 on CPUs that support it, float32 otherwise) or mixed_bfloat16"
         )
     return name
+
+
+def precision_reason(name: str, resolved: str) -> str:
+    """Why `--precision name` resolved to `resolved`, in a few words for the log.
+
+    Example: "the CPU has avx512_bf16" for auto -> mixed_bfloat16.
+    """
+    if name != "auto":
+        return f"asked for (--precision {name})"
+    if resolved == "mixed_float16":
+        return f"auto: {len(visible_gpus())} GPU(s) visible"
+    flags = _bfloat16_flags()
+    if resolved == "mixed_bfloat16":
+        return f"auto: the CPU has {', '.join(flags)}"
+    return "auto: no GPU, and the CPU has no native bfloat16 (" + " or ".join(BF16_CPU_FLAGS) + ")"
+
+
+def _bfloat16_flags(cpuinfo=None) -> list:
+    """The flags of `BF16_CPU_FLAGS` that `cpuinfo` (default `CPUINFO`) lists."""
+    try:
+        text = Path(cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.split(":", 1)[0].strip() == "flags":
+            flags = set(line.split(":", 1)[1].split())
+            return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    return []
 
 
 def apply_precision(name: str = "auto", allow_slow: bool = False) -> str:
@@ -1140,6 +1160,7 @@ def fit(
         )
 
     precision = apply_precision(cfg.precision, allow_slow=allow_slow)
+    _say(f"precision {precision}: {precision_reason(cfg.precision, precision)}", verbose)
     run_metadata = run.write_metadata({**(metadata or {}), "precision": precision})
     if not run.config_path.exists():
         run.write_config({"train": config_to_dict(cfg)})

@@ -44,66 +44,72 @@ def invoke(args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.fixture(autouse=True)
+def _float32_global_policy():
+    """Every test starts under the float32 policy, whatever a fixture trained in before it.
+
+    Training sets Keras' global dtype policy; without this, a test building a
+    model would compute in whatever precision the last fixture used, and its
+    outcome would depend on the order of the tests (and on the CPU, for "auto").
+    """
+    import keras
+
+    keras.config.set_dtype_policy("float32")
+    yield
+
+
+def pretrain_args(data, out, precision, epochs=2, image_size=64):
+    """`rmib pretrain` of a tiny VGG16-CBAM classifier, its precision explicit."""
+    return [
+        "pretrain", "--data", data, "--backbone", "vgg16", "--cbam", "--image-size", image_size,
+        "--epochs", epochs, "--batch-size", 4, "--val-fraction", 0.25, "--out", out,
+        "--seed", 0, "--precision", precision,
+    ]  # fmt: skip
+
+
+def segment_args(data, encoder, out, precision, epochs=2, patches=32):
+    """`rmib segment` of a tiny EX encoder-decoder on `encoder`, its precision explicit."""
+    return [
+        "segment", "--data", data, "--lesion", "EX", "--encoder", encoder, "--patch-size", 64,
+        "--patches-per-epoch", patches, "--batch-size", 8, "--epochs", epochs,
+        "--val-fraction", 0.2, "--predict-tile", 128, "--out", out, "--seed", 0,
+        "--precision", precision,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def pretrain_run(tmp_path_factory, synthetic_kaggle):
-    """A tiny VGG16-CBAM stage-1 run, trained once through the CLI."""
+    """A tiny VGG16-CBAM stage-1 run in float32, trained once through the CLI."""
     out = tmp_path_factory.mktemp("runs") / "pretrain"
-    result = invoke(
-        [
-            "pretrain",
-            "--data",
-            synthetic_kaggle,
-            "--backbone",
-            "vgg16",
-            "--cbam",
-            "--image-size",
-            64,
-            "--epochs",
-            2,
-            "--batch-size",
-            4,
-            "--val-fraction",
-            0.25,
-            "--out",
-            out,
-            "--seed",
-            0,
-        ]
-    )
+    result = invoke(pretrain_args(synthetic_kaggle, out, "float32"))
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.fixture(scope="session")
 def segment_run(tmp_path_factory, synthetic_idrid, pretrain_run):
-    """A tiny EX segmenter on the transferred, frozen stage-1 encoder, trained once."""
+    """A tiny EX segmenter on the transferred, frozen stage-1 encoder (float32), trained once."""
     out = tmp_path_factory.mktemp("runs") / "segment"
-    result = invoke(
-        [
-            "segment",
-            "--data",
-            synthetic_idrid,
-            "--lesion",
-            "EX",
-            "--encoder",
-            pretrain_run,
-            "--patch-size",
-            64,
-            "--patches-per-epoch",
-            32,
-            "--batch-size",
-            8,
-            "--epochs",
-            2,
-            "--val-fraction",
-            0.2,
-            "--predict-tile",
-            128,
-            "--out",
-            out,
-            "--seed",
-            0,
-        ]
-    )
+    result = invoke(segment_args(synthetic_idrid, pretrain_run, out, "float32"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_run_bf16(tmp_path_factory, synthetic_kaggle):
+    """The tiny stage-1 run trained under mixed_bfloat16 (emulated on CPUs without it)."""
+    out = tmp_path_factory.mktemp("runs") / "pretrain-bf16"
+    result = invoke(pretrain_args(synthetic_kaggle, out, "mixed_bfloat16", epochs=1))
+    assert result.exit_code == 0, result.output
+    assert "precision mixed_bfloat16: asked for" in result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def segment_run_bf16(tmp_path_factory, synthetic_idrid, pretrain_run_bf16):
+    """The tiny EX segmenter trained under mixed_bfloat16 on the bfloat16 stage-1 encoder."""
+    out = tmp_path_factory.mktemp("runs") / "segment-bf16"
+    args = segment_args(synthetic_idrid, pretrain_run_bf16, out, "mixed_bfloat16", 1, 16)
+    result = invoke(args)
     assert result.exit_code == 0, result.output
     return out

@@ -265,7 +265,9 @@ def test_an_interrupted_export_leaves_no_partial_folder(segment_run, tmp_path, m
 
 
 def test_a_failed_check_exits_1_and_writes_nothing(pretrain_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_lib, "CHECK_TOLERANCE", 0.0)  # every difference now fails
+    from rmib import precision
+
+    monkeypatch.setattr(precision, "check_tolerance", lambda name: 0.0)  # every difference fails
     out = tmp_path / "model.keras"
     result = invoke(["export", pretrain_run, "--format", "keras", "--out", out, "--check"])
     assert result.exit_code == 1

@@ -80,6 +80,10 @@ def ex_records(idrid):
 @pytest.fixture(scope="module")
 def local_global_run(ex_records, tmp_path_factory):
     """The fused local-global U-Net, its one phase "joint" trained one step."""
+    return _local_global(ex_records, tmp_path_factory.mktemp("runs") / "local_global", "float32")
+
+
+def _local_global(ex_records, out, precision):
     from rmib.methods import local_global as lgm
     from rmib.segment_config import LocalGlobalConfig, SegmentConfig
 
@@ -89,7 +93,7 @@ def local_global_run(ex_records, tmp_path_factory):
         patch_size=LG_PATCH,
         predict_batch=3,
         augment="none",
-        train=_tiny_train(batch_size=2),
+        train=_tiny_train(batch_size=2, precision=precision),
         local_global=LocalGlobalConfig(
             global_size=LG_GLOBAL,
             base_filters=4,
@@ -100,7 +104,7 @@ def local_global_run(ex_records, tmp_path_factory):
             epochs_per_phase=1,
         ),
     )
-    run = training.RunDirectory(tmp_path_factory.mktemp("runs") / "local_global")
+    run = training.RunDirectory(out)
     with eagerly():
         lgm.train(cfg, ex_records, [], run)
     return run.path
@@ -109,17 +113,20 @@ def local_global_run(ex_records, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dual2net_run(ex_records, tmp_path_factory):
     """Dual2Net (two branches, DSM Dice loss) on a VGG16 trunk, one step."""
+    return _dual2net(ex_records, tmp_path_factory.mktemp("runs") / "dual2net", "float32")
+
+
+def _dual2net(ex_records, out, precision):
     from rmib.methods import dual2net as method
     from rmib.segment_config import Dual2NetConfig, SegmentConfig
 
-    out = tmp_path_factory.mktemp("runs") / "dual2net"
     cfg = SegmentConfig(
         data=[],
         model="dual2net",
         encoder="vgg16",
         lesion="EX",
         out=str(out),
-        train=_tiny_train(),
+        train=_tiny_train(precision=precision),
         dual2net=Dual2NetConfig(image_size=[32, 64], head_filters=8),
     )
     with eagerly():
@@ -130,12 +137,17 @@ def dual2net_run(ex_records, tmp_path_factory):
 @pytest.fixture(scope="module")
 def grade_run(idrid, tmp_path_factory):
     """`rmib grade train`: local net, global net and the plain baseline, one epoch each."""
-    run = tmp_path_factory.mktemp("runs") / "grade"
+    return _grade(idrid, tmp_path_factory.mktemp("runs") / "grade", "float32")
+
+
+def _grade(idrid, run, precision):
+    flags = [*GRADE_FLAGS[: GRADE_FLAGS.index("--precision") + 1], precision]
+    flags += GRADE_FLAGS[GRADE_FLAGS.index("--precision") + 2 :]
     recipe = run.parent / "tiny.toml"
     recipe.write_text("[local_train]\ntensorboard = false\n\n[train]\ntensorboard = false\n")
     with eagerly():
         result = invoke(
-            ["grade", "train", "--data", idrid, "--out", run, "--config", recipe, *GRADE_FLAGS]
+            ["grade", "train", "--data", idrid, "--out", run, "--config", recipe, *flags]
         )
     assert result.exit_code == 0, result.output
     return run
@@ -394,3 +406,39 @@ def test_readme_preprocessing_covers_crops_and_resizes(preprocessing):
         assert (
             image.shape[:2] == fundus.crop_to_box(photograph, fundus.fov_box(photograph)).shape[:2]
         )
+
+
+# --------------------------------------------------------------------------- every family in bf16
+
+
+@pytest.mark.parametrize("family", ["local-global", "dual2net", "grader"])
+def test_each_family_trained_in_bfloat16_exports_in_float32_and_bfloat16(
+    family, ex_records, idrid, tmp_path
+):
+    """Issue 15: trained under mixed_bfloat16 (explicitly: emulated on CPUs without it), each
+    family's export passes --check against rmib's own prediction in the same precision, in
+    float32 (the default) and in the precision it was trained in."""
+    from rmib.precision import check_tolerance, model_precision
+
+    run = tmp_path / "run"
+    if family == "local-global":
+        _local_global(ex_records, run, "mixed_bfloat16")
+    elif family == "dual2net":
+        _dual2net(ex_records, run, "mixed_bfloat16")
+    else:
+        _grade(idrid, run, "mixed_bfloat16")
+    assert training.read_run_metadata(run)["precision"] == "mixed_bfloat16"
+    model_file = run / ("local_net.keras" if family == "grader" else "model.keras")
+    assert model_precision(training.load_model(model_file)) == "mixed_bfloat16"
+    for flags, precision in (([], "float32"), (["--precision", "training"], "mixed_bfloat16")):
+        out = tmp_path / precision
+        result = invoke(["export", run, "--out", out, "--check", *flags])
+        assert result.exit_code == 0, result.output
+        assert f"precision {precision}: " in result.output
+        checks = re.findall(r"check (\w+): max abs difference (\S+) \(< (\S+),", result.output)
+        assert len(checks) >= 2, result.output
+        for _, difference, tolerance in checks:
+            assert float(tolerance) == pytest.approx(check_tolerance(precision), rel=1e-3)
+            assert float(difference) < check_tolerance(precision)
+        stored = json.loads((out / "assets" / "rmib.json").read_text())
+        assert (stored["precision"], stored["trained_precision"]) == (precision, "mixed_bfloat16")

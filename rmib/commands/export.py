@@ -6,6 +6,8 @@ import pathlib
 
 import click
 
+from rmib.commands.options import PREDICT_PRECISION_CHOICES
+
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, path_type=pathlib.Path))
@@ -26,7 +28,8 @@ import click
     "--check",
     is_flag=True,
     help="Reload the export and compare it with what rmib predict / rmib grade predict "
-    "compute (max abs difference < 1e-4).",
+    "compute in the same precision (max abs difference < 1e-4 in float32, 2**-7 in "
+    "bfloat16, 2**-10 in float16).",
 )
 @click.option(
     "--tile",
@@ -43,7 +46,15 @@ import click
     is_flag=True,
     help="Allow model files with Lambda layers (runs code from the file).",
 )
-def export(model, export_format, out, check, tile, overlap, unsafe_load):
+@click.option(
+    "--precision",
+    type=click.Choice(PREDICT_PRECISION_CHOICES),
+    help="What the SavedModel or TFLite graph computes in [float32: portable, as exact as the "
+    "weights]; auto: the fast precision of this machine; training: the run's own; "
+    "mixed_float16 is allowed without a GPU (for a GPU server; --check is slow then). "
+    "A .keras copy keeps the run's own precision.",
+)
+def export(model, export_format, out, check, tile, overlap, unsafe_load, precision):
     """Export MODEL (a run directory or a .keras file) for serving without rmib.
 
     Classifiers, every segmenter (encoder-decoder, local-global U-Net,
@@ -51,7 +62,7 @@ def export(model, export_format, out, check, tile, overlap, unsafe_load):
     only). The SavedModel's signatures, their inputs and outputs and the
     preprocessing the caller applies are in OUT/assets/rmib.json.
     """
-    from rmib.export import CHECK_TOLERANCE, export_model
+    from rmib.export import export_model
 
     result = export_model(
         model,
@@ -61,8 +72,27 @@ def export(model, export_format, out, check, tile, overlap, unsafe_load):
         unsafe=unsafe_load,
         tile=tile,
         overlap=overlap,
+        precision=precision,
     )
+    click.echo(f"precision {result.precision}: {_precision_reason(precision, result)}")
     names = f" (signatures: {', '.join(result.signatures)})" if result.signatures else ""
     click.echo(f"Exported {result.format} -> {result.path}{names}")
     for name, difference in result.differences.items():
-        click.echo(f"check {name}: max abs difference {difference:.3g} (< {CHECK_TOLERANCE:g}) OK")
+        click.echo(
+            f"check {name}: max abs difference {difference:.3g} "
+            f"(< {result.tolerance:g}, the tolerance of {result.precision}) OK"
+        )
+
+
+def _precision_reason(asked, result) -> str:
+    if result.format == "keras":
+        return "a .keras copy computes in the precision it was trained in"
+    if asked is None:
+        return "the default of exports (portable to every runtime)"
+    from rmib import training
+
+    return (
+        training.precision_reason(asked, result.precision)
+        if asked != "training"
+        else ("the precision the run was trained in")
+    )

@@ -12,6 +12,7 @@ from rmib.commands.options import (
     batch_size_option,
     max_pixels_option,
     on_bad_option,
+    predict_precision_option,
 )
 
 _path = click.Path(path_type=pathlib.Path)
@@ -316,19 +317,25 @@ def _model_options(func):
                 is_flag=True,
                 help="Allow model files with Lambda layers (runs code from the file).",
             ),
+            predict_precision_option,
         ]
     ):
         func = option(func)
     return func
 
 
-def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load):
+def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load, precision):
     """The Segmenter of MODEL with the options of `_model_options` (threshold aside)."""
+    from rmib import training
     from rmib.errors import RmibError
+    from rmib.precision import resolve_predict_precision
     from rmib.segmenters import load_segmenter
 
     if overlap is not None and not 0.0 <= overlap < 1.0:
         raise RmibError(f"--overlap must be in [0, 1), got {overlap}")
+    trained = training.read_run_metadata(model).get("precision")
+    resolved, reason = resolve_predict_precision(precision, trained)
+    click.echo(f"precision {resolved}: {reason}")
     return load_segmenter(
         model,
         unsafe=unsafe_load,
@@ -338,6 +345,7 @@ def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsa
         halo=halo,
         max_tile=max_tile,
         lesion=lesion,
+        precision=resolved,
     )
 
 

@@ -40,6 +40,19 @@ max_pixels_option = click.option(
     help="Refuse images with more pixels than this, before decoding them.",
 )
 
+# rmib.precision.PREDICT_PRECISIONS; declared here so that `rmib --help` imports no TensorFlow.
+PREDICT_PRECISION_CHOICES = ("float32", "auto", "training", "mixed_bfloat16", "mixed_float16")
+
+predict_precision_option = click.option(
+    "--precision",
+    type=click.Choice(PREDICT_PRECISION_CHOICES),
+    default="float32",
+    show_default=True,
+    help="What the model computes in: float32 (exact, portable); auto: mixed_float16 on a GPU, "
+    "mixed_bfloat16 on a CPU with native bfloat16 (faster, can cost accuracy); training: the "
+    "precision the run was trained in.",
+)
+
 data_root_argument = click.argument(
     "root", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
 )
