@@ -113,6 +113,11 @@ def _overrides(kwargs, keys):
 )
 @click.option("--backbone", type=click.Choice(["vgg16", "resnet50"]), help="Backbone [vgg16].")
 @click.option("--cbam/--no-cbam", default=None, help="Add CBAM attention.")
+@click.option(
+    "--cbam-init",
+    type=click.Choice(["identity", "woo"]),
+    help="CBAM's start: near-identity gate, or Keras' default kernels and zero biases [identity].",
+)
 @click.option("--image-size", type=click.IntRange(min=32), help="Input side in pixels [480].")
 @click.option("--weights", type=str, help="none | imagenet | PATH to a weights file [none].")
 @click.option("--val-fraction", type=float, help="Stratified validation fraction [0.2].")
@@ -128,7 +133,17 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 
     overrides = _overrides(
         kwargs,
-        ("data", "backbone", "cbam", "image_size", "weights", "val_fraction", "cache_dir", "out"),
+        (
+            "data",
+            "backbone",
+            "cbam",
+            "cbam_init",
+            "image_size",
+            "weights",
+            "val_fraction",
+            "cache_dir",
+            "out",
+        ),
     )
     overrides["on_bad"] = on_bad
     cfg = load_config(PretrainConfig, config_path, overrides)
