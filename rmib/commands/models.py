@@ -26,6 +26,12 @@ def train_options(func):
         click.option("--lr", "learning_rate", type=float, help="Initial learning rate."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Optimizer."),
         click.option(
+            "--weight-decay-mode",
+            type=click.Choice(["coupled", "decoupled"]),
+            help="coupled: wd*w added to the gradient (PyTorch SGD, Dual2Net's default); "
+            "decoupled: Keras' weight_decay.",
+        ),
+        click.option(
             "--lr-schedule", type=click.Choice(["constant", "plateau", "poly"]), help="LR schedule."
         ),
         click.option(
@@ -80,6 +86,7 @@ _TRAIN_KEYS = (
     "batch_size",
     "learning_rate",
     "optimizer",
+    "weight_decay_mode",
     "lr_schedule",
     "precision",
     "strategy",
@@ -221,6 +228,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     type=click.Choice(["dual-dsm", "single-dice", "single-bce"]),
     help="Dual2Net: the paper's ablation variants [dual-dsm].",
 )
+@click.option(
+    "--output-stride",
+    type=click.Choice(["8", "16", "32"]),
+    help="Dual2Net: the encoder's output stride (ResNet50 8 | 16 | 32, VGG16 32) "
+    "[8 for ResNet50, as the paper; 32 for VGG16].",
+)
 @click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
 @click.option("--out", type=_path, help="Run directory.")
 @train_options
@@ -237,6 +250,7 @@ def segment(
     epochs_per_phase,
     encoder_nets,
     variant,
+    output_stride,
     **kwargs,
 ):
     """Train a lesion segmenter on patches (default: the transferred, frozen encoder)."""
@@ -276,6 +290,7 @@ def segment(
         [n.strip() for n in encoder_nets.split(",") if n.strip()] if encoder_nets else None
     )
     overrides["dual2net.variant"] = variant
+    overrides["dual2net.output_stride"] = int(output_stride) if output_stride else None
     cfg = load_config(SegmentConfig, config_path, overrides)
     if kwargs.get("encoder") and cfg.model == "local-global" and not cfg.local_global.encoder_nets:
         # An encoder asked for on the command line is meant for both nets, even
