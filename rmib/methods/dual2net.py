@@ -282,7 +282,8 @@ def steps_per_epoch(cfg: SegmentConfig, n_images: int) -> int:
 def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
     """Whole-image validation metrics, computed as `rmib evaluate` does.
 
-    "aupr" (all pixels of all images pooled, `StreamingAUPR`), the pixel
+    "aupr" (all pixels of all images pooled, `StreamingAUPR`), "aupr_11pt_trapezoid"
+    (the authors' AUPR, `rmib.metrics.aupr_11pt_trapezoid`), the pixel
     metrics of `prob >= threshold` ("f1", "iou", "sensitivity", "ppv", ...,
     counts summed over the images) and "region_f_score" {sigma: F} at sigma
     0.2 ... 0.8 (`RegionScore`, counts summed over the images).
@@ -299,6 +300,7 @@ def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
         regions.update(pred, truth)
     return {
         "aupr": aupr.result(),
+        "aupr_11pt_trapezoid": aupr.aupr_11pt_trapezoid(),
         **pixel_metrics(*(int(t) for t in totals)),
         "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
     }
