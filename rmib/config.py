@@ -37,6 +37,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "poly")
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 MONITOR_MODES = ("auto", "min", "max")
 
 _FLAG_SOURCE = "the command line"
@@ -53,8 +54,13 @@ class TrainConfig:
         optimizer: "adam" or "sgd" (SGD with `momentum`).
         learning_rate: initial learning rate.
         momentum: SGD momentum (ignored by Adam).
-        weight_decay: decoupled weight decay applied by the Keras optimizer
-            (Dual2Net's recipe: SGD with 5e-4); 0 turns it off.
+        weight_decay: weight decay factor (Dual2Net's recipe: SGD with 5e-4); 0
+            turns it off. How it is applied is `weight_decay_mode`.
+        weight_decay_mode: "decoupled" (Keras' `weight_decay`: w -= lr * wd * w
+            beside the update) or "coupled" (PyTorch SGD's and the papers': wd * w
+            is added to the gradient, so with SGD it goes through the momentum;
+            at steady state that decays about 1 / (1 - momentum) = 10x more per
+            step at momentum 0.9, and with Adam it is rescaled like the gradient).
         lr_schedule: "constant"; "poly" (polynomial decay to 0 over all steps,
             power `poly_power`); "plateau" (multiply by `plateau_factor` after
             `plateau_patience` epochs without improvement of `monitor`).
@@ -91,6 +97,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
+    weight_decay_mode: Literal[WEIGHT_DECAY_MODES] = "decoupled"
     lr_schedule: Literal[LR_SCHEDULES] = "constant"
     poly_power: float = 0.9
     plateau_patience: int = 5

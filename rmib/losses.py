@@ -9,7 +9,9 @@ and returns a scalar.
   with the positive weight the text states, |Y-| / (gamma * |Y+|).
 - `dice_loss`, `sampled_dice_loss`, `sample_rebalanced_pixels`, `dsm_alpha`,
   `dsm_loss`: the dual-sampling modulated (DSM) Dice loss of Dual2Net, with
-  Dice pooled over the pixels of the batch as in its authors' code.
+  Dice pooled over the pixels of the batch as in its authors' code and
+  smoothed as DESIGN.md fixes, 1 - (2 I + 1) / (sum p + sum y + 1); the
+  authors' `CriterionDice` smooths differently (see `dice_loss`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tensorflow as tf
 from keras import ops
 
 EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] before a log
-SMOOTH = 1.0  # the Dice "+1" in numerator and denominator (Dual2Net's code)
+SMOOTH = 1.0  # the Dice "+1" in numerator and denominator (DESIGN.md's form)
 
 
 def _as_pair(y_true, y_prob):
@@ -90,11 +92,17 @@ def bce(y_true, y_prob):
 
 
 def dice_loss(y_true, y_prob):
-    """Smoothed Dice loss pooled over every pixel of the batch (Dual2Net's code).
+    """Smoothed Dice loss pooled over every pixel of the batch (as Dual2Net's code pools).
 
         L = 1 - (2 * sum(p * y) + 1) / (sum(p) + sum(y) + 1)
 
-    Returns 0 for an empty prediction of an empty mask.
+    Returns 0 for an empty prediction of an empty mask. The Dual2Net authors'
+    `CriterionDice` smooths the intersection before doubling it,
+    1 - 2 * (sum(p * y) + 1) / (sum(y) + sum(p) + 1), so its numerator carries 2
+    where this one carries 1: it gives -1 for an empty prediction of an empty mask
+    and differs from this form by 1 / (sum(p) + sum(y) + 1), negligible on a
+    photograph with lesions, large on a lesion-free batch. rmib keeps DESIGN.md's
+    form (a loss in [0, 1), 0 for an empty prediction of an empty mask).
     """
     y_true, y_prob = _as_pair(y_true, y_prob)
     intersection = ops.sum(y_prob * y_true)
@@ -112,6 +120,9 @@ def sampled_dice_loss(y_true, y_prob, counts):
     Each pixel enters the sums as many times as it was drawn:
 
         L = 1 - (2 * sum(c * p * y) + 1) / (sum(c * p) + sum(c * y) + 1)
+
+    Smoothed as `dice_loss` (DESIGN.md's form, not the authors' `CriterionDice`,
+    whose numerator is 2 * (intersection + 1); see `dice_loss`).
 
     Args:
         y_true: ground truth, (B, H, W, 1) or (B, H, W).

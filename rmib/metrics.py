@@ -88,6 +88,62 @@ def aupr(y_true, y_score) -> float:
     return _average_precision(tps, fps)
 
 
+# Thresholds of the Dual2Net authors' AUPR (their scripts/eval_aupr.py): 0, 0.1, ..., 1.0.
+AUPR_11PT_STEPS = 10
+
+
+def _trapezoid_11pt(tps, fps, positives) -> float:
+    """Area under the 11-threshold precision-recall polyline (see `aupr_11pt_trapezoid`)."""
+    recall, precision = [], []
+    for tp, fp in zip(tps, fps, strict=True):
+        if positives > 0 and tp + fp > 0:
+            recall.append(tp / positives)
+            precision.append(tp / (tp + fp))
+        else:  # nothing predicted (or nothing to find): the authors' (0, 1)
+            recall.append(0.0)
+            precision.append(1.0)
+    recall.append(0.0)
+    precision.append(1.0)
+    recall, precision = np.asarray(recall), np.asarray(precision)
+    # Recall falls as the threshold rises: integrate from right to left.
+    return float(np.sum((recall[:-1] - recall[1:]) * (precision[:-1] + precision[1:]) / 2.0))
+
+
+def aupr_11pt_trapezoid(y_true, y_score) -> float:
+    """The AUPR the Dual2Net authors report: a trapezoid over 11 thresholds, not AP.
+
+    As their `scripts/eval_aupr.py`: for t = 0, 0.1, ..., 1.0 the pixels with
+    score > t (all images pooled) give TP and FP; precision TP / (TP + FP) and
+    recall TP / P, or precision 1 and recall 0 where nothing is predicted (or
+    there is no lesion pixel, P = 0); the point (recall 0, precision 1) is
+    appended and the area is the trapezoid rule over recall (their
+    `sklearn.metrics.auc`). The curve has 12 points and interpolates linearly
+    between them, so it is not average precision (`aupr`, a step sum over every
+    distinct score) and either can be the larger on the same map: compare a
+    paper's figure only with the metric it was computed with. Their maps are
+    8-bit PNGs v in 0..255 thresholded as v > 256 t; here the scores are
+    thresholded as they are.
+
+    Args:
+        y_true: ground truth of any shape, positive where > 0.
+        y_score: probabilities in [0, 1], same number of elements.
+
+    Returns:
+        The area, in [0, 1]; 0.0 without lesion pixels.
+    """
+    y_true = np.asarray(y_true).ravel() > 0
+    y_score = np.asarray(y_score).ravel()
+    if y_true.size != y_score.size:
+        raise ValueError(f"y_true has {y_true.size} values but y_score has {y_score.size}")
+    _check_scores(y_score)
+    tps, fps = [], []
+    for step in range(AUPR_11PT_STEPS + 1):
+        predicted = y_score > step / AUPR_11PT_STEPS
+        tps.append(int(np.sum(predicted & y_true)))
+        fps.append(int(np.sum(predicted & ~y_true)))
+    return _trapezoid_11pt(tps, fps, int(np.sum(y_true)))
+
+
 def quantise_scores(y_score, bins: int = QUANTISATION_BINS) -> np.ndarray:
     """Scores -> integer bins round(score * (bins - 1)).
 
@@ -177,6 +233,18 @@ class StreamingAUPR:
         """Average precision of everything added so far (0.0 without lesion pixels)."""
         tps, fps, _ = self._cumulative()
         return _average_precision(tps, fps)
+
+    def aupr_11pt_trapezoid(self) -> float:
+        """`aupr_11pt_trapezoid` (the Dual2Net authors' AUPR) of everything added so far,
+        on the quantised scores: bin b counts as score b / (bins - 1) > t."""
+        levels = np.arange(self.bins, dtype=np.int64)
+        tps, fps = [], []
+        for step in range(AUPR_11PT_STEPS + 1):
+            # b / (bins - 1) > step / STEPS, in integers.
+            above = levels * AUPR_11PT_STEPS > step * (self.bins - 1)
+            tps.append(int(self.positives[above].sum()))
+            fps.append(int(self.negatives[above].sum()))
+        return _trapezoid_11pt(tps, fps, int(self.positives.sum()))
 
     def pr_curve(self):
         """(precision, recall, thresholds) in scikit-learn's ``precision_recall_curve`` order.

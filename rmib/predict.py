@@ -140,7 +140,10 @@ def evaluate_dataset(
     """Evaluate a segmenter on every image of `data_roots` annotated for its lesion.
 
     Writes metrics.json, per_image.csv, pr_curve.png and comparison overlays
-    (TP yellow, FP green, FN red) to `out`.
+    (TP yellow, FP green, FN red) to `out`. metrics.json has "aupr" (average
+    precision, the IDRiD challenge's AUPR) and "aupr_11pt_trapezoid" (the Dual2Net
+    authors' 11-threshold trapezoid, `rmib.metrics.aupr_11pt_trapezoid`), all
+    pixels of all images pooled.
 
     Returns:
         the metrics dict.
@@ -202,6 +205,8 @@ def evaluate_dataset(
         "threshold": threshold,
         "fov_only": fov_only,
         "aupr": aupr.result(),
+        # The Dual2Net authors' AUPR, to compare with their published figures.
+        "aupr_11pt_trapezoid": aupr.aupr_11pt_trapezoid(),
         **metrics.pixel_metrics(*totals),
         "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
     }

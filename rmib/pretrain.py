@@ -37,6 +37,8 @@ class PretrainConfig:
         data: dataset roots with DR grades or lesion/healthy folders.
         backbone: "vgg16" or "resnet50".
         cbam: add CBAM attention after every VGG block / inside every ResNet bottleneck.
+        cbam_init: "identity" (near-identity gate, rmib's default) or "woo" (Keras'
+            default kernels, zero biases: the reference start); see `rmib.models.CBAM`.
         image_size: input side (480 in the paper).
         weights: "none", "imagenet" (offline: must be in the Keras cache) or a weights file.
         val_fraction: stratified validation split.
@@ -52,6 +54,7 @@ class PretrainConfig:
     data: list = dataclasses.field(default_factory=list)
     backbone: Literal["vgg16", "resnet50"] = "vgg16"
     cbam: bool = False
+    cbam_init: Literal["identity", "woo"] = "identity"
     image_size: int = 480
     weights: str = "none"
     val_fraction: float = 0.2
@@ -147,6 +150,7 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
         "task": "pretrain",
         "backbone": cfg.backbone,
         "cbam": cfg.cbam,
+        "cbam_init": cfg.cbam_init if cfg.cbam else None,
         "image_size": cfg.image_size,
         "weights": cfg.weights,
         "preprocessing": prep.to_dict(),
@@ -157,6 +161,7 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
         return build_classifier(
             cfg.backbone,
             cbam=cfg.cbam,
+            cbam_init=cfg.cbam_init,
             image_size=cfg.image_size,
             weights=weights,
             dense_units=cfg.dense_units,

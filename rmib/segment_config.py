@@ -112,6 +112,9 @@ class Dual2NetConfig:
         fov_crop: crop the photograph to its field of view's bounding box before
             resizing (the paper's DDR preprocessing; IDRiD is resized directly).
         head_filters: channels of the head's 3x3 convolution (512 in PSPNet).
+        output_stride: the encoder's output stride: ResNet50 8 (dilated conv4 and
+            conv5, the paper's PSPNet backbone), 16 or 32 (plain); VGG16 32 only.
+            Unset: 8 for ResNet50, 32 for VGG16.
     """
 
     image_size: list = dataclasses.field(default_factory=lambda: [960, 1440])
@@ -121,9 +124,16 @@ class Dual2NetConfig:
     variant: Literal[DUAL2NET_VARIANTS] = "dual-dsm"
     fov_crop: bool = False
     head_filters: int = 512
+    output_stride: int | None = None
 
     def __post_init__(self):
         check_fields(self)
+        require(
+            self,
+            "output_stride",
+            self.output_stride in (None, 8, 16, 32),
+            "8, 16 or 32 (or unset: 8 for ResNet50, 32 for VGG16)",
+        )
         require(self, "pos_fraction", 0.0 < self.pos_fraction < 1.0, "in (0, 1)")
         require(self, "aux_weight", self.aux_weight >= 0.0, "zero or positive")
         require(self, "head_filters", self.head_filters >= 1, "at least 1")

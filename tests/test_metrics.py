@@ -378,3 +378,45 @@ def test_binary_classification_report_equals_sklearn():
     one_class = metrics.binary_classification_report([1, 1, 1], [0.2, 0.7, 0.9])
     assert math.isnan(one_class["roc_auc"])
     assert one_class["recall"] == pytest.approx(2 / 3)
+
+
+def test_aupr_11pt_trapezoid_hand_worked():
+    """The Dual2Net authors' eval_aupr.py, by hand. Pooled pixels of two "images":
+    truth [1, 1, 1 | 0, 0, 0], scores [0.95, 0.55, 0.05 | 0.65, 0.25, 0.0], P = 3.
+    score > t:  t = 0        -> TP 3, FP 2: (R, P) = (1, 3/5)
+                t = 0.1, 0.2 -> TP 2, FP 2: (2/3, 1/2)
+                t = 0.3..0.5 -> TP 2, FP 1: (2/3, 2/3)
+                t = 0.6      -> TP 1, FP 1: (1/3, 1/2)
+                t = 0.7..0.9 -> TP 1, FP 0: (1/3, 1)
+                t = 1.0      -> nothing predicted: (0, 1); then the appended (0, 1).
+    Trapezoids where recall drops: (1 - 2/3) * (3/5 + 1/2) / 2 = 11/60,
+    (2/3 - 1/3) * (2/3 + 1/2) / 2 = 7/36, (1/3 - 0) * (1 + 1) / 2 = 1/3;
+    total 11/60 + 7/36 + 1/3 = (33 + 35 + 60) / 180 = 32/45 = 0.7111...
+    Average precision of the same pixels is another number: thresholds 0.95 (R 1/3, P 1),
+    0.65 (1/3, 1/2), 0.55 (2/3, 2/3), 0.25 (2/3, 1/2), 0.05 (1, 3/5), 0.0 (1, 1/2):
+    1/3 * 1 + 1/3 * 2/3 + 1/3 * 3/5 = 1/3 + 2/9 + 1/5 = 34/45 = 0.7556.
+    """
+    truth = np.array([1, 1, 1, 0, 0, 0])
+    score = np.array([0.95, 0.55, 0.05, 0.65, 0.25, 0.0])
+    assert metrics.aupr_11pt_trapezoid(truth, score) == pytest.approx(32 / 45, abs=1e-12)
+    assert metrics.aupr(truth, score) == pytest.approx(34 / 45, abs=1e-12)
+    # Streaming, image by image, on 16-bit quantised scores: the same value here.
+    stream = metrics.StreamingAUPR()
+    stream.update(truth[:3], score[:3])
+    stream.update(truth[3:], score[3:])
+    assert stream.aupr_11pt_trapezoid() == pytest.approx(32 / 45, abs=1e-12)
+    assert stream.result() == pytest.approx(34 / 45, abs=1e-12)
+
+
+def test_aupr_11pt_trapezoid_edge_cases():
+    # A perfect map: every threshold 0 .. 0.9 gives (1, 1), 1.0 gives (0, 1): area 1.
+    assert metrics.aupr_11pt_trapezoid([1, 0], [1.0, 0.0]) == pytest.approx(1.0)
+    # No lesion pixel: every point is (0, 1), area 0.
+    assert metrics.aupr_11pt_trapezoid([0, 0], [0.3, 0.9]) == 0.0
+    # Scores never above 0: nothing is predicted at any threshold, area 0.
+    assert metrics.aupr_11pt_trapezoid([1, 0], [0.0, 0.0]) == 0.0
+    # All scores 0.5, P = 1 of 2: t = 0..0.4 -> (1, 1/2), then (0, 1):
+    # (1 - 0) * (1/2 + 1) / 2 = 3/4.
+    assert metrics.aupr_11pt_trapezoid([1, 0], [0.5, 0.5]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="y_true has 2 values but y_score has 3"):
+        metrics.aupr_11pt_trapezoid([1, 0], [0.1, 0.2, 0.3])

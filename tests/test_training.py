@@ -682,3 +682,51 @@ def test_resume_removes_what_interrupted_atomic_writes_left(tmp_path, capsys):
     finally:
         checkpoint_writer.gen.close()
         history_writer.gen.close()
+
+
+def _two_sgd_steps(mode):
+    """Two steps of SGD (lr 0.1, momentum 0.9, weight decay 0.01) on loss = 0.5*w0 + 0.25*w1."""
+    cfg = TrainConfig(
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=0.01,
+        weight_decay_mode=mode,
+    )
+    optimizer = training.make_optimizer(cfg)
+    weight = keras.Variable(np.array([1.0, -2.0], "float32"))
+    gradient = np.array([0.5, 0.25], "float32")
+    for _ in range(2):
+        optimizer.apply([gradient], [weight])
+    return optimizer, np.asarray(weight)
+
+
+def test_coupled_weight_decay_goes_through_the_momentum():
+    # Coupled (PyTorch SGD): g' = g + wd*w, v = m*v - lr*g', w = w + v.
+    # Step 1: g' = [0.5 + 0.01, 0.25 - 0.02] = [0.51, 0.23]; v = [-0.051, -0.023];
+    #         w = [0.949, -2.023].
+    # Step 2: g' = [0.5 + 0.00949, 0.25 - 0.02023] = [0.50949, 0.22977];
+    #         v = 0.9*[-0.051, -0.023] - 0.1*g' = [-0.096849, -0.043677];
+    #         w = [0.852151, -2.066677].
+    optimizer, weight = _two_sgd_steps("coupled")
+    assert isinstance(optimizer, training.CoupledDecaySGD) and optimizer.weight_decay is None
+    np.testing.assert_allclose(weight, [0.852151, -2.066677], rtol=0, atol=1e-6)
+    clone = training.CoupledDecaySGD.from_config(optimizer.get_config())
+    assert clone.coupled_weight_decay == pytest.approx(0.01)
+
+
+def test_decoupled_weight_decay_is_keras_weight_decay():
+    # Decoupled (Keras): w = w - lr*wd*w, then v = m*v - lr*g, w = w + v.
+    # Step 1: w = [0.999, -1.998]; v = [-0.05, -0.025]; w = [0.949, -2.023] (as coupled:
+    #         the momentum is still empty).
+    # Step 2: w = 0.999*[0.949, -2.023] = [0.948051, -2.020977];
+    #         v = 0.9*[-0.05, -0.025] - 0.1*[0.5, 0.25] = [-0.095, -0.0475];
+    #         w = [0.853051, -2.068477].
+    optimizer, weight = _two_sgd_steps("decoupled")
+    assert type(optimizer) is keras.optimizers.SGD and optimizer.weight_decay == pytest.approx(0.01)
+    np.testing.assert_allclose(weight, [0.853051, -2.068477], rtol=0, atol=1e-6)
+
+
+def test_weight_decay_mode_is_checked():
+    with pytest.raises(RmibError, match="weight_decay_mode"):
+        TrainConfig(weight_decay_mode="l2")

@@ -27,6 +27,12 @@ def train_options(func):
         click.option("--lr", "learning_rate", type=float, help="Initial learning rate."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Optimizer."),
         click.option(
+            "--weight-decay-mode",
+            type=click.Choice(["coupled", "decoupled"]),
+            help="coupled: wd*w added to the gradient (PyTorch SGD, Dual2Net's default); "
+            "decoupled: Keras' weight_decay.",
+        ),
+        click.option(
             "--lr-schedule", type=click.Choice(["constant", "plateau", "poly"]), help="LR schedule."
         ),
         click.option(
@@ -81,6 +87,7 @@ _TRAIN_KEYS = (
     "batch_size",
     "learning_rate",
     "optimizer",
+    "weight_decay_mode",
     "lr_schedule",
     "precision",
     "strategy",
@@ -114,6 +121,11 @@ def _overrides(kwargs, keys):
 )
 @click.option("--backbone", type=click.Choice(["vgg16", "resnet50"]), help="Backbone [vgg16].")
 @click.option("--cbam/--no-cbam", default=None, help="Add CBAM attention.")
+@click.option(
+    "--cbam-init",
+    type=click.Choice(["identity", "woo"]),
+    help="CBAM's start: near-identity gate, or Keras' default kernels and zero biases [identity].",
+)
 @click.option("--image-size", type=click.IntRange(min=32), help="Input side in pixels [480].")
 @click.option("--weights", type=str, help="none | imagenet | PATH to a weights file [none].")
 @click.option("--val-fraction", type=float, help="Stratified validation fraction [0.2].")
@@ -129,7 +141,17 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 
     overrides = _overrides(
         kwargs,
-        ("data", "backbone", "cbam", "image_size", "weights", "val_fraction", "cache_dir", "out"),
+        (
+            "data",
+            "backbone",
+            "cbam",
+            "cbam_init",
+            "image_size",
+            "weights",
+            "val_fraction",
+            "cache_dir",
+            "out",
+        ),
     )
     overrides["on_bad"] = on_bad
     cfg = load_config(PretrainConfig, config_path, overrides)
@@ -207,6 +229,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     type=click.Choice(["dual-dsm", "single-dice", "single-bce"]),
     help="Dual2Net: the paper's ablation variants [dual-dsm].",
 )
+@click.option(
+    "--output-stride",
+    type=click.Choice(["8", "16", "32"]),
+    help="Dual2Net: the encoder's output stride (ResNet50 8 | 16 | 32, VGG16 32) "
+    "[8 for ResNet50, as the paper; 32 for VGG16].",
+)
 @click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
 @click.option("--out", type=_path, help="Run directory.")
 @train_options
@@ -223,6 +251,7 @@ def segment(
     epochs_per_phase,
     encoder_nets,
     variant,
+    output_stride,
     **kwargs,
 ):
     """Train a lesion segmenter on patches (default: the transferred, frozen encoder)."""
@@ -262,6 +291,7 @@ def segment(
         [n.strip() for n in encoder_nets.split(",") if n.strip()] if encoder_nets else None
     )
     overrides["dual2net.variant"] = variant
+    overrides["dual2net.output_stride"] = int(output_stride) if output_stride else None
     cfg = load_config(SegmentConfig, config_path, overrides)
     if kwargs.get("encoder") and cfg.model == "local-global" and not cfg.local_global.encoder_nets:
         # An encoder asked for on the command line is meant for both nets, even

@@ -15,7 +15,9 @@ The methods "global", "local" and "fused" are named and ordered as in the
 paper (GlobalNet, LocalNet, fused); any other folder (say "encoder-decoder" or
 "dual2net") becomes a row of its own. Columns follow the paper: EX, MA, HE, SE.
 The best value of each column is in bold (markdown). `--paper` adds the
-paper's published rows for comparison.
+paper's published rows for comparison: they are the ISBI 2018 (IDRiD)
+challenge's AUPR, precision-recall at every distinct probability, i.e. average
+precision, the "aupr" of metrics.json that the table shows.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ Paper defaults (applied by `resolve_config` to every `[train]` value still at
 its `SegmentConfig` default, so whatever a recipe or flag sets wins; a value
 set to exactly the default is indistinguishable from an unset one): SGD,
 learning rate 0.03 with poly decay (power 0.9), momentum 0.9, weight decay
-5e-4 (Keras' decoupled form), batch size 2; `augment` "free" becomes "rot90".
+5e-4 coupled into the gradient as PyTorch's SGD (`weight_decay_mode`
+"coupled"; Keras' decoupled form would decay about 10x less under momentum
+0.9), batch size 2; `augment` "free" becomes "rot90".
 Without validation images a `val_*` monitor left at its default becomes
 "loss" with `restore_best` off (the paper keeps the last epoch). The encoder
 is fine-tuned (`freeze_encoder` "auto" and "no"), as in the paper; "yes"
@@ -72,6 +74,7 @@ PAPER_TRAIN = {
     "learning_rate": 0.03,
     "momentum": 0.9,
     "weight_decay": 5e-4,
+    "weight_decay_mode": "coupled",
     "lr_schedule": "poly",
     "poly_power": 0.9,
     "batch_size": 2,
@@ -150,6 +153,7 @@ def build_model(cfg: SegmentConfig, build_encoder=None):
         freeze_trunk=cfg.freeze_encoder == "yes",
         aux_weight=d2.aux_weight,
         head_filters=d2.head_filters,
+        output_stride=d2.output_stride,
     )
 
 
@@ -278,7 +282,8 @@ def steps_per_epoch(cfg: SegmentConfig, n_images: int) -> int:
 def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
     """Whole-image validation metrics, computed as `rmib evaluate` does.
 
-    "aupr" (all pixels of all images pooled, `StreamingAUPR`), the pixel
+    "aupr" (all pixels of all images pooled, `StreamingAUPR`), "aupr_11pt_trapezoid"
+    (the authors' AUPR, `rmib.metrics.aupr_11pt_trapezoid`), the pixel
     metrics of `prob >= threshold` ("f1", "iou", "sensitivity", "ppv", ...,
     counts summed over the images) and "region_f_score" {sigma: F} at sigma
     0.2 ... 0.8 (`RegionScore`, counts summed over the images).
@@ -295,6 +300,7 @@ def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
         regions.update(pred, truth)
     return {
         "aupr": aupr.result(),
+        "aupr_11pt_trapezoid": aupr.aupr_11pt_trapezoid(),
         **pixel_metrics(*(int(t) for t in totals)),
         "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
     }
@@ -385,6 +391,7 @@ def train(
         "loss": VARIANT_LOSS[d2.variant],
         "pos_fraction": d2.pos_fraction,
         "aux_weight": d2.aux_weight,
+        "output_stride": d2.output_stride,
         "trunk_frozen": cfg.freeze_encoder == "yes",
         "train_images": [r.name for r in train_records],
         "val_images": [r.name for r in val_records],

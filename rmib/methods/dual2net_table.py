@@ -10,7 +10,11 @@ single branch + Dice (`"single-dice"`), dual branches + DSM (`"dual-dsm"`):
 followed by the region-level F-scores at sigma 0.2 ... 0.8. Numbers come
 from each run's `metrics.json` ("validation": the held-out whole images), or
 from the `metrics.json` of an `rmib evaluate` output (e.g. on the test split,
-as the paper reports) given alongside the run.
+as the paper reports) given alongside the run. The AUPR column is average
+precision ("aupr", the IDRiD challenge's metric); the paper's own AUPR figures
+(supplementary Table 6, e.g. 0.7977 for Dual PSPNet + DSM on IDRiD) are the
+authors' 11-threshold trapezoid, "aupr_11pt_trapezoid" in an `rmib evaluate`
+metrics.json: compare them with that, not with this column.
 
 Usage:
     python -m rmib.methods.dual2net_table RUN_BCE RUN_DICE RUN_DSM \\

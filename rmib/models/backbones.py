@@ -41,7 +41,8 @@ def _vgg_initializer(block, index):
     return keras.initializers.VarianceScaling(scale, mode="fan_in", distribution="truncated_normal")
 
 
-def _vgg16(inputs, cbam):
+def _vgg16(inputs, cbam, output_stride=32, cbam_init="identity"):
+    del output_stride  # VGG16 is built at stride 32 only (checked by build_backbone)
     x = ImageNetPreprocessing(name="preprocess")(inputs)
     taps = {}
     for block, (filters, convs) in enumerate(
@@ -57,14 +58,14 @@ def _vgg16(inputs, cbam):
                 name=f"block{block}_conv{index}",
             )(x)
         if cbam:
-            x = CBAM(name=f"block{block}_cbam")(x)
+            x = CBAM(init=cbam_init, name=f"block{block}_cbam")(x)
         taps[f"P{block - 1}"] = x
         x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
     taps["P5"] = x
     return taps
 
 
-def _bottleneck(x, filters, stride, conv_shortcut, cbam, name):
+def _bottleneck(x, filters, stride, conv_shortcut, cbam, name, dilation=1, cbam_init="identity"):
     if conv_shortcut:
         shortcut = keras.layers.Conv2D(4 * filters, 1, strides=stride, name=f"{name}_0_conv")(x)
         shortcut = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_0_bn")(shortcut)
@@ -73,19 +74,22 @@ def _bottleneck(x, filters, stride, conv_shortcut, cbam, name):
     x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
     x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
-    x = keras.layers.Conv2D(filters, 3, padding="same", name=f"{name}_2_conv")(x)
+    # Dilation changes no weight shape: the same kernels see a wider field (DeepLab, PSPNet).
+    x = keras.layers.Conv2D(
+        filters, 3, padding="same", dilation_rate=dilation, name=f"{name}_2_conv"
+    )(x)
     x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_2_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
     x = FusedBatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_3_bn")(x)
     if cbam:
         # CBAM paper, Fig. 3: on the residual branch, before the addition.
-        x = CBAM(name=f"{name}_cbam")(x)
+        x = CBAM(init=cbam_init, name=f"{name}_cbam")(x)
     x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
 
-def _resnet50(inputs, cbam):
+def _resnet50(inputs, cbam, output_stride=32, cbam_init="identity"):
     x = ImageNetPreprocessing(name="preprocess")(inputs)
     x = keras.layers.ZeroPadding2D(padding=((3, 3), (3, 3)), name="conv1_pad")(x)
     x = keras.layers.Conv2D(64, 7, strides=2, name="conv1_conv")(x)
@@ -94,9 +98,13 @@ def _resnet50(inputs, cbam):
     taps = {"P1": x}
     x = keras.layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name="pool1_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    dilations = RESNET_DILATIONS[output_stride]
     for stage, (filters, blocks, stride) in enumerate(
         [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=2
     ):
+        dilation = dilations.get(stage, 1)
+        if dilation > 1:
+            stride = 1  # a dilated stage keeps its input's resolution
         for block in range(1, blocks + 1):
             x = _bottleneck(
                 x,
@@ -105,10 +113,20 @@ def _resnet50(inputs, cbam):
                 conv_shortcut=block == 1,
                 cbam=cbam,
                 name=f"conv{stage}_block{block}",
+                dilation=dilation,
+                cbam_init=cbam_init,
             )
         taps[f"P{stage}"] = x
     return taps
 
+
+# output stride -> {ResNet stage: dilation rate of its 3x3 convolutions}, as DeepLab
+# (Chen et al. 2017) and PSPNet (Zhao et al. 2017): a dilated stage has stride 1 and
+# dilation 2 (conv4) or 4 (conv5, after a dilated conv4).
+RESNET_DILATIONS = {8: {4: 2, 5: 4}, 16: {5: 2}, 32: {}}
+# The output strides each backbone can be built at. VGG16 has no residual stages to
+# dilate; its pools are part of the published architecture, so rmib builds it as is.
+OUTPUT_STRIDES = {"resnet50": (8, 16, 32), "vgg16": (32,)}
 
 # name -> (builder, keras.applications ImageNet "notop" file, its md5, its URL folder)
 _BACKBONES = {
@@ -129,12 +147,22 @@ BACKBONES = sorted(_BACKBONES)
 _WEIGHTS_HOST = "storage.googleapis.com"
 
 
-def build_backbone(name, cbam=False, input_shape=(None, None, 3), weights=None, model_name=None):
+def build_backbone(
+    name,
+    cbam=False,
+    input_shape=(None, None, 3),
+    weights=None,
+    model_name=None,
+    output_stride=32,
+    cbam_init="identity",
+):
     """A VGG16 or ResNet50 feature extractor whose outputs are named skip taps.
 
     Inputs are RGB images with values in [0, 255]; the keras.applications "caffe"
     preprocessing (RGB -> BGR, ImageNet mean subtracted) is the model's first layer.
-    Outputs are a dict of feature maps by stride: "Pk" is at stride 2**k. VGG16: "P0"
+    Outputs are a dict of feature maps by stride: "Pk" is at stride 2**k, except that
+    at an `output_stride` below 32 the taps of dilated stages keep the stride of the
+    last strided one (`tap_strides` gives the real strides). VGG16: "P0"
     (block1, full resolution) to "P4" (block5 before pooling, after CBAM where
     present) and "P5" (block5_pool). ResNet50: "P1" conv1_relu, "P2" conv2_block3_out,
     "P3" conv3_block4_out, "P4" conv4_block6_out, "P5" conv5_block3_out.
@@ -153,12 +181,20 @@ def build_backbone(name, cbam=False, input_shape=(None, None, 3), weights=None, 
             ImageNet files) or of a `.weights.h5` file saved by Keras from the same
             architecture.
         model_name: the model's name; default e.g. "vgg16" or "vgg16_cbam".
+        output_stride: stride of the deepest tap. ResNet50: 32 (plain), 16 (conv5
+            with stride 1 and dilation 2) or 8 (conv4 and conv5 with stride 1 and
+            dilation 2 and 4, the dilated ResNet of DeepLab and PSPNet); VGG16: 32
+            only. Dilation changes no weight shape, so the same weights (ImageNet,
+            stage-1, a `.weights.h5` file) load at every stride.
+        cbam_init: "identity" or "woo", the initialisation of the CBAM modules
+            (see `rmib.models.layers.CBAM`).
 
     Returns:
         A `keras.Model` from images to the dict of taps.
 
     Raises:
-        RmibError: unknown name (the message lists the valid ones); ImageNet weights
+        RmibError: unknown name (the message lists the valid ones); an output stride
+            the backbone does not support (listed in `OUTPUT_STRIDES`); ImageNet weights
             requested offline and absent from the Keras cache; weights file missing,
             unreadable, or not matching the architecture.
 
@@ -170,9 +206,15 @@ def build_backbone(name, cbam=False, input_shape=(None, None, 3), weights=None, 
     key = str(name).lower()
     if key not in _BACKBONES:
         raise RmibError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    supported = OUTPUT_STRIDES[key]
+    if output_stride not in supported:
+        raise RmibError(
+            f"{key} cannot be built at output_stride {output_stride!r}; "
+            f"expected one of {', '.join(map(str, supported))}"
+        )
     builder = _BACKBONES[key][0]
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    taps = builder(inputs, cbam)
+    taps = builder(inputs, cbam, output_stride=int(output_stride), cbam_init=cbam_init)
     model = keras.Model(inputs, taps, name=model_name or (f"{key}_cbam" if cbam else key))
     load_backbone_weights(model, key, weights)
     return model
@@ -197,9 +239,56 @@ def backbone_name(model):
     return f"{base}_cbam" if has_cbam else base
 
 
+def _conv_stride(model, layer_name):
+    return int(model.get_layer(layer_name).strides[0])
+
+
 def tap_strides(model):
-    """{tap name: stride} of a backbone, e.g. {"P1": 2, ..., "P5": 32}."""
-    return {key: 2 ** int(key[1:]) for key in model.output}
+    """{tap name: real stride} of a backbone built by rmib.
+
+    E.g. {"P1": 2, ..., "P5": 32} for a plain ResNet50, {"P1": 2, "P2": 4, "P3": 8,
+    "P4": 8, "P5": 8} for one at output stride 8. Read from the layers themselves,
+    so it is right for a model loaded from a file.
+    """
+    strides = {key: 2 ** int(key[1:]) for key in model.output}
+    if backbone_name(model).startswith("resnet50"):
+        conv4 = _conv_stride(model, "conv4_block1_1_conv")
+        conv5 = _conv_stride(model, "conv5_block1_1_conv")
+        strides.update({"P4": 8 * conv4, "P5": 8 * conv4 * conv5})
+    return strides
+
+
+def output_stride(model):
+    """The stride of a backbone's deepest tap (8, 16 or 32)."""
+    return max(tap_strides(model).values())
+
+
+def rebuild_at_output_stride(model, stride, model_name=None):
+    """A copy of an rmib backbone built at output stride `stride`, with `model`'s weights.
+
+    Dilation changes no weight shape, so every weight is copied by layer name (e.g.
+    a stage-1 encoder trained at stride 32 becomes the stride-8 trunk of Dual2Net).
+    Returns `model` itself when it already has that stride.
+
+    Raises:
+        RmibError: a stride the backbone does not support.
+    """
+    if output_stride(model) == stride:
+        return model
+    full_name = backbone_name(model)
+    cbam_layers = [layer for layer in model.layers if isinstance(layer, CBAM)]
+    rebuilt = build_backbone(
+        full_name.removesuffix("_cbam"),
+        cbam=bool(cbam_layers),
+        input_shape=tuple(model.input.shape[1:]),
+        model_name=model_name or model.name,
+        output_stride=stride,
+        cbam_init=cbam_layers[0].init if cbam_layers else "identity",
+    )
+    for layer in rebuilt.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return rebuilt
 
 
 def load_backbone_weights(model, name, weights):

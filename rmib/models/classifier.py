@@ -17,6 +17,7 @@ def build_classifier(
     dense_units=256,
     dropout=0.5,
     l2=1e-4,
+    cbam_init="identity",
 ):
     """Lesion / healthy classifier on a VGG16 or ResNet50 feature extractor.
 
@@ -37,6 +38,9 @@ def build_classifier(
         dense_units: width of the hidden dense layer.
         dropout: dropout rate after it.
         l2: L2 factor on the hidden dense layer's kernel.
+        cbam_init: "identity" (rmib's near-identity gate) or "woo" (the reference
+            start), see `rmib.models.layers.CBAM`; stored in each CBAM layer's
+            config, so it is kept by save and load.
 
     Returns:
         A `keras.Model` named e.g. "vgg16_cbam_classifier", output shape (B, 1).
@@ -54,7 +58,9 @@ def build_classifier(
             raise ValueError("cbam and weights apply only when backbone is a name")
         backbone.name = "backbone"
     else:
-        backbone = build_backbone(backbone, cbam=cbam, weights=weights, model_name="backbone")
+        backbone = build_backbone(
+            backbone, cbam=cbam, weights=weights, model_name="backbone", cbam_init=cbam_init
+        )
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     features = backbone(inputs)["P5"]
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)

@@ -22,17 +22,21 @@ What is shared and what is not (the paper's section 3.2, on any rmib encoder):
   `block5_conv3` and `block5_cbam`), built fresh with the encoder's
   architecture and layer names and initialised with the encoder's weights for
   that block (ImageNet, stage-1 or random, the same in both copies); then the
-  head: "ppm" (PSPNet's pyramid pooling module, bins 1, 2, 3, 6, then
+  head: "ppm" (PSPNet's pyramid pooling module, bins 1, 2, 3, 6, each bin
+  normalised by GroupNorm with one group as the authors' code, then
   conv3x3-BN-ReLU-dropout 0.1 and a 1x1 classifier) or "decoder" (upsampling
   blocks with the trunk's skip taps); logits are upsampled bilinearly to the
   input size and a sigmoid gives a float32 probability map.
 - per branch: an auxiliary head on the aux tap (conv3x3 256-BN-ReLU-dropout
   0.1, 1x1 classifier, bilinear upsampling, sigmoid), used only in training.
 
-The encoder is used as it is built (rmib backbones are not dilated), so the
-branch features are at stride 32 (ResNet50) or 16 (VGG16) where PSPNet uses a
-dilated ResNet at stride 8; the "decoder" head recovers full resolution from
-the skip taps instead.
+The encoder is rebuilt at `output_stride` (its weights copied: dilation changes
+no weight shape). ResNet50 defaults to 8, the paper's dilated backbone (conv4
+dilation 2, conv5 dilation 4, as PSPNet): the branch features of a 960x1440
+photograph are 120x180, and each branch's copy of conv5_block3 keeps conv5's
+dilation. Stride 32 (the plain ResNet50, 30x45 features) stays available.
+VGG16 exists only at stride 32 (its last block then works at stride 16). The
+"decoder" head upsamples only where a skip tap is finer than its input.
 
 Training (`Dual2Net.train_step`): every step takes two independently drawn
 batches, ((x_large, x_small), (y_large, y_small, counts_small)); both go
@@ -40,9 +44,9 @@ through the shared trunk in one call (BN statistics are pooled over the two
 batches), each half then through its own branch:
 
     L = alpha * Dice(y_large, p_large) + (1 - alpha) * SampledDice(y_small, p_small, counts)
-        + aux_weight * (Dice(y_large, a_large) + SampledDice(y_small, a_small, counts))
+        + aux_weight * (Dice(y_large, a_large) + Dice(y_small, a_small))
 
-with `counts` the re-balanced pixel sample (`rmib.losses.sample_rebalanced_pixels`,
+(both auxiliary terms the plain Dice on the full label, eqs. 7-8), with `counts` the re-balanced pixel sample (`rmib.losses.sample_rebalanced_pixels`,
 drawn in the data pipeline) and alpha = 1 - (epoch / epochs)^2 held in the
 non-trainable variable `dsm_alpha` that `DSMAlphaSchedule` sets at every
 epoch's start. The single-branch variants of the paper's ablation (Table 4)
@@ -65,8 +69,15 @@ from rmib import losses as losses_lib
 from rmib.data import fundus
 from rmib.data.pipeline import preprocess_array
 from rmib.errors import RmibError
+from rmib.models.backbones import (
+    RESNET_DILATIONS,
+    backbone_name,
+    build_backbone,
+    rebuild_at_output_stride,
+    tap_strides,
+)
 from rmib.models.backbones import _bottleneck as resnet_bottleneck
-from rmib.models.backbones import backbone_name, build_backbone
+from rmib.models.backbones import output_stride as backbone_output_stride
 from rmib.models.layers import CBAM, FusedBatchNormalization
 from rmib.segmenters import Segmenter, register_segmenter
 
@@ -85,19 +96,18 @@ class _Layout:
 
     trunk_output: str  # layer whose output is the input of the last block
     aux_tap: str  # penultimate stage's tap: the auxiliary heads' input
-    feature_stride: int  # stride of the last block's output
+    feature_tap: str  # the tap at the last block's stride
     skips: tuple  # decoder skip taps, deepest first
 
 
 _LAYOUTS = {
-    "resnet50": _Layout("conv5_block2_out", "P4", 32, ("P4", "P3", "P2", "P1")),
-    "vgg16": _Layout("block5_conv2", "P3", 16, ("P3", "P2", "P1", "P0")),
+    "resnet50": _Layout("conv5_block2_out", "P4", "P5", ("P4", "P3", "P2", "P1")),
+    "vgg16": _Layout("block5_conv2", "P3", "P4", ("P3", "P2", "P1", "P0")),
 }
+# The paper's backbone: ResNet50 dilated to output stride 8, as PSPNet. VGG16 exists
+# only at stride 32 (its last block then works at stride 16).
+PAPER_OUTPUT_STRIDE = {"resnet50": 8, "vgg16": 32}
 _DECODER_FILTERS = (256, 128, 64, 32)
-
-
-def _stride(tap: str) -> int:
-    return 2 ** int(tap[1:])
 
 
 # --------------------------------------------------------------------------- PPM
@@ -190,9 +200,14 @@ class PyramidPooling(keras.layers.Layer):
     """PSPNet's pyramid pooling module (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017).
 
     For each bin count b: adaptive average pooling to b x b (`adaptive_average_pool`),
-    a 1x1 convolution to `filters` channels, batch norm and ReLU, bilinear
-    upsampling back to the input's size; the input and the b pyramids are
-    concatenated: C + len(bins) * filters channels out.
+    a 1x1 convolution to `filters` channels, group normalisation with one group
+    and ReLU, bilinear upsampling back to the input's size; the input and the b
+    pyramids are concatenated: C + len(bins) * filters channels out.
+
+    One group normalises each image's b x b x filters values on their own, as the
+    Dual2Net authors' PPM does: batch norm there would see, per branch, a batch of
+    2 images, i.e. two values per channel in the 1x1 bin, in training, and switch
+    to moving statistics at inference.
 
     Args:
         bins: the pyramid's bin counts ((1, 2, 3, 6) in PSPNet).
@@ -222,7 +237,7 @@ class PyramidPooling(keras.layers.Layer):
         self.convs, self.norms = [], []
         for b in self.bins:
             conv = keras.layers.Conv2D(width, 1, use_bias=False, dtype=policy, name=f"bin{b}_conv")
-            norm = FusedBatchNormalization(dtype=policy, name=f"bin{b}_bn")
+            norm = keras.layers.GroupNormalization(groups=1, dtype=policy, name=f"bin{b}_gn")
             conv.build((None, None, None, channels))
             norm.build((None, None, None, width))
             # Sublayers made after `trainable=False` was set would come back trainable.
@@ -236,7 +251,7 @@ class PyramidPooling(keras.layers.Layer):
         parts = [inputs]
         pooled = adaptive_average_pools(inputs, self.bins)
         for x, conv, norm in zip(pooled, self.convs, self.norms, strict=True):
-            x = ops.relu(norm(conv(x), training=training))
+            x = ops.relu(norm(conv(x)))
             parts.append(ops.cast(_resize_bilinear(x, shape[1], shape[2]), inputs.dtype))
         return ops.concatenate(parts, axis=-1)
 
@@ -253,9 +268,9 @@ class PyramidPooling(keras.layers.Layer):
 # --------------------------------------------------------------------------- parts
 
 
-def _last_block(x, base, cbam):
+def _last_block(x, base, cbam, dilation):
     if base == "resnet50":
-        return resnet_bottleneck(x, 512, 1, False, cbam, "conv5_block3")
+        return resnet_bottleneck(x, 512, 1, False, cbam, "conv5_block3", dilation=dilation)
     x = keras.layers.Conv2D(512, 3, activation="relu", padding="same", name="block5_conv3")(x)
     return CBAM(name="block5_cbam")(x) if cbam else x
 
@@ -274,8 +289,9 @@ def _classifier(x, stride, name):
     return keras.layers.Activation("sigmoid", dtype="float32", name=f"{name}_probability")(x)
 
 
-def _decoder_block(x, skip, filters, name):
-    x = BilinearUpsampling(2, name=f"{name}_upsample")(x)
+def _decoder_block(x, skip, filters, factor, name):
+    if factor > 1:
+        x = BilinearUpsampling(factor, name=f"{name}_upsample")(x)
     x = keras.layers.Concatenate(name=f"{name}_concat")([x, skip])
     shortcut = keras.layers.Conv2D(filters, 1, name=f"{name}_projection")(x)
     x = _conv_bn_relu(x, filters, 3, f"{name}_1")
@@ -283,34 +299,36 @@ def _decoder_block(x, skip, filters, name):
     return keras.layers.Add(name=f"{name}_add")([shortcut, x])
 
 
-def _build_branch(layout, base, cbam, head, channels, head_filters, dropout, name):
+def _build_branch(
+    layout, base, cbam, head, channels, strides, dilation, head_filters, dropout, name
+):
     """One branch: the encoder's last block + the head, trunk features -> probabilities."""
     inputs = {
         "features": keras.Input((None, None, channels["features"]), name="features"),
     }
-    x = _last_block(inputs["features"], base, cbam)
+    x = _last_block(inputs["features"], base, cbam, dilation)
+    stride = strides[layout.feature_tap]
     if head == "ppm":
         x = PyramidPooling(PPM_BINS, name="ppm")(x)
         x = _conv_bn_relu(x, head_filters, 3, "head")
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-        stride = layout.feature_stride
     else:
-        stride = layout.feature_stride
         for index, (tap, filters) in enumerate(
             zip(layout.skips, _DECODER_FILTERS, strict=True), start=1
         ):
             inputs[tap] = keras.Input((None, None, channels[tap]), name=tap)
-            x = _decoder_block(x, inputs[tap], filters, f"decoder{index}")
-            stride //= 2
+            # A skip of a dilated stage is at the features' stride: no upsampling.
+            x = _decoder_block(x, inputs[tap], filters, stride // strides[tap], f"decoder{index}")
+            stride = strides[tap]
     outputs = _classifier(x, stride, "segmentation")
     return keras.Model(inputs, outputs, name=name)
 
 
-def _build_aux_head(layout, channels, dropout, name):
+def _build_aux_head(layout, channels, stride, dropout, name):
     inputs = keras.Input((None, None, channels), name="aux")
     x = _conv_bn_relu(inputs, 256, 3, "aux")
     x = keras.layers.Dropout(dropout, name="aux_dropout")(x)
-    outputs = _classifier(x, _stride(layout.aux_tap), "aux")
+    outputs = _classifier(x, stride, "aux")
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -363,10 +381,13 @@ def dual2net_loss(
     """The Dual2Net training loss and its four terms.
 
         L = alpha * Dice(y_large, p_large) + (1 - alpha) * SampledDice(y_small, p_small)
-            + aux_weight * (Dice(y_large, aux_large) + SampledDice(y_small, aux_small))
+            + aux_weight * (Dice(y_large, aux_large) + Dice(y_small, aux_small))
 
     Dice is `rmib.losses.dice_loss` (pooled over the batch); SampledDice is
-    `rmib.losses.sampled_dice_loss` over the re-balanced pixel sample `counts_small`.
+    `rmib.losses.sampled_dice_loss` over the re-balanced pixel sample `counts_small`,
+    used by the small branch's final classifier only: both auxiliary heads take the
+    plain Dice on the full label (the paper's eqs. 7 and 8, and the authors' code), so
+    the shared trunk gets no lesion-oversampled gradient outside the alpha schedule.
 
     Returns:
         (total, {"dice_large", "dice_small", "aux_large", "aux_small"}), float32 scalars.
@@ -375,7 +396,7 @@ def dual2net_loss(
         "dice_large": losses_lib.dice_loss(y_large, p_large),
         "dice_small": losses_lib.sampled_dice_loss(y_small, p_small, counts_small),
         "aux_large": losses_lib.dice_loss(y_large, aux_large),
-        "aux_small": losses_lib.sampled_dice_loss(y_small, aux_small, counts_small),
+        "aux_small": losses_lib.dice_loss(y_small, aux_small),
     }
     alpha = ops.cast(alpha, "float32")
     total = losses_lib.dsm_loss(
@@ -563,6 +584,7 @@ def build_dual2net(
     aux_weight=AUX_WEIGHT,
     head_filters=512,
     dropout=0.1,
+    output_stride=None,
     name=None,
 ):
     """Dual2Net on an rmib encoder (see the module docstring for what is shared).
@@ -582,13 +604,17 @@ def build_dual2net(
         aux_weight: weight of the auxiliary losses.
         head_filters: channels of the PPM head's 3x3 convolution (512 in PSPNet).
         dropout: dropout rate before the classifiers (0.1 in PSPNet).
+        output_stride: the encoder's output stride (see `build_backbone`); None =
+            the paper's 8 for ResNet50, 32 (the only one) for VGG16. An encoder
+            model built at another stride is rebuilt at this one with its weights.
         name: the model's name; default e.g. "resnet50_dual2net".
 
     Returns:
         A `Dual2Net` model.
 
     Raises:
-        RmibError: unknown backbone name, unavailable or bad weights.
+        RmibError: unknown backbone name, unavailable or bad weights, an output
+            stride the backbone does not support.
         ValueError: unknown loss or head; `cbam`/`weights` with an encoder model.
 
     Example:
@@ -603,12 +629,20 @@ def build_dual2net(
     if isinstance(encoder, keras.Model):
         if cbam or (weights is not None and str(weights).lower() != "none"):
             raise ValueError("cbam and weights apply only when encoder is a name")
+        base = backbone_name(encoder).removesuffix("_cbam")
+        stride = PAPER_OUTPUT_STRIDE[base] if output_stride is None else output_stride
+        encoder = rebuild_at_output_stride(encoder, stride)
     else:
-        encoder = build_backbone(encoder, cbam=cbam, weights=weights, model_name="backbone")
+        base = str(encoder).lower()
+        stride = PAPER_OUTPUT_STRIDE.get(base, 32) if output_stride is None else output_stride
+        encoder = build_backbone(
+            encoder, cbam=cbam, weights=weights, model_name="backbone", output_stride=stride
+        )
     full_name = backbone_name(encoder)
-    base = full_name.removesuffix("_cbam")
     has_cbam = full_name.endswith("_cbam")
     layout = _LAYOUTS[base]
+    strides = tap_strides(encoder)
+    dilation = RESNET_DILATIONS[backbone_output_stride(encoder)].get(5, 1)
 
     trunk = _build_trunk(encoder, layout, head)
     trunk.trainable = not freeze_trunk
@@ -617,11 +651,24 @@ def build_dual2net(
     branches, aux_heads = [], []
     for prefix in prefixes:
         branch = _build_branch(
-            layout, base, has_cbam, head, channels, head_filters, dropout, f"{prefix}branch"
+            layout,
+            base,
+            has_cbam,
+            head,
+            channels,
+            strides,
+            dilation,
+            head_filters,
+            dropout,
+            f"{prefix}branch",
         )
         _copy_last_block(encoder, branch)
         branches.append(branch)
-        aux_heads.append(_build_aux_head(layout, channels["aux"], dropout, f"{prefix}aux"))
+        aux_heads.append(
+            _build_aux_head(
+                layout, channels["aux"], strides[layout.aux_tap], dropout, f"{prefix}aux"
+            )
+        )
     suffix = "dual2net" if loss == "dsm" else f"single_{loss}"
     return Dual2Net(
         trunk,

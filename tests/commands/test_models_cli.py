@@ -158,8 +158,18 @@ def test_evaluate_reports_aupr_pixel_and_region_scores(segment_run, synthetic_id
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] >= 1
-    for key in ("aupr", "sensitivity", "ppv", "f1", "iou", "accuracy", "specificity"):
+    for key in (
+        "aupr",
+        "aupr_11pt_trapezoid",
+        "sensitivity",
+        "ppv",
+        "f1",
+        "iou",
+        "accuracy",
+        "specificity",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
+    assert '"aupr_11pt_trapezoid"' in result.output
     assert set(metrics["region_f_score"]) == {"0.2", "0.35", "0.5", "0.65", "0.8"}
     assert (out / "pr_curve.png").is_file() and (out / "per_image.csv").is_file()
     assert any((out / "overlays").iterdir())

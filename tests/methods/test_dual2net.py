@@ -90,7 +90,8 @@ def test_loss_combines_the_four_terms_with_the_right_weights():
         "dice_large": np_dice(y_large, p_large),
         "dice_small": np_dice(y_small, p_small, counts),
         "aux_large": np_dice(y_large, aux_large),
-        "aux_small": np_dice(y_small, aux_small, counts),
+        # Eq. 8: the small branch's auxiliary head takes the plain Dice on the full label.
+        "aux_small": np_dice(y_small, aux_small),
     }
     for name, value in expected.items():
         assert float(terms[name]) == pytest.approx(value, rel=1e-5), name
@@ -124,10 +125,28 @@ def test_each_batch_goes_to_its_own_branch_with_the_models_alpha():
     want = (
         0.3 * np_dice(y_large, p_large)
         + 0.7 * np_dice(y_small, p_small, counts)
-        + 0.4 * (np_dice(y_large, a_large) + np_dice(y_small, a_small, counts))
+        + 0.4 * (np_dice(y_large, a_large) + np_dice(y_small, a_small))
     )
     assert float(total) == pytest.approx(want, rel=1e-5)
     assert float(terms["dsm_alpha"]) == pytest.approx(0.3)
+
+
+def test_both_auxiliary_losses_are_the_plain_dice_of_eq_8():
+    """A 2x2 label, hand-worked. y = [1, 0, 0, 1], a = [0.5, 0.5, 0, 1]:
+    sum(a*y) = 0.5 + 1 = 1.5, sum(a) = 2, sum(y) = 2, so eq. 8 with rmib's smoothing
+    gives 1 - (2 * 1.5 + 1) / (2 + 2 + 1) = 1 - 4/5 = 0.2. A re-balanced sample that
+    draws pixel 0 three times and pixel 2 once (counts [3, 0, 1, 0]) would give
+    1 - (2 * 1.5 + 1) / (1.5 + 3 + 1) = 1 - 4/5.5 = 0.2727...: the aux term must not."""
+    y = np.array([1, 0, 0, 1], np.float32).reshape(1, 2, 2, 1)
+    aux = np.array([0.5, 0.5, 0.0, 1.0], np.float32).reshape(1, 2, 2, 1)
+    counts = np.array([3, 0, 1, 0], np.float32).reshape(1, 2, 2, 1)
+    p = np.full((1, 2, 2, 1), 0.5, np.float32)
+    _, terms = dual2net_loss(0.5, y, p, aux, y, p, aux, counts)
+    assert float(terms["aux_small"]) == pytest.approx(0.2, abs=1e-6)
+    assert float(terms["aux_large"]) == pytest.approx(0.2, abs=1e-6)
+    # The small branch's final classifier keeps the sampled Dice: p = 0.5 everywhere,
+    # sum(c*p*y) = 1.5, sum(c*p) = 2, sum(c*y) = 3: 1 - (3 + 1) / (2 + 3 + 1) = 1/3.
+    assert float(terms["dice_small"]) == pytest.approx(1.0 / 3.0, abs=1e-6)
 
 
 def test_alpha_schedule_is_set_per_epoch_and_logged(tmp_path):
@@ -279,6 +298,26 @@ def test_adaptive_average_pool_matches_pytorch_bins():
     np.testing.assert_allclose(np.asarray(adaptive_average_pool(row, 2))[0, 0, :, 0], [1.5, 4.0])
 
 
+def test_pyramid_pooling_bins_use_one_group_norm_per_image():
+    layer = PyramidPooling(bins=(1, 2), filters=3)
+    x = np.random.default_rng(8).normal(size=(2, 4, 6, 4)).astype(np.float32)
+    y = np.asarray(layer(x, training=True))
+    norms = list(layer.norms)
+    assert all(isinstance(n, keras.layers.GroupNormalization) and n.groups == 1 for n in norms)
+    # NumPy reference of the 2x2 bin: pool, 1x1 conv, normalise each image over all its
+    # bins and channels (gamma 1, beta 0 at the start), ReLU. The same in training and
+    # at inference, and independent of the other image of the batch.
+    pooled = np.asarray(adaptive_average_pool(x, 2), np.float64)
+    z = pooled @ np.asarray(layer.convs[1].kernel, np.float64)[0, 0]
+    mean = z.mean(axis=(1, 2, 3), keepdims=True)
+    var = z.var(axis=(1, 2, 3), keepdims=True)
+    want = np.maximum((z - mean) / np.sqrt(var + norms[1].epsilon), 0.0)
+    got = np.asarray(tf.image.resize(want.astype(np.float32), (4, 6), method="bilinear"))
+    np.testing.assert_allclose(y[..., 7:10], got, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(layer(x, training=False)), y, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer(x[1:], training=True)), y[1:], atol=1e-5)
+
+
 def test_pyramid_pooling_keeps_its_input_and_round_trips():
     layer = PyramidPooling(bins=(1, 2), filters=3)
     x = np.random.default_rng(6).normal(size=(1, 5, 7, 4)).astype(np.float32)
@@ -336,6 +375,7 @@ def test_paper_defaults_replace_only_untouched_settings():
     cfg, notes = method.resolve_config(SegmentConfig(model="dual2net"))
     t = cfg.train
     assert (t.optimizer, t.learning_rate, t.momentum, t.weight_decay) == ("sgd", 0.03, 0.9, 5e-4)
+    assert t.weight_decay_mode == "coupled"
     assert (t.lr_schedule, t.poly_power, t.batch_size, cfg.augment) == ("poly", 0.9, 2, "rot90")
     assert t.monitor == "val_aupr" and notes
     own = SegmentConfig(
@@ -365,6 +405,50 @@ def test_without_validation_the_last_epoch_is_kept():
         method.resolve_config(SegmentConfig(fine_tune_after=2))
 
 
+def test_the_paper_backbone_gives_120x180_branch_features_for_960x1440():
+    model = build_dual2net("resnet50", head_filters=8)
+    image = keras.Input((960, 1440, 3))
+    features = model.trunk(image)
+    assert tuple(features["features"].shape[1:]) == (120, 180, 2048)
+    assert tuple(features["aux"].shape[1:]) == (120, 180, 1024)
+    for branch in model.branches:
+        block = branch.get_layer("conv5_block3_2_conv")
+        assert block.dilation_rate == (4, 4)  # the copy of the last block keeps conv5's
+        assert tuple(branch(features["features"]).shape[1:]) == (960, 1440, 1)
+    assert tuple(model.aux_heads[0](features["aux"]).shape[1:]) == (960, 1440, 1)
+    # The old stride stays available: 30x45 features at output stride 32.
+    plain = build_dual2net("resnet50", head_filters=8, output_stride=32)
+    assert tuple(plain.trunk(image)["features"].shape[1:3]) == (30, 45)
+    # A tiny forward pass of the stride-8 model, and of its decoder head.
+    x = np.random.default_rng(9).uniform(0, 255, (1, 64, 96, 3)).astype(np.float32)
+    assert tuple(model(x).shape) == (1, 64, 96, 1)
+    decoder = build_dual2net("resnet50", head="decoder", loss="dice", head_filters=8)
+    assert tuple(decoder(x).shape) == (1, 64, 96, 1)
+
+
+def test_a_stride_32_encoder_model_is_rebuilt_at_stride_8_with_its_weights():
+    from rmib.models import build_backbone
+
+    encoder = build_backbone("resnet50", model_name="backbone")
+    rng = np.random.default_rng(10)
+    for weight in encoder.weights:
+        weight.assign(rng.normal(0, 0.01, weight.shape).astype("float32"))
+    model = build_dual2net(encoder, loss="dice", head_filters=8)
+    trunk_conv = model.trunk.get_layer("conv4_block2_2_conv")
+    assert trunk_conv.dilation_rate == (2, 2)
+    np.testing.assert_array_equal(
+        np.asarray(trunk_conv.kernel), np.asarray(encoder.get_layer("conv4_block2_2_conv").kernel)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model.branches[0].get_layer("conv5_block3_2_conv").kernel),
+        np.asarray(encoder.get_layer("conv5_block3_2_conv").kernel),
+    )
+    with pytest.raises(RmibError, match="vgg16 cannot be built at output_stride 8"):
+        build_dual2net("vgg16", output_stride=8)
+    with pytest.raises(RmibError, match="output_stride must be 8, 16 or 32"):
+        Dual2NetConfig(output_stride=4)
+
+
 def test_image_size_must_be_two_multiples_of_32():
     assert Dual2NetConfig(image_size=[64, 96]).image_size == [64, 96]
     for bad in ([960, 1000], [960], [0, 64]):
@@ -388,6 +472,9 @@ def test_recipes_load(name, size, fov_crop, epochs):
     assert cfg.train.epochs == epochs and cfg.train.optimizer == "sgd"
     assert cfg.train.learning_rate == 0.03 and cfg.train.weight_decay == 5e-4
     assert cfg.dual2net.variant == "dual-dsm" and cfg.augment == "rot90"
+    # As the paper: dilated ResNet50 at stride 8, weight decay coupled as PyTorch's SGD.
+    assert cfg.encoder == "resnet50" and cfg.dual2net.output_stride == 8
+    assert cfg.train.weight_decay_mode == "coupled"
     if "ablation" in name:
         for variant in ("single-bce", "single-dice"):
             other = load_config(SegmentConfig, path, {"dual2net.variant": variant})

@@ -241,3 +241,106 @@ def test_vgg16_from_scratch_keeps_its_signal(cbam):
     taps = build_backbone("vgg16", cbam=cbam)(x)
     for name, value in taps.items():
         assert 0.1 < float(np.std(np.array(value))) < 10.0, name
+
+
+# --------------------------------------------------------------------------- output stride
+
+
+@pytest.mark.parametrize(
+    "output_stride, strides",
+    [
+        (32, {"P1": 2, "P2": 4, "P3": 8, "P4": 16, "P5": 32}),
+        (16, {"P1": 2, "P2": 4, "P3": 8, "P4": 16, "P5": 16}),
+        (8, {"P1": 2, "P2": 4, "P3": 8, "P4": 8, "P5": 8}),
+    ],
+)
+def test_dilated_resnet50_taps_are_at_their_real_strides(output_stride, strides):
+    model = build_backbone("resnet50", output_stride=output_stride)
+    assert backbones_module.tap_strides(model) == strides
+    assert backbones_module.output_stride(model) == output_stride
+    # Symbolic shapes of a full-size IDRiD input (no forward pass).
+    symbolic = model(keras.Input((960, 1440, 3)))
+    for key, stride in strides.items():
+        assert tuple(symbolic[key].shape[1:3]) == (960 // stride, 1440 // stride), key
+    # A tiny forward pass computes.
+    outputs = model(np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)).astype("float32"))
+    assert tuple(outputs["P5"].shape) == (1, 64 // output_stride, 96 // output_stride, 2048)
+    assert np.isfinite(np.array(outputs["P5"])).all()
+
+
+def test_dilation_rates_are_deeplab_and_pspnet_ones():
+    def rates(model, stage):
+        return {
+            layer.name: (layer.strides[0], layer.dilation_rate[0])
+            for layer in model.layers
+            if layer.name.startswith(f"conv{stage}_block")
+            and layer.name.endswith(("_1_conv", "_2_conv"))
+        }
+
+    os8 = build_backbone("resnet50", output_stride=8)
+    os16 = build_backbone("resnet50", output_stride=16)
+    # OS 8: conv4 stride 1, dilation 2; conv5 stride 1, dilation 4 (3x3 convolutions only).
+    assert os8.get_layer("conv4_block1_1_conv").strides == (1, 1)
+    assert os8.get_layer("conv4_block1_0_conv").strides == (1, 1)
+    assert {v for k, v in rates(os8, 4).items() if k.endswith("_2_conv")} == {(1, 2)}
+    assert {v for k, v in rates(os8, 5).items() if k.endswith("_2_conv")} == {(1, 4)}
+    assert {v for k, v in rates(os8, 3).items() if k.endswith("_2_conv")} == {(1, 1)}
+    # OS 16: conv4 as in ResNet50, conv5 stride 1, dilation 2.
+    assert os16.get_layer("conv4_block1_1_conv").strides == (2, 2)
+    assert {v for k, v in rates(os16, 4).items() if k.endswith("_2_conv")} == {(1, 1)}
+    assert {v for k, v in rates(os16, 5).items() if k.endswith("_2_conv")} == {(1, 2)}
+
+
+@pytest.mark.parametrize("cbam", [False, True])
+def test_a_stride_8_backbone_takes_the_weights_of_a_stride_32_one(cbam, tmp_path):
+    plain = build_backbone("resnet50", cbam=cbam)
+    _perturb(plain, seed=5)
+    dilated = build_backbone("resnet50", cbam=cbam, output_stride=8)
+    # Same layers, same weight shapes: dilation changes no weight.
+    assert _weighted_layers(dilated) == _weighted_layers(plain)
+    dilated.set_weights(plain.get_weights())
+    for a, b in zip(dilated.weights, plain.weights, strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    # A .weights.h5 file saved at stride 32 loads at stride 8 through `weights=PATH`.
+    path = tmp_path / "plain.weights.h5"
+    plain.save_weights(path)
+    loaded = build_backbone("resnet50", cbam=cbam, output_stride=8, weights=str(path))
+    for a, b in zip(loaded.weights, plain.weights, strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    # rebuild_at_output_stride copies by layer name and keeps CBAM's init.
+    rebuilt = backbones_module.rebuild_at_output_stride(plain, 8)
+    assert backbones_module.output_stride(rebuilt) == 8
+    assert rebuilt.name == plain.name
+    for a, b in zip(rebuilt.weights, plain.weights, strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert backbones_module.rebuild_at_output_stride(plain, 32) is plain
+
+
+def test_imagenet_style_file_loads_into_a_stride_8_backbone(applications, tmp_path):
+    path = write_imagenet_style_h5(applications["resnet50"], tmp_path / "resnet50.h5")
+    model = build_backbone("resnet50", output_stride=8, weights=str(path))
+    reference = applications["resnet50"]
+    for name in ("conv1_conv", "conv4_block3_2_conv", "conv5_block3_3_bn"):
+        for a, b in zip(
+            model.get_layer(name).weights, reference.get_layer(name).weights, strict=True
+        ):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+@pytest.mark.parametrize(
+    "name, stride", [("vgg16", 8), ("vgg16", 16), ("resnet50", 4), ("resnet50", 64)]
+)
+def test_unsupported_output_strides_are_named(name, stride):
+    expected = "32" if name == "vgg16" else "8, 16, 32"
+    with pytest.raises(
+        RmibError,
+        match=f"{name} cannot be built at output_stride {stride}; expected one of {expected}",
+    ):
+        build_backbone(name, output_stride=stride)
+
+
+def test_cbam_init_reaches_every_module():
+    model = build_backbone("vgg16", cbam=True, cbam_init="woo")
+    modules = [layer for layer in model.layers if isinstance(layer, CBAM)]
+    assert len(modules) == 5 and {m.init for m in modules} == {"woo"}
+    assert all(np.abs(np.array(m.spatial_conv.kernel)).max() > 0 for m in modules)

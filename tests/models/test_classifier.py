@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from rmib.errors import RmibError
 from rmib.models import build_backbone, build_classifier
 
 from .helpers import assert_output, assert_save_load_equal, dtype_policy, fit_one_step
@@ -109,3 +110,19 @@ def test_head_batch_norm_catches_up_within_a_few_dozen_steps():
         model(x, training=True)
     moving = np.asarray(model.get_layer("head_bn").moving_mean)
     assert np.abs(moving - batch_mean).max() <= 0.1 * np.abs(batch_mean).max()
+
+
+def test_cbam_init_is_a_classifier_option_kept_by_save_and_load(tmp_path):
+    from rmib.config import load_config
+    from rmib.models import CBAM
+    from rmib.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, None, {"cbam": True, "cbam_init": "woo"})
+    model = build_classifier("vgg16", cbam=cfg.cbam, cbam_init=cfg.cbam_init, image_size=32)
+    path = tmp_path / "classifier.keras"
+    model.save(path)
+    backbone = keras.saving.load_model(path).get_layer("backbone")
+    modules = [layer for layer in backbone.layers if isinstance(layer, CBAM)]
+    assert len(modules) == 5 and {m.init for m in modules} == {"woo"}
+    with pytest.raises(RmibError, match="cbam_init"):
+        load_config(PretrainConfig, None, {"cbam_init": "kaiming"})

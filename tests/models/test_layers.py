@@ -242,3 +242,43 @@ def test_cbam_starts_as_a_near_identity_gate():
     np.testing.assert_allclose(np.array(layer(f)), f * gate * gate, rtol=1e-5, atol=1e-6)
     assert_config_round_trip(layer)
     assert CBAM.from_config(layer.get_config()).gate_bias == 3.0
+
+
+def test_cbam_woo_init_has_keras_default_kernels_and_zero_biases(tmp_path):
+    layer = CBAM(ratio=4, kernel_size=7, init="woo")
+    layer.build((None, None, None, 32))
+    weights = {w.path.split("/")[-2] + "/" + w.name: np.array(w) for w in layer.weights}
+    kernels = {k: v for k, v in weights.items() if k.endswith("kernel")}
+    biases = {k: v for k, v in weights.items() if k.endswith("bias")}
+    assert sorted(kernels) == ["mlp_hidden/kernel", "mlp_output/kernel", "spatial_conv/kernel"]
+    for name, kernel in kernels.items():
+        # Glorot-uniform: |w| <= sqrt(6 / (fan_in + fan_out)), and not all zero.
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        fan_out = int(kernel.shape[-1]) * (
+            int(np.prod(kernel.shape[:-2])) if kernel.ndim > 2 else 1
+        )
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(kernel).max() <= limit + 1e-7, name
+        assert np.abs(kernel).max() > 0.5 * limit, name
+    for name, bias in biases.items():
+        np.testing.assert_array_equal(bias, 0.0, err_msg=name)
+    # The default start is unchanged: zero logit kernels, biases gate_bias / 2 and gate_bias.
+    default = CBAM(ratio=4, kernel_size=7)
+    default.build((None, None, None, 32))
+    np.testing.assert_array_equal(np.array(default.mlp_output.kernel), 0.0)
+    np.testing.assert_array_equal(np.array(default.spatial_conv.kernel), 0.0)
+    np.testing.assert_array_equal(np.array(default.mlp_output.bias), 1.5)
+    np.testing.assert_array_equal(np.array(default.spatial_conv.bias), 3.0)
+    assert default.init == "identity"
+    # The init is part of the config and survives a .keras round trip.
+    assert CBAM.from_config(layer.get_config()).init == "woo"
+    inputs = keras.Input((8, 8, 32))
+    model = keras.Model(inputs, CBAM(ratio=4, init="woo", name="cbam")(inputs))
+    path = tmp_path / "woo.keras"
+    model.save(path)
+    assert keras.saving.load_model(path).get_layer("cbam").init == "woo"
+
+
+def test_cbam_rejects_an_unknown_init():
+    with pytest.raises(ValueError, match="init must be one of identity, woo, got 'kaiming'"):
+        CBAM(init="kaiming")
