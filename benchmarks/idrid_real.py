@@ -158,6 +158,10 @@ def _rmib(*args) -> list[str]:
 
 def row_command(key: str, ctx: dict) -> list[str]:
     """The one command line that trains row `key` (without a taskset prefix)."""
+    return [str(arg) for arg in _row_arguments(key, ctx)]
+
+
+def _row_arguments(key: str, ctx: dict) -> list:
     lesion, kind, seed = ROWS[key]
     quick, out = ctx["quick"], ctx["workdir"] / key
     common = ["--time-limit", ctx["minutes"], "--precision", "float32", "--seed", seed]
@@ -176,7 +180,7 @@ def row_command(key: str, ctx: dict) -> list[str]:
         return [
             "python", "-m", "benchmarks.idrid_real", "unet", *data,
             "--patch-size", sizes["patch_size"], "--scale", sizes["scale"],
-            "--batch-size", sizes["batch_size"], *map(str, common),
+            "--batch-size", sizes["batch_size"], *common,
         ]  # fmt: skip
     cache = ["--cache-dir", ctx["workdir"] / "cache"]
     small = ["--patch-size", 64, "--patches-per-epoch", 32, "--batch-size", 4] if quick else []

@@ -98,15 +98,16 @@ def test_row_commands_are_one_command_line_each(tmp_path):
     ctx = idrid_real._context(False, 30.0, tmp_path, None)
     ctx["val_names"] = list(idrid_real.VAL_NAMES)
     for key in idrid_real.ROWS:
-        command = [str(a) for a in idrid_real.row_command(key, ctx)]
+        command = idrid_real.row_command(key, ctx)
+        assert all(isinstance(a, str) for a in command)
         assert "--time-limit" in command and command[command.index("--time-limit") + 1] == "30.0"
         assert command[command.index("--precision") + 1] == "float32"
         if key != "stage1":
             assert command.count("--val-names") == 11
-    transferred = [str(a) for a in idrid_real.row_command("EX_a_seed1", ctx)]
+    transferred = idrid_real.row_command("EX_a_seed1", ctx)
     assert transferred[transferred.index("--encoder") + 1] == str(tmp_path / "stage1")
     assert transferred[transferred.index("--seed") + 1] == "1"
-    unet = [str(a) for a in idrid_real.row_command("MA_e", ctx)]
+    unet = idrid_real.row_command("MA_e", ctx)
     assert (
         unet[unet.index("--scale") + 1] == "0.5" and unet[unet.index("--patch-size") + 1] == "256"
     )
