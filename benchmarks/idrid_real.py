@@ -394,14 +394,15 @@ def render_idrid_real(result: dict, machine: dict, settings) -> str:
     """The BENCHMARKS.md section: every row of `ROWS`, "not measured yet" where not measured."""
     rows = result.get("rows", {})
     minutes = result.get("minutes", FINAL_MINUTES)
-    title = "IDRiD, official training portion: 11 validation photographs"
+    val_names = result.get("val_names", VAL_NAMES)
+    title = f"IDRiD, official training portion: {len(val_names)} validation photographs"
     if minutes != FINAL_MINUTES:
         title += f" — {minutes:g}-minute {'quick' if settings.quick else 'screening'} rows"
     lines = [
         f"### idrid_real: {title}",
         "",
         f"From `{result.get('results_file', 'benchmarks/idrid_real.json')}`; split "
-        f"validation {', '.join(result.get('val_names', VAL_NAMES))}. AP: every pixel pooled "
+        f"validation {', '.join(val_names)}. AP: every pixel pooled "
         "at full resolution; F1 at the threshold shown; region F at sigma 0.5; s/photo: "
         "`rmib evaluate` wall time per photograph. Each row is one command line "
         f"(`--time-limit {minutes:g}`, `--precision float32`), listed below the table.",
@@ -506,7 +507,24 @@ def train_reference_unet(argv=None) -> None:
     )
 
 
+def render_committed(out: Path) -> None:
+    """Re-render the BENCHMARKS.md section of the committed rows, measuring nothing."""
+    from benchmarks import run
+
+    results = load_results(RESULTS)
+    results.setdefault("results_file", str(RESULTS.relative_to(PROJECT_ROOT)))
+    run.merge_sections(out, {"idrid_real": render_idrid_real(results, {}, run.Settings())})
+
+
+USAGE = (
+    "usage: python -m benchmarks.idrid_real unet --data ROOT ...  (row e)\n"
+    "       python -m benchmarks.idrid_real render BENCHMARKS.md  (the committed rows)"
+)
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["unet"]:
-        raise SystemExit("usage: python -m benchmarks.idrid_real unet --data ROOT ...")
-    train_reference_unet(sys.argv[2:])
+    if sys.argv[1:2] == ["unet"]:
+        train_reference_unet(sys.argv[2:])
+    elif sys.argv[1:2] == ["render"] and len(sys.argv) == 3:
+        render_committed(Path(sys.argv[2]))
+    else:
+        raise SystemExit(USAGE)

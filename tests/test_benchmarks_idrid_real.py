@@ -143,3 +143,14 @@ def test_quick_mode_runs_end_to_end(shared_data, tmp_path):
     assert 0.0 <= results["rows"]["stage1"]["roc_auc"] <= 1.0
     section = run.read_sections(out)["idrid_real"]
     assert "| EX_e | EX |" in section and "not measured yet" in section
+
+
+def test_committed_rows_render_into_benchmarks_md(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    run.write_markdown(out, {"tile_aupr": "kept"})
+    idrid_real.render_committed(out)
+    sections = run.read_sections(out)
+    committed = idrid_real.load_results(idrid_real.RESULTS)["rows"]
+    assert sections["tile_aupr"] == "kept"
+    missing = len(idrid_real.ROWS) - len(committed)
+    assert sections["idrid_real"].count("not measured yet") == missing
