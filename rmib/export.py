@@ -153,6 +153,13 @@ def serving_kind(run_metadata: dict) -> str:
         )
     model_type = run_metadata.get("model", "encoder-decoder")
     if model_type == "encoder-decoder":
+        scale = run_metadata.get("scale", 1.0)
+        if scale != 1.0:
+            raise RmibError(
+                f"rmib export: this run predicts at scale {scale} (rmib segment --scale), and "
+                "the exported segment_image tiles at full resolution without resizing, so it "
+                "would serve different maps; use rmib predict, or export a run at scale 1"
+            )
         return "tiled"
     if model_type == "dual2net":
         return "resized"

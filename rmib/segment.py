@@ -23,6 +23,7 @@ from rmib.data.pipeline import (
     Preprocessing,
     load_examples,
     patch_dataset,
+    rescale_example,
     split_by_names,
     stratified_split,
 )
@@ -208,6 +209,27 @@ def encoder_factory(cfg: SegmentConfig):
     return build, info, frozen
 
 
+def describe_encoder(cfg: SegmentConfig) -> str:
+    """One line saying what the encoder-decoder's encoder is built from, and whether it trains.
+
+    `rmib segment` prints it first, so a run without `--encoder` cannot be
+    mistaken for the transferred stage-1 encoder: that default is VGG16 from
+    scratch.
+    """
+    if _is_run(cfg.encoder):
+        frozen = "frozen" if cfg.freeze_encoder != "no" else "trainable"
+        return f"encoder: the stage-1 classifier of {cfg.encoder}, transferred, {frozen}"
+    name = cfg.encoder + ("+CBAM" if cfg.cbam else "")
+    if cfg.weights in ("", "none"):
+        trainable = "frozen" if cfg.freeze_encoder == "yes" else "trainable"
+        return (
+            f"encoder: {name} from scratch (random init, {trainable}; "
+            "pass --encoder RUN to transfer a stage-1 classifier)"
+        )
+    frozen = "trainable" if cfg.freeze_encoder == "no" else "frozen"
+    return f"encoder: {name} with {cfg.weights} weights, {frozen}"
+
+
 def _loss(cfg):
     if cfg.loss == "weighted-bce":
         return losses.get_loss("weighted-bce", gamma=cfg.gamma)
@@ -226,12 +248,17 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
     val_examples, _ = load_examples(val_records, prep, cfg.lesion, cache, cfg.on_bad, problems)
     if not train_examples:
         raise RmibError("no training image could be read")
+    # Patches are sampled at the working resolution; validation photographs stay
+    # whole: the segmenter predicts them at `scale` and scores at full resolution.
+    train_examples = [rescale_example(e, cfg.scale) for e in train_examples]
+    del cache  # at scale < 1 the full-resolution training photographs are no longer needed
     metadata = {
         "task": "segment",
         "model": "encoder-decoder",
         "lesion": cfg.lesion,
         "preprocessing": prep.to_dict(),
         "patch_size": cfg.patch_size,
+        "scale": cfg.scale,
         "predict_tile": cfg.predict_tile,
         "predict_halo": cfg.predict_halo,
         "predict_max_tile": cfg.predict_max_tile,
@@ -343,6 +370,8 @@ def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
 
 def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:
     """Train the configured segmenter in `cfg.out`; returns the validation metrics."""
+    if cfg.model == "encoder-decoder":
+        echo(describe_encoder(cfg) + (f"; working scale {cfg.scale:g}" if cfg.scale != 1 else ""))
     records = lesion_records(cfg.data, cfg.lesion, cfg.on_bad)
     train_records, val_records = split_records(records, cfg)
     if not train_records:

@@ -160,7 +160,9 @@ class SegmentConfig:
         model: "encoder-decoder" (RMIB stage 2), "local-global" (Yan et al.) or "dual2net".
         out: the run directory.
         encoder: a stage-1 run directory (its classifier's backbone becomes the
-            encoder, frozen), or a backbone name ("vgg16", "resnet50").
+            encoder, frozen), or a backbone name ("vgg16", "resnet50"). The default,
+            "vgg16" with weights "none", trains VGG16 from scratch, not the paper's
+            transfer; `rmib segment` names the encoder on its first line of output.
         cbam: with a backbone name: add CBAM.
         weights: with a backbone name: "none", "imagenet" or a weights file.
         freeze_encoder: keep the encoder frozen ("auto": frozen when it carries
@@ -176,6 +178,11 @@ class SegmentConfig:
         val_fraction / val_names: hold out whole images for validation.
         preprocessing: "none", "clahe" or "graham".
         augment: "free", "rot90" or "none".
+        scale: working resolution as a fraction of the photograph's, in (0, 1]
+            (encoder-decoder only): training photographs and masks are resized
+            by it before patches are sampled, and whole photographs are predicted
+            at it and the map resized back, so metrics stay at full resolution.
+            Stored in the run metadata; predict, evaluate and load_segmenter apply it.
         predict_tile / predict_halo / predict_max_tile / predict_overlap /
             predict_batch: whole-image prediction (`rmib.segmenters.TiledSegmenter`):
             "auto" plans tiles of at most predict_max_tile ** 2 pixels over the field
@@ -204,6 +211,7 @@ class SegmentConfig:
     val_names: list = dataclasses.field(default_factory=list)
     preprocessing: Literal[PREPROCESSING] = "clahe"
     augment: Literal[AUGMENT] = "free"
+    scale: float = 1.0
     patches_per_epoch: int = 512
     predict_tile: Literal["auto"] | int = "auto"
     predict_halo: int = 64
@@ -237,4 +245,13 @@ class SegmentConfig:
             '"auto" or at least 32',
         )
         require(self, "val_every", self.val_every >= 1, "at least 1")
+        require(self, "scale", 0.0 < self.scale <= 1.0, "in (0, 1], e.g. 0.5")
+        require(
+            self,
+            "scale",
+            self.scale == 1.0 or self.model == "encoder-decoder",
+            f"1 with --model {self.model} (it sets its own working size: local-global "
+            "global_size and full-resolution patches, dual2net image_size); "
+            "scale applies to the encoder-decoder",
+        )
         require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")

@@ -121,6 +121,11 @@ class TiledSegmenter(Segmenter):
         max_tile: largest tile side ("auto" only): tiles hold at most
             ``max_tile ** 2`` pixels (default the run's ``predict_max_tile``, else 1024).
         max_tile_pixels: largest tile area, instead of `max_tile`.
+        scale: working resolution in (0, 1] (default the run's ``scale``, else 1):
+            the preprocessed photograph and its field of view are resized by it
+            (`rmib.data.fundus.rescale`), tiled as above, and the map resized back
+            (bilinear) and zeroed outside the full-resolution field of view; at 1
+            the photograph is tiled as it is.
     """
 
     def __init__(
@@ -134,8 +139,10 @@ class TiledSegmenter(Segmenter):
         halo=None,
         max_tile=None,
         max_tile_pixels=None,
+        scale=None,
     ):
         super().__init__(model, metadata, tile, overlap, batch_size)
+        self.scale = fundus.check_scale(self.metadata.get("scale", 1.0) if scale is None else scale)
         self.multiple = int(self.metadata.get("size_multiple", 32))
         tile = tile or self.metadata.get("predict_tile") or AUTO_TILE
         if tile == AUTO_TILE:
@@ -208,6 +215,14 @@ class TiledSegmenter(Segmenter):
     def predict_prepared(self, image, fov=None):
         image = np.asarray(image)
         fov = None if fov is None else np.asarray(fov)
+        if self.scale == 1.0:
+            return self._predict_at_working_scale(image, fov)
+        small_fov = None if fov is None else fundus.rescale(fov, self.scale, "mask")
+        prob = self._predict_at_working_scale(fundus.rescale(image, self.scale), small_fov)
+        prob = fundus.unscale_probability(prob, image.shape)
+        return prob if fov is None else np.multiply(prob, fov != 0, out=prob)
+
+    def _predict_at_working_scale(self, image, fov):
         tile, overlap, region = self.tiling(image.shape[0], image.shape[1], fov)
         if self.tile == AUTO_TILE:
             self.last_plan = (tile, region)

@@ -175,8 +175,10 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 @click.option(
     "--encoder",
     type=str,
-    help="A `rmib pretrain` run directory, or vgg16 | resnet50 to build one "
-    "(local-global: the encoder of GlobalNet and LocalNet, see --encoder-nets).",
+    help="A `rmib pretrain` run directory (its encoder is transferred, frozen), or "
+    "vgg16 | resnet50 to build one from --weights (local-global: the encoder of GlobalNet "
+    "and LocalNet, see --encoder-nets). Encoder-decoder without it: vgg16 from scratch "
+    "(random init, trainable), as the first line of output says.",
 )
 @click.option("--cbam/--no-cbam", default=None, help="With a backbone name: add CBAM.")
 @click.option("--weights", type=str, help="With a backbone name: none | imagenet | PATH.")
@@ -186,6 +188,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     help="Unfreeze the encoder after N epochs, at a 10x lower learning rate.",
 )
 @click.option("--patch-size", type=click.IntRange(min=32), help="Training patch side [160].")
+@click.option(
+    "--scale",
+    type=float,
+    help="Encoder-decoder: working resolution in (0, 1], e.g. 0.5: photographs and masks "
+    "are resized by it for training, and predict/evaluate resize back to full size [1].",
+)
 @click.option("--patches-per-epoch", type=click.IntRange(min=1), help="Patches per epoch [512].")
 @click.option(
     "--loss",
@@ -254,7 +262,13 @@ def segment(
     output_stride,
     **kwargs,
 ):
-    """Train a lesion segmenter on patches (default: the transferred, frozen encoder)."""
+    """Train a lesion segmenter on patches.
+
+    The RMIB paper's stage 2 is `--encoder RUN` (a `rmib pretrain` run): its
+    encoder is transferred and frozen. Without --encoder (flag or recipe) the
+    encoder-decoder is VGG16 from scratch; the first line of output names the
+    encoder used.
+    """
     from rmib.config import load_config
     from rmib.segment import run_segment
     from rmib.segment_config import SegmentConfig
@@ -270,6 +284,7 @@ def segment(
             "weights",
             "fine_tune_after",
             "patch_size",
+            "scale",
             "patches_per_epoch",
             "predict_tile",
             "loss",

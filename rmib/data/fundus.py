@@ -297,6 +297,69 @@ def unresize_pad(
     return _resize(np.ascontiguousarray(inner), width, height, interpolation)
 
 
+def scaled_shape(shape, scale: float) -> tuple[int, int]:
+    """(height, width) of an array of `shape` resized by `scale` (each side at least 1).
+
+    Raises:
+        RmibError: `scale` is not in (0, 1].
+    """
+    check_scale(scale)
+    height, width = shape[:2]
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def check_scale(scale) -> float:
+    """`scale` as a float, or a user error unless 0 < scale <= 1."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(scale, bool) or not 0.0 < value <= 1.0:
+        raise RmibError(
+            f"scale must be a number in (0, 1] (the working resolution as a fraction of the "
+            f"photograph's, e.g. 0.5), got {scale!r}"
+        )
+    return value
+
+
+def rescale(array: np.ndarray, scale: float, kind: str = "image") -> np.ndarray:
+    """Resize a photograph, a lesion mask or a field-of-view mask by `scale`.
+
+    Photographs are shrunk with INTER_AREA; masks (uint8 0/1) are area-averaged
+    and a pixel is kept where at least half of the area it covers is lesion,
+    so a lesion a few pixels wide shrinks instead of being sampled away as
+    nearest-neighbour would. `scale == 1` returns `array` itself.
+
+    Args:
+        array: (H, W, 3) uint8 photograph or (H, W) uint8 0/1 mask.
+        scale: in (0, 1].
+        kind: "image" or "mask".
+
+    Returns:
+        the resized array, same dtype.
+    """
+    if check_scale(scale) == 1.0:
+        return array
+    height, width = scaled_shape(array.shape, scale)
+    if kind == "image":
+        return _resize(np.asarray(array), width, height, cv2.INTER_AREA)
+    if kind != "mask":
+        raise ValueError(f'kind must be "image" or "mask", got {kind!r}')
+    spread = np.asarray(array, np.uint8) * np.uint8(255)
+    area = cv2.resize(spread, (width, height), interpolation=cv2.INTER_AREA)
+    return (area >= 128).astype(np.uint8)
+
+
+def unscale_probability(prob: np.ndarray, shape) -> np.ndarray:
+    """A probability map predicted at a working scale, resized back (bilinear) to `shape`."""
+    height, width = shape[:2]
+    prob = np.asarray(prob, np.float32)
+    if prob.shape[:2] == (height, width):
+        return prob
+    out = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 def preprocess(image: np.ndarray, method: str) -> np.ndarray:
     """Apply the named intensity preprocessing ("none", "clahe" or "graham").
 

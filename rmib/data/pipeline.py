@@ -106,6 +106,20 @@ class Example:
     fov: np.ndarray
 
 
+def rescale_example(example: Example, scale: float) -> Example:
+    """`example` at a working resolution: image, mask and FOV resized by `scale`
+    (`rmib.data.fundus.rescale`); `scale == 1` returns `example` itself."""
+    if fundus.check_scale(scale) == 1.0:
+        return example
+    mask = None if example.mask is None else fundus.rescale(example.mask, scale, "mask")
+    return Example(
+        example.name,
+        fundus.rescale(example.image, scale),
+        mask,
+        fundus.rescale(example.fov, scale, "mask"),
+    )
+
+
 def lesion_mask_path(record, lesion):
     """The record's mask file for `lesion`; None = annotated and absent.
 
