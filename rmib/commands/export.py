@@ -89,10 +89,7 @@ def _precision_reason(asked, result) -> str:
         return "a .keras copy computes in the precision it was trained in"
     if asked is None:
         return "the default of exports (portable to every runtime)"
-    from rmib import training
+    from rmib.precision import resolve_predict_precision
 
-    return (
-        training.precision_reason(asked, result.precision)
-        if asked != "training"
-        else ("the precision the run was trained in")
-    )
+    trained = result.metadata.get("trained_precision")
+    return resolve_predict_precision(asked, trained, allow_slow=True)[1]
