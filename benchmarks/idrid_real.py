@@ -75,6 +75,37 @@ KIND_NAMES = {
 }
 QUICK_ROWS = ("stage1", "EX_a_seed0", "EX_e")
 
+# Levers screened on EX (`--lever NAME`, 10-minute rows): each is a set of recipe
+# overrides applied to the row's recipe (written as a derived TOML in the work
+# directory; "[train]" keys as a nested table), one change at a time against
+# "base". Screening rows are stored as "<row>+<lever>".
+_HALF = {"scale": 0.5, "patches_per_epoch": 1024, "val_every": 1}
+# The screening base: at scale 0.5 one whole-image validation of the 11 photographs
+# costs about 5 minutes of one core (27 s a photograph) and an epoch of 1024 patches
+# 6.5 minutes, so a 10-minute row validated every epoch trains one epoch. The base
+# validates once, after the last epoch, with short epochs (256 patches) so the time
+# limit ends training within a couple of minutes of it, at a constant learning rate.
+_BASE = {
+    "scale": 0.5,
+    "patches_per_epoch": 256,
+    "val_every": 1000,
+    "train": {"lr_schedule": "constant"},
+}
+LEVERS = {
+    "scale0.5": ("working resolution 0.5, 1024 patches an epoch, validated every epoch", _HALF),
+    "base": ("scale 0.5, 256 patches an epoch, validated after the last, constant rate", _BASE),
+    "p256": ("base, 256-px patches, batch 8 (about the pixels of 16 x 160 px)",
+             {**_BASE, "patch_size": 256, "train": {"lr_schedule": "constant", "batch_size": 8}}),
+    "bcedice": ("base, BCE + Dice loss", {**_BASE, "loss": "bce+dice"}),
+    "rot90": ("base, flips and quarter turns only", {**_BASE, "augment": "rot90"}),
+    "noclahe": ("base, no CLAHE (raw RGB)", {**_BASE, "preprocessing": "none"}),
+    "lr3e-4": ("base, learning rate 3e-4",
+               {**_BASE, "train": {"lr_schedule": "constant", "learning_rate": 3e-4}}),
+    "pos0.25": ("base, a quarter of the patches centred on a lesion", {**_BASE, "pos_fraction": 0.25}),
+    "bf16": ("base, trained in mixed_bfloat16 (a precision row: CPUs with avx512_bf16)",
+             {**_BASE, "_cli": ["--precision", "mixed_bfloat16"]}),
+}  # fmt: skip
+
 # The reference U-Net of issue #14, exactly: base width 16, batch norm, BCE + Dice,
 # 256-px patches at half resolution, half centred on a lesion pixel, quarter turns
 # and flips, batch 8, Adam 1e-3.
@@ -149,7 +180,35 @@ def _context(quick: bool, minutes: float, workdir: Path, taskset) -> dict:
         "val_names": split_names(names)[1],
         "taskset": taskset,
         "stage1_data": workdir / "stage1_data",
+        "lever": None,
     }
+
+
+def run_name(key: str, ctx: dict) -> str:
+    """The row's name in the results and its run directory: "<row>+<lever>" when screening."""
+    return key if ctx.get("lever") is None else f"{key}+{ctx['lever']}"
+
+
+def lever_recipe(recipe: Path, lever: str, workdir: Path) -> Path:
+    """`recipe` with the overrides of `LEVERS[lever]`, written under `workdir/recipes`."""
+    import tomllib
+
+    from rmib.config import dump_toml
+
+    data = tomllib.loads(recipe.read_text())
+    for key, value in LEVERS[lever][1].items():
+        if key == "_cli":  # command-line flags, appended to the row's command (they win)
+            continue
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    out = workdir / "recipes" / f"{recipe.stem}+{lever}.toml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        f"# {recipe.name} with the lever {lever}: {LEVERS[lever][0]}\n" + dump_toml(data)
+    )
+    return out
 
 
 def _rmib(*args) -> list[str]:
@@ -163,7 +222,7 @@ def row_command(key: str, ctx: dict) -> list[str]:
 
 def _row_arguments(key: str, ctx: dict) -> list:
     lesion, kind, seed = ROWS[key]
-    quick, out = ctx["quick"], ctx["workdir"] / key
+    quick, out = ctx["quick"], ctx["workdir"] / run_name(key, ctx)
     common = ["--time-limit", ctx["minutes"], "--precision", "float32", "--seed", seed]
     common += ["--out", out]
     if kind == "stage1":
@@ -189,10 +248,13 @@ def _row_arguments(key: str, ctx: dict) -> list:
         encoder = ctx["workdir"] / "stage1" if kind == "a" else "vgg16"
         scratch = ["--cbam", "--weights", "none"] if kind == "b" else []
         scale = ["--scale", 0.25] if quick else []
+        config = recipe / f"idrid_{lesion.lower()}_vgg16_cbam.toml"
+        if ctx.get("lever"):
+            config = lever_recipe(config, ctx["lever"], ctx["workdir"])
         return _rmib(
-            "segment", "--config", recipe / f"idrid_{lesion.lower()}_vgg16_cbam.toml",
+            "segment", "--config", config,
             "--encoder", encoder, *scratch, *data, *cache, *small, *scale, "--epochs", 1000,
-            *common,
+            *common, *(LEVERS[ctx["lever"]][1].get("_cli", []) if ctx.get("lever") else []),
         )  # fmt: skip
     if kind == "c":
         sizes = ["--global-size", 64, "--base-filters", 4] if quick else []
@@ -207,7 +269,7 @@ def _row_arguments(key: str, ctx: dict) -> list:
 
 
 def evaluate_command(key: str, ctx: dict) -> list[str]:
-    run = ctx["workdir"] / key
+    run = ctx["workdir"] / run_name(key, ctx)
     names = [a for name in ctx["val_names"] for a in ("--names", name)]
     return _rmib(
         "evaluate", run, "--data", ctx["data"], *names, "--out", run / "evaluation",
@@ -246,6 +308,16 @@ def _stage1_metrics(run: Path) -> dict:
     return {k: validation[k] for k in ("roc_auc", "accuracy", "recall", "precision", "n")}
 
 
+def _training_summary(run: Path) -> dict:
+    """Epochs trained and the epoch whose weights were kept, from the run's metrics.json."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    training = metrics.get("training") or {}
+    return {k: training[k] for k in ("epochs_trained", "best_epoch", "weights") if k in training}
+
+
 def _run_id(run: Path) -> str:
     """The run's directory name and start (rmib.json modification time)."""
     stamp = datetime.datetime.fromtimestamp(
@@ -258,6 +330,7 @@ def run_row(key: str, ctx: dict, cpu: str, echo=print) -> dict:
     """Train row `key`, score it, return its JSON record."""
     lesion, kind, seed = ROWS[key]
     workdir = ctx["workdir"]
+    name = run_name(key, ctx)
     record = {
         "kind": KIND_NAMES[kind],
         "lesion": lesion,
@@ -267,6 +340,9 @@ def run_row(key: str, ctx: dict, cpu: str, echo=print) -> dict:
         "pinned": f"taskset -c {ctx['taskset']}" if ctx["taskset"] is not None else "run alone",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if ctx.get("lever"):
+        record["lever"] = {"name": ctx["lever"], "description": LEVERS[ctx["lever"]][0],
+                           "overrides": LEVERS[ctx["lever"]][1]}  # fmt: skip
     if kind == "stage1" or (kind == "a" and not (workdir / "stage1" / "model.keras").exists()):
         view = build_stage1_view(IDRID, ctx["stage1_data"])
         command = _pin(row_command("stage1", ctx), ctx["taskset"])
@@ -281,13 +357,14 @@ def run_row(key: str, ctx: dict, cpu: str, echo=print) -> dict:
     if kind == "a":
         record["stage1_run"] = _run_id(workdir / "stage1")
     command = _pin(row_command(key, ctx), ctx["taskset"])
-    echo(f"idrid_real {key}: {shlex.join(command)}")
+    echo(f"idrid_real {name}: {shlex.join(command)}")
     record["command"] = shlex.join(command)
-    record["train_seconds"] = _run(command, workdir / "logs" / f"{key}.log")
+    record["train_seconds"] = _run(command, workdir / "logs" / f"{name}.log")
+    record.update(_training_summary(workdir / name))
     evaluate = _pin(evaluate_command(key, ctx), ctx["taskset"])
     record["evaluate_command"] = shlex.join(evaluate)
-    seconds = _run(evaluate, workdir / "logs" / f"{key}_evaluate.log")
-    scores = json.loads((workdir / key / "evaluation" / "metrics.json").read_text())
+    seconds = _run(evaluate, workdir / "logs" / f"{name}_evaluate.log")
+    scores = json.loads((workdir / name / "evaluation" / "metrics.json").read_text())
     record.update(
         images=scores["images"],
         ap=scores["aupr"],
@@ -320,13 +397,14 @@ def save_results(path: Path, results: dict) -> None:
         handle.write("\n")
 
 
-def pending_rows(results: dict, wanted) -> list[str]:
-    """The keys of `wanted` (in `ROWS` order) not yet measured in `results`."""
+def pending_rows(results: dict, wanted, lever=None) -> list[str]:
+    """The keys of `wanted` (in `ROWS` order) not yet measured in `results` (with `lever`)."""
     unknown = [k for k in wanted if k not in ROWS]
     if unknown:
         raise SystemExit(f"unknown idrid_real row(s) {unknown}; valid: {', '.join(ROWS)}")
     done = {k for k, row in results["rows"].items() if "ap" in row or "roc_auc" in row}
-    return [k for k in ROWS if k in wanted and k not in done]
+    ctx = {"lever": lever}
+    return [k for k in ROWS if k in wanted and run_name(k, ctx) not in done]
 
 
 def results_path(quick: bool, minutes: float, workdir: Path) -> Path:
@@ -371,16 +449,26 @@ def idrid_real(settings, peak, progress=None) -> dict:
         raise SystemExit(f"idrid_real needs {data}")
     workdir = _workdir(quick)
     ctx = _context(quick, minutes, workdir, settings.taskset)
+    lever = getattr(settings, "idrid_lever", None)
+    if lever is not None:
+        if lever not in LEVERS:
+            raise SystemExit(f"unknown lever {lever!r}; valid: {', '.join(LEVERS)}")
+        if minutes == FINAL_MINUTES and not quick:
+            raise SystemExit("--lever is for screening rows: give --minutes (e.g. 10)")
+        ctx["lever"] = lever
     path = results_path(quick, minutes, workdir)
     results = load_results(path)
     results.update(results_file=str(path.relative_to(PROJECT_ROOT) if path == RESULTS else path))
     results.update(minutes=minutes, val_names=list(ctx["val_names"]), workdir=str(workdir))
     wanted = settings.idrid_rows or (QUICK_ROWS if quick else tuple(ROWS))
     cpu = _cpu_model()
-    for key in pending_rows(results, wanted):
-        results["rows"][key] = run_row(key, ctx, cpu)
+    for key in pending_rows(results, wanted, ctx["lever"]):
+        name = run_name(key, ctx)
+        record = run_row(key, ctx, cpu)
+        # Re-read before writing: a row pinned to the other core may have finished meanwhile.
+        results["rows"] = {**load_results(path)["rows"], name: record}
         save_results(path, results)
-        print(f"idrid_real {key}: {json.dumps(results['rows'][key], default=str)}", flush=True)
+        print(f"idrid_real {name}: {json.dumps(record, default=str)}", flush=True)
         if progress is not None:
             progress(results)
     return results
@@ -411,24 +499,54 @@ def render_idrid_real(result: dict, machine: dict, settings) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     commands = []
+    final = minutes == FINAL_MINUTES
     for key, (lesion, kind, seed) in ROWS.items():
-        row = rows.get(key)
-        if row is None:
+        names = [key] + sorted(n for n in rows if n.startswith(f"{key}+"))
+        if rows.get(key) is None and final:
             lines.append(f"| {key} | {lesion or '—'} | {KIND_NAMES[kind]} | {seed} | "
                          "not measured yet | | | | |")  # fmt: skip
-            continue
-        if kind == "stage1":
-            score = f"ROC AUC {_fmt(row['roc_auc'])} ({row['n']} validation photographs)"
-            lines.append(f"| {key} | — | {row['kind']} | {seed} | {score} | | | | "
-                         f"{row['cpu']}, {row['pinned']} |")  # fmt: skip
-        else:
-            lines.append(
-                f"| {key} | {lesion} | {row['kind']} | {seed} | {_fmt(row['ap'])} | "
-                f"{_fmt(row['f1'])} ({row['threshold']:g}) | {_fmt(row['region_f'])} | "
-                f"{_fmt(row['seconds_per_photograph'], 1)} | {row['cpu']}, {row['pinned']} |"
-            )
-        stage1 = f" (stage 1: {row['stage1_run']})" if row.get("stage1_run") else ""
-        commands.append(f"- {key}{stage1}: `{row['command']}`")
+        for name in names:
+            row = rows.get(name)
+            if row is None:
+                continue
+            model = row["kind"]
+            if row.get("lever"):
+                model += f"; lever **{row['lever']['name']}**: {row['lever']['description']}"
+            if row.get("epochs_trained"):
+                epochs = row["epochs_trained"]
+                model += f" ({epochs} epoch{'s' * (epochs != 1)}, kept {row.get('weights', 'last')}"
+                model += f" {row['best_epoch']})" if row.get("best_epoch") else ")"
+            if kind == "stage1":
+                score = f"ROC AUC {_fmt(row['roc_auc'])} ({row['n']} validation photographs)"
+                lines.append(f"| {name} | — | {model} | {seed} | {score} | | | | "
+                             f"{row['cpu']}, {row['pinned']} |")  # fmt: skip
+            else:
+                lines.append(
+                    f"| {name} | {lesion} | {model} | {seed} | {_fmt(row['ap'])} | "
+                    f"{_fmt(row['f1'])} ({row['threshold']:g}) | {_fmt(row['region_f'])} | "
+                    f"{_fmt(row['seconds_per_photograph'], 1)} | {row['cpu']}, {row['pinned']} |"
+                )
+            stage1 = f" (stage 1: {row['stage1_run']})" if row.get("stage1_run") else ""
+            lever = row.get("lever")
+            overrides = f" recipe overrides `{json.dumps(lever['overrides'])}`," if lever else ""
+            commands.append(f"- {name}{stage1}:{overrides} `{row['command']}`")
+    cost = result.get("frozen_cost")
+    if cost:
+        lines += [
+            "",
+            f"The cost of a frozen encoder ({cost['backbone']}, {cost['size']}-px patches, batch "
+            f"{cost['batch']}, float32, one core; `python -m benchmarks.idrid_real frozen-cost "
+            f"{cost['size']} {cost['batch']}`):",
+            "",
+            "| frozen step | encoder forward | decoder-only step | frozen / (forward + decoder) "
+            "| trainable step |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {cost['frozen_step']:.2f} s | {cost['encoder_forward']:.2f} s | "
+            f"{cost['decoder_step']:.2f} s | {cost['frozen_over_parts']:.2f} | "
+            f"{cost['trainable_step']:.2f} s |",
+        ]
+    if result.get("notes"):
+        lines += ["", *(f"- {note}" for note in result["notes"])]
     if commands:
         lines += ["", "Commands:", "", *commands]
     return "\n".join(lines)
@@ -507,24 +625,87 @@ def train_reference_unet(argv=None) -> None:
     )
 
 
-def render_committed(out: Path) -> None:
-    """Re-render the BENCHMARKS.md section of the committed rows, measuring nothing."""
+def frozen_encoder_cost(size=256, batch=8, warmup=2, steps=5, backbone="vgg16") -> dict:
+    """Seconds of one training step of the encoder-decoder: frozen, trainable, and in parts.
+
+    The lever "the cost of a frozen encoder": a frozen step is compared with the
+    encoder's forward pass plus a decoder-only step on precomputed features (the same
+    decoder layers fed the encoder's taps). If the frozen step is no slower than that
+    sum, the backward pass already stops at the encoder and there is nothing to save.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from rmib.models import build_encoder_decoder
+    from rmib.models.backbones import build_backbone, tap_strides
+    from rmib.models.encoder_decoder import decode
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    masks = (rng.uniform(size=(batch, size, size, 1)) > 0.95).astype("float32")
+
+    def timed(step) -> float:
+        for _ in range(warmup):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+
+    def train_step_seconds(model, inputs) -> float:
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+        return timed(lambda: model.train_on_batch(inputs, masks))
+
+    encoder = build_backbone(backbone, cbam=True, weights="none", model_name="backbone")
+    frozen = build_encoder_decoder(encoder, freeze_encoder=True)
+    result = {"size": size, "batch": batch, "backbone": f"{backbone}_cbam"}
+    result["frozen_step"] = train_step_seconds(frozen, images)
+    forward = tf.function(lambda x: encoder(x, training=False))
+    result["encoder_forward"] = timed(lambda: [t.numpy() for t in forward(images).values()])
+    taps = {k: v.numpy() for k, v in forward(images).items()}
+    # The decoder alone: the same layers (`decode`) on Inputs shaped like the taps.
+    inputs = {k: keras.Input(shape=(None, None, v.shape[-1]), name=k) for k, v in taps.items()}
+    decoder = keras.Model(inputs, decode(inputs, tap_strides(encoder)), name="decoder_only")
+    result["decoder_step"] = train_step_seconds(decoder, taps)
+    encoder.trainable = True
+    trainable = build_encoder_decoder(encoder, freeze_encoder=False)
+    result["trainable_step"] = train_step_seconds(trainable, images)
+    result["frozen_over_parts"] = result["frozen_step"] / (
+        result["encoder_forward"] + result["decoder_step"]
+    )
+    return result
+
+
+def render_committed(out: Path, results_file: Path = RESULTS) -> None:
+    """Re-render the BENCHMARKS.md section of measured rows, measuring nothing.
+
+    `results_file` is the committed json (the final rows) or a screening json of
+    the work directory, whose rows go into their own "screening" section.
+    """
     from benchmarks import run
 
-    results = load_results(RESULTS)
-    results.setdefault("results_file", str(RESULTS.relative_to(PROJECT_ROOT)))
-    run.merge_sections(out, {"idrid_real": render_idrid_real(results, {}, run.Settings())})
+    results = load_results(results_file)
+    shown = results_file.relative_to(PROJECT_ROOT) if results_file == RESULTS else results_file
+    results.setdefault("results_file", str(shown))
+    settings = run.Settings(idrid_minutes=results.get("minutes", FINAL_MINUTES))
+    key = run.section_key("idrid_real", settings)
+    run.merge_sections(out, {key: render_idrid_real(results, {}, settings)})
 
 
 USAGE = (
     "usage: python -m benchmarks.idrid_real unet --data ROOT ...  (row e)\n"
-    "       python -m benchmarks.idrid_real render BENCHMARKS.md  (the committed rows)"
+    "       python -m benchmarks.idrid_real render BENCHMARKS.md [RESULTS.json]  (measured rows)\n"
+    "       python -m benchmarks.idrid_real frozen-cost [SIZE BATCH]  (a frozen step in parts)"
 )
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["unet"]:
         train_reference_unet(sys.argv[2:])
-    elif sys.argv[1:2] == ["render"] and len(sys.argv) == 3:
-        render_committed(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["frozen-cost"]:
+        size, batch = (int(v) for v in (sys.argv[2:4] or (256, 8)))
+        print(json.dumps(frozen_encoder_cost(size, batch), indent=2))
+    elif sys.argv[1:2] == ["render"] and len(sys.argv) in (3, 4):
+        render_committed(Path(sys.argv[2]), *(Path(a).resolve() for a in sys.argv[3:]))
     else:
         raise SystemExit(USAGE)

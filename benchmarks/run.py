@@ -94,6 +94,7 @@ class Settings:
     tag: str = ""
     idrid_rows: tuple = ()
     idrid_minutes: float = 30.0
+    idrid_lever: str | None = None
     taskset: int | None = None
 
     @classmethod
@@ -969,6 +970,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--taskset", type=int, metavar="CORE", help="idrid_real: pin each row to this CPU core"
     )
+    parser.add_argument(
+        "--lever",
+        help="idrid_real screening: apply this lever's recipe overrides (benchmarks.idrid_real."
+        "LEVERS) to the rows; needs --minutes",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1011,6 +1017,8 @@ def settings_from(args) -> Settings:
         changes["idrid_minutes"] = args.minutes
     if args.taskset is not None:
         changes["taskset"] = args.taskset
+    if args.lever:
+        changes["idrid_lever"] = args.lever
     return dataclasses.replace(settings, **changes)
 
 

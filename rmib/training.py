@@ -417,6 +417,14 @@ class _ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
             self.wait = int(self.initial_state.get("wait", 0))
             self.cooldown_counter = int(self.initial_state.get("cooldown_counter", 0))
 
+    def on_epoch_end(self, epoch, logs=None):
+        # A NaN monitor is a value not computed this epoch (whole-image validation
+        # every N epochs): it is no plateau, so it neither waits nor cuts the rate.
+        value = (logs or {}).get(self.monitor)
+        if value is not None and not math.isfinite(float(np.asarray(value))):
+            return
+        super().on_epoch_end(epoch, logs)
+
     def get_state(self) -> dict:
         best = float(self.best)
         return {

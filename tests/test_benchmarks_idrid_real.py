@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT
@@ -154,3 +155,104 @@ def test_committed_rows_render_into_benchmarks_md(tmp_path):
     assert sections["tile_aupr"] == "kept"
     missing = len(idrid_real.ROWS) - len(committed)
     assert sections["idrid_real"].count("not measured yet") == missing
+
+
+def test_a_lever_is_its_recipe_with_the_overrides_and_a_row_of_its_own(tmp_path):
+    import tomllib
+
+    ctx = idrid_real._context(False, 10.0, tmp_path, None)
+    ctx["val_names"] = list(idrid_real.VAL_NAMES)
+    ctx["lever"] = "lr3e-4"
+    command = idrid_real.row_command("EX_a_seed0", ctx)
+    assert command[command.index("--out") + 1] == str(tmp_path / "EX_a_seed0+lr3e-4")
+    recipe = Path(command[command.index("--config") + 1])
+    assert recipe.parent == tmp_path / "recipes"
+    derived = tomllib.loads(recipe.read_text())
+    base = tomllib.loads((PROJECT_ROOT / "segment" / "idrid_ex_vgg16_cbam.toml").read_text())
+    assert derived["train"]["learning_rate"] == 3e-4 and derived["scale"] == 0.5
+    # Every other value of the recipe is kept, the [train] table included.
+    assert derived["train"]["batch_size"] == base["train"]["batch_size"]
+    changed = set(idrid_real.LEVERS["lr3e-4"][1])
+    assert changed >= {"train", "scale"}
+    assert {k: v for k, v in derived.items() if k not in changed} == {
+        k: v for k, v in base.items() if k not in changed
+    }
+    assert derived["train"]["lr_schedule"] == "constant"
+    evaluate = idrid_real.evaluate_command("EX_a_seed0", ctx)
+    assert evaluate[2] == str(tmp_path / "EX_a_seed0+lr3e-4")
+
+    results = {"rows": {"EX_a_seed0": {"ap": 0.3}}}
+    assert idrid_real.pending_rows(results, ["EX_a_seed0"], "lr3e-4") == ["EX_a_seed0"]
+    results["rows"]["EX_a_seed0+lr3e-4"] = {"ap": 0.4}
+    assert idrid_real.pending_rows(results, ["EX_a_seed0"], "lr3e-4") == []
+
+
+def test_screening_renders_each_lever_under_its_row(tmp_path):
+    def row(ap, lever=None):
+        record = {
+            "kind": idrid_real.KIND_NAMES["a"], "ap": ap, "f1": 0.5, "threshold": 0.5,
+            "region_f": 0.25, "seconds_per_photograph": 9.0, "cpu": "AMD EPYC",
+            "pinned": "taskset -c 0", "command": f"rmib segment {lever}",
+            "epochs_trained": 4, "weights": "best", "best_epoch": 3,
+        }  # fmt: skip
+        if lever:
+            name, (description, overrides) = lever, idrid_real.LEVERS[lever]
+            record["lever"] = {"name": name, "description": description, "overrides": overrides}
+        return record
+
+    rows = {"EX_a_seed0+p256": row(0.45, "p256"), "EX_a_seed0": row(0.3)}
+    text = idrid_real.render_idrid_real({"rows": rows, "minutes": 10.0}, {}, run.Settings())
+    lines = [x for x in text.splitlines() if x.startswith("| EX_a_seed0")]
+    assert [x.split(" | ")[0] for x in lines] == ["| EX_a_seed0", "| EX_a_seed0+p256"]
+    assert "lever **p256**" in lines[1] and "| 0.450 |" in lines[1]
+    assert "(4 epochs, kept best 3)" in lines[0]
+    assert "not measured yet" not in text  # a screening section lists what it measured
+    assert 'recipe overrides `{"scale": 0.5' in text
+
+    cost = {"backbone": "vgg16_cbam", "size": 256, "batch": 8, "frozen_step": 5.8,
+            "encoder_forward": 6.62, "decoder_step": 4.84, "frozen_over_parts": 0.506,
+            "trainable_step": 23.24}  # fmt: skip
+    results = {"rows": rows, "minutes": 10.0, "frozen_cost": cost, "notes": ["a finding"]}
+    text = idrid_real.render_idrid_real(results, {}, run.Settings())
+    assert "| 5.80 s | 6.62 s | 4.84 s | 0.51 | 23.24 s |" in text
+    assert "\n- a finding\n" in text
+
+
+def test_the_decoder_timed_alone_is_the_segmenters_decoder():
+    """frozen_encoder_cost times `decode` on the taps: the same computation as the model's."""
+    import keras
+    import numpy as np
+
+    from rmib.models import build_encoder_decoder
+    from rmib.models.backbones import build_backbone, tap_strides
+    from rmib.models.encoder_decoder import decode
+
+    encoder = build_backbone("vgg16", weights="none", model_name="backbone")
+    model = build_encoder_decoder(encoder, filters=(8, 8, 4, 4, 2))
+    images = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype("float32")
+    taps = {k: v.numpy() for k, v in encoder(images).items()}
+    inputs = {k: keras.Input(shape=(None, None, v.shape[-1]), name=k) for k, v in taps.items()}
+    decoder = keras.Model(inputs, decode(inputs, tap_strides(encoder), (8, 8, 4, 4, 2)))
+    for layer in decoder.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    np.testing.assert_allclose(decoder.predict(taps, verbose=0), model.predict(images, verbose=0),
+                               atol=1e-6)  # fmt: skip
+
+
+def test_screening_rows_render_into_their_own_section(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    run.write_markdown(out, {"idrid_real": "final rows, kept"})
+    screening = tmp_path / "idrid_real_screening_10min.json"
+    row = {
+        "kind": idrid_real.KIND_NAMES["a"], "ap": 0.2, "f1": 0.3, "threshold": 0.5,
+        "region_f": 0.1, "seconds_per_photograph": 30.0, "cpu": "AMD EPYC",
+        "pinned": "taskset -c 0", "command": "rmib segment ...",
+        "lever": {"name": "base", "description": "d", "overrides": {}},
+    }  # fmt: skip
+    idrid_real.save_results(screening, {"rows": {"EX_a_seed0+base": row}, "minutes": 10.0})
+    idrid_real.render_committed(out, screening)
+    sections = run.read_sections(out)
+    assert sections["idrid_real"] == "final rows, kept"
+    assert "| EX_a_seed0+base | EX |" in sections["idrid_real_screening_10min"]
+    assert "10-minute screening rows" in sections["idrid_real_screening_10min"]

@@ -258,6 +258,25 @@ def test_plateau_schedule_cuts_the_rate(tmp_path):
     assert history["learning_rate"] == pytest.approx([0.01, 0.01, 0.005])  # at epoch start
 
 
+def test_plateau_waits_only_on_validated_epochs():
+    """Epochs whose monitor is NaN (validation every N epochs) neither wait nor cut the rate."""
+    (callback,) = schedule_callbacks(
+        config(lr_schedule="plateau", plateau_patience=2, plateau_factor=0.5, monitor="val_aupr")
+    )
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    callback.set_model(model)
+    callback.on_train_begin()
+    rates = []
+    for value in (0.3, float("nan"), float("nan"), float("nan"), 0.2, float("nan"), 0.2):
+        callback.on_epoch_end(len(rates), {"val_aupr": value})
+        rates.append(float(model.optimizer.learning_rate.numpy()))
+    # Two validated epochs without improvement (0.2, 0.2) after the best 0.3: one cut,
+    # at the second of them; the NaN epochs in between count for nothing.
+    assert rates == pytest.approx([0.01] * 6 + [0.005])
+    assert callback.get_state()["wait"] == 0 and callback.get_state()["best"] == 0.3
+
+
 # --------------------------------------------------------------------------- small helpers
 
 

@@ -90,18 +90,26 @@ def build_encoder_decoder(
     if freeze_encoder:
         encoder.trainable = False
 
-    by_stride = {stride: key for key, stride in tap_strides(encoder).items()}
     inputs = keras.Input(shape=(None, None, 3), name="image")
-    taps = encoder(inputs)
+    outputs = decode(encoder(inputs), tap_strides(encoder), filters)
+    name = name or f"{backbone_name(encoder)}_encoder_decoder"
+    return keras.Model(inputs, outputs, name=name)
+
+
+def decode(taps, strides, filters=(256, 128, 64, 32, 16)):
+    """The decoder of `build_encoder_decoder` on an encoder's taps: the probability map.
+
+    Args:
+        taps: {tap name: tensor}, e.g. an rmib backbone's outputs.
+        strides: {tap name: stride} (`tap_strides`); stride 32 is where decoding starts.
+        filters: widths of the five decoder blocks, deepest first.
+    """
+    by_stride = {stride: key for key, stride in strides.items()}
     x = taps[by_stride[32]]
     for index, (width, stride) in enumerate(zip(filters, (16, 8, 4, 2, 1), strict=True), start=1):
         skip = taps[by_stride[stride]] if stride in by_stride else None
         x = _decoder_block(x, skip, width, name=f"decoder{index}")
-    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="segmentation")(
-        x
-    )
-    name = name or f"{backbone_name(encoder)}_encoder_decoder"
-    return keras.Model(inputs, outputs, name=name)
+    return keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="segmentation")(x)
 
 
 def find_encoder(model):
