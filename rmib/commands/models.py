@@ -284,6 +284,7 @@ def segment(
     from rmib.segment import run_segment
     from rmib.segment_config import SegmentConfig
 
+    config_path = _resumed_config(resume, kwargs.get("out"), config_path)
     _require_lesion(kwargs.get("lesion"), config_path)
     overrides = _overrides(
         kwargs,
@@ -326,6 +327,19 @@ def segment(
         cfg.local_global.encoder_nets = ["global", "local"]
     _start_cluster_strategy(cfg.train.strategy)
     run_segment(cfg, resume=resume)
+
+
+def _resumed_config(resume, out, config_path):
+    """`--resume --out RUN` without `--config` continues RUN with its own settings.
+
+    The run's config.toml (written when it started) is then the recipe, and the
+    flags given still override it; with `--config` the recipe given is used.
+    """
+    if resume and config_path is None and out is not None:
+        saved = pathlib.Path(out) / "config.toml"
+        if saved.is_file():
+            return saved
+    return config_path
 
 
 def _require_lesion(lesion, config_path):

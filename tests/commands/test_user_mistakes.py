@@ -5,6 +5,7 @@ lesion, thresholds, tiles, patch sizes, names, splits), empty mask sets refused.
 """
 
 import csv
+import json
 import hashlib
 import shutil
 
@@ -302,3 +303,16 @@ def test_single_empty_masks_are_normal(synthetic_idrid, tmp_path):
     assert masks[0] in [r.masks["EX"] for r in records]
     dataset = readers.read_dataset(root)
     readers.require_lesion_pixels(dataset.with_lesion("EX"), "EX", root)
+
+
+def test_resume_without_a_recipe_continues_the_run_with_its_own_settings(segment_run, tmp_path):
+    """`--resume --out RUN` reads RUN/config.toml: the run's lesion, data and sizes, not defaults."""
+    run = tmp_path / "resumed"
+    shutil.copytree(segment_run, run)
+    (run / "config.toml").write_text(
+        (run / "config.toml").read_text().replace(str(segment_run), str(run))
+    )
+    result = invoke(["segment", "--resume", "--out", run, "--epochs", 3])
+    assert result.exit_code == 0, result.output
+    assert "encoder-decoder for EX:" in result.output
+    assert json.loads((run / "metrics.json").read_text())["training"]["epochs_trained"] == 3
