@@ -5,8 +5,8 @@ lesion, thresholds, tiles, patch sizes, names, splits), empty mask sets refused.
 """
 
 import csv
-import json
 import hashlib
+import json
 import shutil
 
 import numpy as np
