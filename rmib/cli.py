@@ -20,7 +20,13 @@ class _Group(click.Group):
         except RmibError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(1)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        except (
+            FileExistsError,
+            FileNotFoundError,
+            IsADirectoryError,
+            NotADirectoryError,
+            PermissionError,
+        ) as exc:
             name = exc.filename or ""
             click.echo(f"Error: {name}: {exc.strerror or exc}", err=True)
             ctx.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import io as _io
@@ -19,21 +20,84 @@ from rmib.errors import BadInputError, RmibError
 REGION_SIGMAS = (0.2, 0.35, 0.5, 0.65, 0.8)
 
 
-def collect_images(inputs) -> list[Path]:
-    """Image files named directly or found (non-recursively) in the folders named."""
-    paths = []
+# What `predict_files` writes for each photograph, after its output stem.
+OUTPUT_SUFFIXES = ("_prob.png", "_mask.png", "_overlay.png")
+PREDICTIONS_CSV = "predictions.csv"
+
+
+def collect_images(inputs, out=None) -> list[Path]:
+    """Image files named directly or found (non-recursively) in the folders named.
+
+    A file named twice (a folder and a file in it) is kept once. Files in
+    the folder `out` named like `predict_files`' own outputs (<stem>_prob.png,
+    _mask.png, _overlay.png) are left out, so that predicting a folder into
+    itself twice never reads the first run's maps back as photographs.
+    """
+    own_outputs = Path(out).resolve() if out is not None else None
+
+    def is_output(path: Path) -> bool:
+        return (
+            own_outputs is not None
+            and path.name.endswith(OUTPUT_SUFFIXES)
+            and path.parent.resolve() == own_outputs
+        )
+
+    paths, seen = [], set()
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and io.is_image_file(p))
+            images = sorted(p for p in item.iterdir() if p.is_file() and io.is_image_file(p))
+            found = [p for p in images if not is_output(p)]
             if not found:
-                raise RmibError(f"{item}: no image files in this folder")
-            paths += found
+                left_out = " (only outputs of rmib predict)" if images else ""
+                raise RmibError(f"{item}: no image files in this folder{left_out}")
         elif item.exists():
-            paths.append(item)
+            found = [] if is_output(item) else [item]
         else:
             raise RmibError(f"{item}: no such file or folder")
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                paths.append(path)
+    if not paths:
+        raise RmibError(
+            f"no photograph to predict: {', '.join(map(str, inputs))} "
+            "named only outputs of rmib predict"
+        )
     return paths
+
+
+def output_stems(paths) -> list[str]:
+    """The name each photograph's outputs start with: its stem, numbered when stems collide.
+
+    Photographs whose stems are the same (a/photo.jpg and b/photo.png; case is
+    ignored, as some file systems do) are named <stem>-1, <stem>-2 ... in the
+    order given, so none overwrites another's outputs; predictions.csv says
+    which is which.
+    """
+    counts = collections.Counter(Path(p).stem.casefold() for p in paths)
+    used = {stem for stem, n in counts.items() if n == 1}
+    numbers = collections.Counter()
+    stems = []
+    for path in paths:
+        stem = Path(path).stem
+        if counts[stem.casefold()] > 1:
+            while True:
+                numbers[stem.casefold()] += 1
+                candidate = f"{stem}-{numbers[stem.casefold()]}"
+                if candidate.casefold() not in used:
+                    break
+            stem = candidate
+        used.add(stem.casefold())
+        stems.append(stem)
+    return stems
+
+
+def check_threshold(threshold) -> float:
+    """The probability threshold of a binary mask, refused outside (0, 1)."""
+    if isinstance(threshold, bool) or not 0.0 < float(threshold) < 1.0:
+        raise RmibError(f"--threshold must be in (0, 1), got {threshold!r}")
+    return float(threshold)
 
 
 # Pixels per strip when a full-size map is converted piece by piece: the
@@ -77,16 +141,29 @@ def write_skipped(out: Path, problems):
 def predict_files(segmenter, inputs, out, threshold=0.5, on_bad="error", echo=click.echo):
     """Predict every image; write <stem>_prob.png (16-bit), <stem>_mask.png, <stem>_overlay.png.
 
+    Photographs sharing a stem are numbered (`output_stems`); files in `out`
+    named like these outputs are not read as photographs (`collect_images`).
+    `out`/predictions.csv (rewritten atomically after each photograph) has
+    one row per photograph predicted: input (the path as given), prob, mask,
+    overlay (file names in `out`), lesion_pixels (of the mask) and
+    mean_probability (over the whole photograph).
+
     Returns:
-        (list of written stems, list of (file, reason) skipped)
+        (list of output stems written, list of (file, reason) skipped)
     """
+    threshold = check_threshold(threshold)
     out = Path(out)
+    paths = collect_images(inputs, out=out)
+    stems = output_stems(paths)
+    numbered = [f"{p} -> {s}" for p, s in zip(paths, stems, strict=True) if p.stem != s]
+    if numbered:
+        echo(f"photographs sharing a name are numbered: {'; '.join(numbered)}")
     out.mkdir(parents=True, exist_ok=True)
-    paths = collect_images(inputs)
-    done, problems = [], []
+    done, problems, rows = [], [], []
     colour = report.LESION_COLOURS.get(segmenter.lesion, (255, 255, 0))
-    with click.progressbar(paths, label="Predicting", file=click.get_text_stream("stderr")) as bar:
-        for path in bar:
+    pairs = list(zip(paths, stems, strict=True))
+    with click.progressbar(pairs, label="Predicting", file=click.get_text_stream("stderr")) as bar:
+        for path, stem in bar:
             try:
                 image = io.read_image(path)
             except BadInputError as exc:
@@ -94,9 +171,18 @@ def predict_files(segmenter, inputs, out, threshold=0.5, on_bad="error", echo=cl
                     raise
                 problems.append((exc.path, exc.reason))
                 continue
-            stem = path.stem
-            _predict_and_write(segmenter, image, out, stem, threshold, colour)
+            lesion_pixels, mean = _predict_and_write(segmenter, image, out, stem, threshold, colour)
             done.append(stem)
+            names = [f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+            rows.append(
+                {
+                    "input": str(path),
+                    **dict(zip(("prob", "mask", "overlay"), names, strict=True)),
+                    "lesion_pixels": lesion_pixels,
+                    "mean_probability": f"{mean:.6g}",
+                }
+            )
+            _write_rows(out / PREDICTIONS_CSV, rows)
     if problems:
         write_skipped(out, problems)
         if not done:
@@ -104,22 +190,28 @@ def predict_files(segmenter, inputs, out, threshold=0.5, on_bad="error", echo=cl
     return done, problems
 
 
-def _predict_and_write(segmenter, image, out: Path, stem: str, threshold, colour) -> None:
+def _predict_and_write(segmenter, image, out: Path, stem: str, threshold, colour):
     """Predict one photograph; write <stem>_prob.png, _mask.png and _overlay.png.
 
     Memory: beyond the photograph and the maps written, only strips of
     temporaries (the float overlay blend, the quantisation) and a copy for
     encoding; the probability map is released once the overlay is blended.
+
+    Returns:
+        (lesion pixels of the mask, mean probability over the photograph)
     """
     prob = segmenter.predict(image)
     save_probability_png(out / f"{stem}_prob.png", prob)
+    mean = float(np.mean(prob, dtype=np.float64))
     mask = np.greater_equal(prob, threshold).view(np.uint8)  # 0/1 without a copy
+    lesion_pixels = int(np.count_nonzero(mask))
     io.write_image(out / f"{stem}_mask.png", mask * np.uint8(255))
     blend = functools.partial(report.probability_overlay, colour=colour)
     overlay = _by_strips(blend, image, np.empty(image.shape, np.uint8), prob)
     del prob
     overlay = report.mask_outline_overlay(overlay, mask, colour)
     io.write_image(out / f"{stem}_overlay.png", overlay)
+    return lesion_pixels, mean
 
 
 def evaluate_dataset(
@@ -151,22 +243,10 @@ def evaluate_dataset(
     lesion = lesion or segmenter.lesion
     if lesion is None:
         raise RmibError("the model's metadata has no lesion type; pass --lesion")
+    threshold = check_threshold(threshold)
+    records = evaluation_records(data_roots, lesion, split=split, names=names, on_bad=on_bad)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for root in data_roots:
-        dataset = readers.read_dataset(root, on_bad=on_bad)
-        records += [r for r in dataset.records if r.has_mask(lesion)]
-    if split:
-        records = [r for r in records if r.split == split]
-    if names:
-        wanted = set(names)
-        records = [r for r in records if r.name in wanted]
-    if not records:
-        raise RmibError(
-            f"no image in {', '.join(map(str, data_roots))} is annotated for {lesion}"
-            + (f" in split {split!r}" if split else "")
-        )
     aupr = metrics.StreamingAUPR()
     regions = metrics.RegionScore(REGION_SIGMAS)
     totals = np.zeros(4, np.int64)  # tp, fp, fn, tn
@@ -217,6 +297,49 @@ def evaluate_dataset(
     if problems:
         write_skipped(out, problems)
     return result
+
+
+def evaluation_records(data_roots, lesion, *, split=None, names=None, on_bad="error") -> list:
+    """The records of `data_roots` annotated for `lesion`, of `split` and `names` when given.
+
+    Raises:
+        RmibError: a split or names that no dataset has (the message lists
+            the valid ones), every mask of the lesion in a dataset all zero
+            (`readers.require_lesion_pixels`), or no image left.
+    """
+    records, everything = [], []
+    for root in data_roots:
+        dataset = readers.read_dataset(root, on_bad=on_bad)
+        annotated = dataset.with_lesion(lesion)
+        readers.require_lesion_pixels(annotated, lesion, root)
+        records += annotated
+        everything += dataset.records
+    where = ", ".join(map(str, data_roots))
+    if split:
+        splits = sorted({r.split for r in everything if r.split is not None})
+        if split not in splits:
+            valid = f"its splits are: {', '.join(splits)}" if splits else "it has no splits"
+            raise RmibError(f"--split {split!r}: no such split in {where}; {valid}")
+        records = [r for r in records if r.split == split]
+    if names:
+        known = {r.name for r in everything}
+        unknown = [n for n in dict.fromkeys(names) if n not in known]
+        if unknown:
+            some = sorted(r.name for r in records) or sorted(known)
+            shown = ", ".join(some[:5]) + (", ..." if len(some) > 5 else "")
+            raise RmibError(
+                f"--names: no image named {', '.join(map(repr, unknown))} in {where} "
+                f"(images there include {shown})"
+            )
+        wanted = set(names)
+        records = [r for r in records if r.name in wanted]
+    if not records:
+        raise RmibError(
+            f"no image in {where} is annotated for {lesion}"
+            + (f" in split {split!r}" if split else "")
+            + (f" among --names {', '.join(names)}" if names else "")
+        )
+    return records
 
 
 def _write_rows(path, rows):

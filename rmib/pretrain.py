@@ -112,6 +112,7 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
     """Train the classifier in `cfg.out`; returns the validation metrics."""
     from rmib.models import build_classifier
 
+    training.RunDirectory(cfg.out, create=False).refuse_new_run_over_old(resume)
     weights = None if cfg.weights in ("", "none") else cfg.weights
     records = classification_records(cfg.data, cfg.on_bad)
     train_records, val_records = stratified_split(records, cfg.val_fraction, seed=cfg.train.seed)

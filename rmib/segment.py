@@ -28,7 +28,7 @@ from rmib.data.pipeline import (
     stratified_split,
 )
 from rmib.errors import RmibError
-from rmib.segment_config import SegmentConfig
+from rmib.segment_config import ENCODER_DECODER_MULTIPLE, SegmentConfig
 from rmib.segmenters import SEGMENTER_TYPES, TiledSegmenter
 
 METHOD_MODULES = {"local-global": "rmib.methods.local_global", "dual2net": "rmib.methods.dual2net"}
@@ -38,7 +38,8 @@ def lesion_records(data_roots, lesion, on_bad="error"):
     """Records of every root annotated for `lesion`.
 
     Raises:
-        RmibError: no root, or no image annotated for the lesion.
+        RmibError: no root, no image annotated for the lesion, or a root whose
+            every mask of the lesion is all zero (`readers.require_lesion_pixels`).
     """
     if not data_roots:
         raise RmibError("no --data given: name at least one dataset root with lesion masks")
@@ -47,11 +48,35 @@ def lesion_records(data_roots, lesion, on_bad="error"):
         dataset = readers.read_dataset(root, on_bad=on_bad)
         # A dataset's own test split is kept for `rmib evaluate --split test`.
         chosen = [r for r in dataset.with_lesion(lesion) if r.split != "test"]
+        readers.require_lesion_pixels(chosen, lesion, root)
         seen.append(f"{root} ({dataset.layout}: {len(chosen)} of {len(dataset)})")
         records += chosen
     if not records:
         raise RmibError(f"no image annotated for {lesion} in {'; '.join(seen)}")
     return records
+
+
+def check_patch_size(cfg: SegmentConfig) -> None:
+    """Refuse a patch side the chosen model cannot take, before any data is read.
+
+    The encoder-decoder needs multiples of 32 (its encoder halves its input
+    five times); the local-global U-Nets multiples of 2**depth
+    (`rmib.methods.local_global.resolve_sizes`); Dual2Net takes no patches.
+
+    Raises:
+        RmibError: naming the patch side and the multiple expected.
+    """
+    if cfg.model == "encoder-decoder":
+        multiple = ENCODER_DECODER_MULTIPLE
+        if cfg.patch_size % multiple:
+            below = max(multiple, cfg.patch_size // multiple * multiple)
+            raise RmibError(
+                f"--patch-size {cfg.patch_size}: the encoder-decoder takes multiples of "
+                f"{multiple} (its encoder halves the patch five times), e.g. {below} or "
+                f"{below + multiple}"
+            )
+    elif cfg.model == "local-global":
+        importlib.import_module(METHOD_MODULES[cfg.model]).resolve_sizes(cfg)
 
 
 def split_records(records, cfg: SegmentConfig):
@@ -370,6 +395,8 @@ def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
 
 def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:
     """Train the configured segmenter in `cfg.out`; returns the validation metrics."""
+    training.RunDirectory(cfg.out, create=False).refuse_new_run_over_old(resume)
+    check_patch_size(cfg)
     if cfg.model == "encoder-decoder":
         echo(describe_encoder(cfg) + (f"; working scale {cfg.scale:g}" if cfg.scale != 1 else ""))
     records = lesion_records(cfg.data, cfg.lesion, cfg.on_bad)

@@ -14,6 +14,8 @@ AUGMENT = ("none", "free", "rot90")
 LESION_CODES = ("EX", "HE", "MA", "SE")
 DUAL2NET_VARIANTS = ("dual-dsm", "single-dice", "single-bce")
 LOCAL_GLOBAL_PHASES = ("global", "local", "fusion", "joint")
+# The encoder-decoder's backbones (VGG16, ResNet50) halve their input five times.
+ENCODER_DECODER_MULTIPLE = 32
 
 
 @dataclasses.dataclass
@@ -241,8 +243,10 @@ class SegmentConfig:
         require(
             self,
             "predict_tile",
-            self.predict_tile == "auto" or self.predict_tile >= 32,
-            '"auto" or at least 32',
+            self.predict_tile == "auto"
+            or (self.predict_tile > 0 and self.predict_tile % ENCODER_DECODER_MULTIPLE == 0),
+            f'"auto" or a multiple of {ENCODER_DECODER_MULTIPLE} (the encoder-decoder\'s '
+            "deepest stride)",
         )
         require(self, "val_every", self.val_every >= 1, "at least 1")
         require(self, "scale", 0.0 < self.scale <= 1.0, "in (0, 1], e.g. 0.5")

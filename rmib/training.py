@@ -703,6 +703,27 @@ class RunDirectory:
     def state_path(self, phase: str | None = None) -> Path:
         return self.checkpoints_dir / _phased("state", phase, ".json")
 
+    def refuse_new_run_over_old(self, resume: bool) -> None:
+        """Refuse to start a new run (no `resume`) where a run already is.
+
+        Called before a command reads its data or writes anything, so that a
+        refused command leaves the run directory, its `config.toml` included,
+        as it was. `fit` checks the same for each phase.
+
+        Raises:
+            RmibError: the directory holds a checkpoint (`checkpoints/last*.keras`)
+                or `model.keras`, and `resume` is False.
+        """
+        if resume or not self.path.is_dir():
+            return
+        found = sorted(self.checkpoints_dir.glob("last*.keras"))
+        found += [self.model_path] if self.model_path.exists() else []
+        if found:
+            raise RmibError(
+                f"{self.path} already holds a run ({found[0].name} exists); continue it with "
+                "--resume, or choose another output directory"
+            )
+
     def remove_temporary_files(self) -> list[Path]:
         """Delete the hidden temporary files that writes interrupted by a crash left here.
 

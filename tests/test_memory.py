@@ -123,7 +123,7 @@ def test_rmib_predict_grows_by_the_photograph_and_its_maps_only(segmenter, tmp_p
         peak = _peak(predict_files, segmenter, [path], out)
         assert {p.name for p in out.iterdir()} == {
             f"{path.stem}_{kind}.png" for kind in ("prob", "mask", "overlay")
-        }
+        } | {"predictions.csv"}
         return peak
 
     growth = _growth_per_pixel(measure)

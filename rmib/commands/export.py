@@ -64,6 +64,7 @@ def export(model, export_format, out, check, tile, overlap, unsafe_load, precisi
     """
     from rmib.export import export_model
 
+    _check_out(out, export_format)
     result = export_model(
         model,
         out,
@@ -81,6 +82,26 @@ def export(model, export_format, out, check, tile, overlap, unsafe_load, precisi
         click.echo(
             f"check {name}: max abs difference {difference:.3g} "
             f"(< {result.tolerance:g}, the tolerance of {result.precision}) OK"
+        )
+
+
+def _check_out(out: pathlib.Path, export_format: str) -> None:
+    """Refuse an --out the export would destroy: a file for a folder, or a folder of other files."""
+    if export_format != "savedmodel":
+        if out.is_dir():
+            raise click.BadParameter(
+                f"{out} is a folder; --format {export_format} writes a file", param_hint="'--out'"
+            )
+        return
+    if out.is_file():
+        raise click.BadParameter(
+            f"{out} is a file; --format savedmodel writes a folder", param_hint="'--out'"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / "saved_model.pb").is_file():
+        raise click.BadParameter(
+            f"{out} holds files and no SavedModel; the export would replace the whole folder: "
+            "choose a new or empty folder",
+            param_hint="'--out'",
         )
 
 

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from rmib.commands.options import max_pixels_option, on_bad_option
+from rmib.commands.options import OUT_DIR, max_pixels_option, on_bad_option
 
 # rmib.grading.VARIANTS; repeated here so that `rmib --help` does not import
 # TensorFlow (tests/grading/test_grade_cli.py checks they agree).
@@ -14,7 +14,6 @@ GLOBAL_NETS = ("yang", "vgg16", "resnet50")
 SPLITS = ("auto", "all", "train", "valid", "test")
 
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
-_out_dir = click.Path(file_okay=False, path_type=pathlib.Path)
 
 
 def _progress(items, label):
@@ -42,7 +41,7 @@ def grade():
     help="Dataset root (repeat). Patches come from images with MA/HE/EX masks, grades "
     "from graded images; they may be different trees. Default: the recipe's data.",
 )
-@click.option("--out", required=True, type=_out_dir, help="The run directory to write.")
+@click.option("--out", required=True, type=OUT_DIR, help="The run directory to write.")
 @click.option(
     "--config",
     "config_path",
@@ -79,7 +78,7 @@ def grade():
     is_flag=True,
     help="Skip the non-weighted global net (the paper's comparison).",
 )
-@click.option("--cache-dir", type=_out_dir, help="Keep preprocessed photographs here.")
+@click.option("--cache-dir", type=OUT_DIR, help="Keep preprocessed photographs here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option(
     "--on-bad",
@@ -125,7 +124,7 @@ def train_command(data, out, config_path, resume, **flags):
 @grade.command("predict")
 @click.argument("run", type=_existing_dir)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=pathlib.Path))
-@click.option("--out", required=True, type=_out_dir, help="Folder for predictions and maps.")
+@click.option("--out", required=True, type=OUT_DIR, help="Folder for predictions and maps.")
 @click.option(
     "--patch-batch",
     type=click.IntRange(min=1),
@@ -162,7 +161,7 @@ def predict_command(run, images, out, patch_batch, on_bad):
     type=_existing_dir,
     help="Dataset root (repeat).",
 )
-@click.option("--out", required=True, type=_out_dir, help="Folder for metrics and ROC curves.")
+@click.option("--out", required=True, type=OUT_DIR, help="Folder for metrics and ROC curves.")
 @click.option(
     "--split",
     type=click.Choice(SPLITS),
@@ -177,7 +176,7 @@ def predict_command(run, images, out, patch_batch, on_bad):
     show_default=True,
     help="Patches per local-net call.",
 )
-@click.option("--cache-dir", type=_out_dir, help="Keep preprocessed photographs here.")
+@click.option("--cache-dir", type=OUT_DIR, help="Keep preprocessed photographs here.")
 @on_bad_option
 @max_pixels_option
 def evaluate_command(run, data, out, split, patch_batch, cache_dir, on_bad):

@@ -8,11 +8,13 @@ import pathlib
 import click
 
 from rmib.commands.options import (
+    OUT_DIR,
     TILE_SIDE,
     batch_size_option,
     max_pixels_option,
     on_bad_option,
     predict_precision_option,
+    threshold_option,
 )
 
 _path = click.Path(path_type=pathlib.Path)
@@ -130,7 +132,7 @@ def _overrides(kwargs, keys):
 @click.option("--weights", type=str, help="none | imagenet | PATH to a weights file [none].")
 @click.option("--val-fraction", type=float, help="Stratified validation fraction [0.2].")
 @click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
-@click.option("--out", type=_path, help="Run directory.")
+@click.option("--out", type=OUT_DIR, help="Run directory.")
 @train_options
 @on_bad_option
 @max_pixels_option
@@ -166,7 +168,11 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
     help="Dataset root with lesion masks (repeatable).",
 )
-@click.option("--lesion", type=click.Choice(["EX", "HE", "MA", "SE"]), help="Lesion type.")
+@click.option(
+    "--lesion",
+    type=click.Choice(["EX", "HE", "MA", "SE"]),
+    help="Lesion type; required unless the --config recipe sets `lesion`.",
+)
 @click.option(
     "--model",
     type=click.Choice(["encoder-decoder", "local-global", "dual2net"]),
@@ -187,7 +193,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     type=click.IntRange(min=0),
     help="Unfreeze the encoder after N epochs, at a 10x lower learning rate.",
 )
-@click.option("--patch-size", type=click.IntRange(min=32), help="Training patch side [160].")
+@click.option(
+    "--patch-size",
+    type=click.IntRange(min=32),
+    help="Training patch side: a multiple of 32 (encoder-decoder) or of 2**depth "
+    "(local-global) [160].",
+)
 @click.option(
     "--scale",
     type=float,
@@ -244,7 +255,7 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     "[8 for ResNet50, as the paper; 32 for VGG16].",
 )
 @click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
-@click.option("--out", type=_path, help="Run directory.")
+@click.option("--out", type=OUT_DIR, help="Run directory.")
 @train_options
 @on_bad_option
 @max_pixels_option
@@ -273,6 +284,8 @@ def segment(
     from rmib.segment import run_segment
     from rmib.segment_config import SegmentConfig
 
+    config_path = _resumed_config(resume, kwargs.get("out"), config_path)
+    _require_lesion(kwargs.get("lesion"), config_path)
     overrides = _overrides(
         kwargs,
         (
@@ -316,6 +329,31 @@ def segment(
     run_segment(cfg, resume=resume)
 
 
+def _resumed_config(resume, out, config_path):
+    """`--resume --out RUN` without `--config` continues RUN with its own settings.
+
+    The run's config.toml (written when it started) is then the recipe, and the
+    flags given still override it; with `--config` the recipe given is used.
+    """
+    if resume and config_path is None and out is not None:
+        saved = pathlib.Path(out) / "config.toml"
+        if saved.is_file():
+            return saved
+    return config_path
+
+
+def _require_lesion(lesion, config_path):
+    """`rmib segment` trains the lesion it is told to: the flag's or the recipe's, never a default."""
+    from rmib.config import read_toml
+    from rmib.errors import RmibError
+
+    if lesion is None and (config_path is None or "lesion" not in read_toml(config_path)):
+        raise RmibError(
+            'which lesion? pass --lesion EX|HE|MA|SE, or set lesion = "EX" (HE, MA, SE) '
+            "in the --config recipe"
+        )
+
+
 def _model_options(func):
     for option in reversed(
         [
@@ -350,13 +388,7 @@ def _model_options(func):
             click.option(
                 "--tile-batch", "batch_size", type=click.IntRange(min=1), help="Tiles per batch."
             ),
-            click.option(
-                "--threshold",
-                type=float,
-                default=0.5,
-                show_default=True,
-                help="Probability threshold of the binary mask.",
-            ),
+            threshold_option,
             click.option(
                 "--unsafe-load",
                 is_flag=True,
@@ -397,7 +429,7 @@ def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsa
 @click.command()
 @click.argument("model", type=_existing)
 @click.argument("images", nargs=-1, required=True, type=_path)
-@click.option("--out", type=_path, required=True, help="Output folder.")
+@click.option("--out", type=OUT_DIR, required=True, help="Output folder.")
 @_model_options
 @on_bad_option
 @max_pixels_option
@@ -405,13 +437,19 @@ def predict(model, images, out, threshold, on_bad, **model_options):
     """Segment whole photographs: probability map (16-bit PNG), mask and overlay per image.
 
     MODEL is a run directory or a .keras file; IMAGES are files or folders.
+    OUT gets <stem>_prob.png, <stem>_mask.png and <stem>_overlay.png per
+    photograph, and predictions.csv: input, output files, lesion pixels and
+    mean probability of each. Photographs sharing a stem (a/photo.jpg,
+    b/photo.png) are numbered (photo-1, photo-2; predictions.csv says which
+    is which) instead of overwriting each other; files in OUT named like
+    these outputs are never read as photographs.
     """
     from rmib.predict import predict_files
 
     segmenter = _segmenter(model, **model_options)
     done, skipped = predict_files(segmenter, images, out, threshold=threshold, on_bad=on_bad)
     click.echo(
-        f"{len(done)} image(s) predicted -> {out}"
+        f"{len(done)} image(s) predicted -> {out} (predictions.csv)"
         + (f"; {len(skipped)} skipped (skipped.csv)" if skipped else "")
     )
 
@@ -425,7 +463,7 @@ def predict(model, images, out, threshold, on_bad, **model_options):
     type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
     help="Dataset root with masks of the model's lesion (repeatable).",
 )
-@click.option("--out", type=_path, required=True, help="Output folder.")
+@click.option("--out", type=OUT_DIR, required=True, help="Output folder.")
 @click.option("--split", type=str, help="Only images of this split of the dataset (e.g. test).")
 @click.option("--names", multiple=True, help="Only these images (by name).")
 @click.option("--fov-only", is_flag=True, help="Count only pixels inside the field of view.")

@@ -53,6 +53,17 @@ predict_precision_option = click.option(
     "precision the run was trained in.",
 )
 
+# An output folder: click refuses an existing file with one line ("Directory ... is a file").
+OUT_DIR = click.Path(file_okay=False, path_type=pathlib.Path)
+
+threshold_option = click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.5,
+    show_default=True,
+    help="Probability threshold of the binary mask, in (0, 1).",
+)
+
 data_root_argument = click.argument(
     "root", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
 )

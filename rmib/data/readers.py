@@ -204,6 +204,49 @@ def summarize_dataset(dataset: Dataset, decode=True, progress=None) -> dict:
     return summary
 
 
+def require_lesion_pixels(records, lesion: str, root) -> None:
+    """Refuse a set of masks of `lesion` in which not one pixel is a lesion.
+
+    Single empty masks are normal (DDR has them); every mask file of a
+    dataset decoding to all zero is not: masks converted with a tool that
+    thresholds the lesion colour away come out so. Masks are decoded as
+    `summarize_dataset` decodes them, stopping at the first one with lesion
+    pixels; unreadable ones are left to the reader of the run.
+
+    Args:
+        records: the records of one dataset root annotated for `lesion`.
+        lesion: the lesion code.
+        root: the dataset root, named in the message.
+
+    Raises:
+        RmibError: naming the lesion and the mask folder, when some mask files
+            decode and every one of them is all zero (images annotated as
+            without the lesion, with no mask file, are not counted).
+    """
+    files = [r.masks[lesion] for r in records if r.masks.get(lesion) is not None]
+    decoded = 0
+    for path in files:
+        try:
+            if _has_lesion_pixels(path):
+                return
+        except BadInputError:
+            continue
+        decoded += 1
+    if decoded:
+        folder = os.path.commonpath([str(Path(f).parent) for f in files])
+        raise RmibError(
+            f"{folder}: all {decoded} {lesion} mask files decode to all zero (no lesion "
+            f"pixel), which is nothing to learn or score; check how they were converted "
+            f"(a palette colour turned to 1-bit comes out black), e.g. with "
+            f"`rmib data inspect {root}`"
+        )
+
+
+def _has_lesion_pixels(mask_path, expected_shape=None) -> bool:
+    """True when the mask file holds at least one lesion pixel (any non-zero value)."""
+    return bool(io.read_mask(mask_path, expected_shape=expected_shape).any())
+
+
 # ----------------------------------------------------------------------------
 # Problems, names, listings
 
@@ -1044,7 +1087,7 @@ def _check_record(record: Record, bad, decode: bool):
         try:
             if decode:
                 shape = (size[1], size[0]) if size else None
-                if io.read_mask(mask, expected_shape=shape).any():
+                if _has_lesion_pixels(mask, expected_shape=shape):
                     with_pixels.add(code)
             else:
                 width, height = io.image_size(mask)

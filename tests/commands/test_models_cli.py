@@ -177,7 +177,17 @@ def test_evaluate_reports_aupr_pixel_and_region_scores(segment_run, synthetic_id
 
 def test_segment_unknown_encoder_is_a_clear_error(synthetic_idrid, tmp_path):
     result = invoke(
-        ["segment", "--data", synthetic_idrid, "--encoder", "vgg19", "--out", tmp_path / "x"]
+        [
+            "segment",
+            "--data",
+            synthetic_idrid,
+            "--lesion",
+            "EX",
+            "--encoder",
+            "vgg19",
+            "--out",
+            tmp_path / "x",
+        ]
     )
     assert result.exit_code == 1
     assert "vgg19" in result.output and "vgg16" in result.output
