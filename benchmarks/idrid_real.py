@@ -79,7 +79,7 @@ QUICK_ROWS = ("stage1", "EX_a_seed0", "EX_e")
 # overrides applied to the row's recipe (written as a derived TOML in the work
 # directory; "[train]" keys as a nested table), one change at a time against
 # "base". Screening rows are stored as "<row>+<lever>".
-_HALF = {"scale": 0.5, "patches_per_epoch": 1024, "val_every": 1}
+_HALF = {"scale": 0.5, "patches_per_epoch": 1024, "val_every": 1, "augment": "free"}
 # The screening base: at scale 0.5 one whole-image validation of the 11 photographs
 # costs about 5 minutes of one core (27 s a photograph) and an epoch of 1024 patches
 # 6.5 minutes, so a 10-minute row validated every epoch trains one epoch. The base
@@ -89,6 +89,7 @@ _BASE = {
     "scale": 0.5,
     "patches_per_epoch": 256,
     "val_every": 1000,
+    "augment": "free",
     "train": {"lr_schedule": "constant"},
 }
 LEVERS = {

@@ -426,7 +426,8 @@ class _ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
         super().on_epoch_end(epoch, logs)
 
     def get_state(self) -> dict:
-        best = float(self.best)
+        # None until a validated epoch was seen (Keras sets it at the first one).
+        best = float("nan") if self.best is None else float(self.best)
         return {
             "best": best if math.isfinite(best) else None,
             "wait": int(self.wait),

@@ -267,6 +267,8 @@ def test_plateau_waits_only_on_validated_epochs():
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     callback.set_model(model)
     callback.on_train_begin()
+    callback.on_epoch_end(0, {"val_aupr": float("nan")})  # not validated before the first
+    assert callback.get_state() == {"best": None, "wait": 0, "cooldown_counter": 0}
     rates = []
     for value in (0.3, float("nan"), float("nan"), float("nan"), 0.2, float("nan"), 0.2):
         callback.on_epoch_end(len(rates), {"val_aupr": value})
