@@ -287,7 +287,7 @@ def train_encoder_decoder(cfg: SegmentConfig, train_records, val_records, run, r
         "predict_tile": cfg.predict_tile,
         "predict_halo": cfg.predict_halo,
         "predict_max_tile": cfg.predict_max_tile,
-        "size_multiple": 32,
+        "size_multiple": ENCODER_DECODER_MULTIPLE,
         "loss": cfg.loss,
         "train_images": [r.name for r in train_records],
         "val_images": [r.name for r in val_records],
