@@ -580,8 +580,8 @@ def train_reference_unet(argv=None) -> None:
         rescale_example,
         split_by_names,
     )
+    from rmib.methods.segment_data import lesion_records
     from rmib.models.unet import build_unet
-    from rmib.segment import lesion_records
 
     records = lesion_records([args.data], args.lesion)
     train_records, val_records = split_by_names(records, args.val_names)
@@ -638,9 +638,8 @@ def frozen_encoder_cost(size=256, batch=8, warmup=2, steps=5, backbone="vgg16") 
     import numpy as np
     import tensorflow as tf
 
-    from rmib.models import build_encoder_decoder
+    from rmib.methods.encoder_decoder.model import build_encoder_decoder, decode
     from rmib.models.backbones import build_backbone, tap_strides
-    from rmib.models.encoder_decoder import decode
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")

@@ -1,7 +1,7 @@
 """`local_global_prediction`: the fused local-global U-Net (Yan et al. 2019) on a whole photograph.
 
 Seconds per IDRiD-sized photograph (4288 x 2848) for the fused model against
-LocalNet alone, through `rmib.models.local_global.LocalGlobalSegmenter` as
+LocalNet alone, through `rmib.methods.local_global.segmenter.LocalGlobalSegmenter` as
 `rmib predict` runs them, in each precision of the run, with the FLOPs each
 one does and their % of the machine's peak. Issue #5's target: the fused
 model costs at most `TARGET_OVERHEAD` (1.3) times LocalNet, which needs
@@ -59,7 +59,7 @@ def _build_pair(precision: str, sizes: dict, depths: dict):
     """(fused model, LocalNet alone), built under `precision`'s dtype policy."""
     import keras
 
-    from rmib.models.local_global import build_local_global, build_local_net
+    from rmib.methods.local_global.model import build_local_global, build_local_net
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -98,7 +98,7 @@ def component_flops(fused, local, sizes: dict) -> dict:
 
 def _counting_segmenters(fused, local, sizes, depths):
     """Both segmenters, with counters of GlobalNet passes and tiles wrapped round them."""
-    from rmib.models.local_global import LocalGlobalSegmenter
+    from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
 
     counts = {"fused_tiles": 0, "global_passes": 0, "local_tiles": 0}
     fused_segmenter = LocalGlobalSegmenter(
@@ -138,8 +138,8 @@ def paper_flop_table(photo_shape=PAPER_CROPPED_PHOTO) -> list[dict]:
     """
     import keras
 
-    from rmib.inference import tile_grid
-    from rmib.models.local_global import build_local_global, build_local_net, default_depths
+    from rmib.inference.tiling import tile_grid
+    from rmib.methods.local_global.model import build_local_global, build_local_net, default_depths
 
     sizes = PAPER_SIZES
     p = sizes["patch_size"]
@@ -194,7 +194,7 @@ def local_global_prediction(settings, peak: dict, progress=None) -> dict:
     import numpy as np
 
     from benchmarks.run import _load, _percent, _photograph, peak_for
-    from rmib.models.local_global import default_depths
+    from rmib.methods.local_global.model import default_depths
 
     sizes = _sizes(settings)
     depths = default_depths(TIMED_LESION)
@@ -319,7 +319,7 @@ def render_local_global(result: dict, machine: dict, settings) -> str:
         _run_line(machine, settings),
         f"Whole-photograph prediction ({width}x{height}, {result['source']}) with the fused "
         f"local-global U-Net of Yan et al. (ISBI 2019) and with LocalNet alone, both through "
-        "`rmib.models.local_global.LocalGlobalSegmenter` as `rmib predict` runs them (CLAHE, "
+        "`rmib.methods.local_global.segmenter.LocalGlobalSegmenter` as `rmib predict` runs them (CLAHE, "
         "IDRiD centre crop when the photograph is large enough, FOV mask, tiles of "
         f"{s['patch_size']} px at overlap {s['overlap']}, {s['predict_batch']} tiles per "
         f"batch), lesion {s['lesion']}: GlobalNet depth {s['depths']['global']} on "

@@ -427,8 +427,8 @@ def child_tiled(job: dict) -> dict:
 
     from benchmarks.flops import model_flops
     from rmib.data.pipeline import Preprocessing, preprocess_array
-    from rmib.models import build_encoder_decoder
-    from rmib.segmenters import TiledSegmenter
+    from rmib.methods.encoder_decoder.model import build_encoder_decoder
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
     keras.mixed_precision.set_global_policy(job["precision"])
     model = build_encoder_decoder("vgg16", cbam=True)
@@ -795,7 +795,7 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
         _run_line(machine, settings),
         "Whole-photograph prediction with the VGG16-CBAM encoder-decoder "
         '(`build_encoder_decoder("vgg16", cbam=True)`, built under the precision policy) '
-        "through `rmib.segmenters.TiledSegmenter` (CLAHE, FOV mask), each run in a fresh "
+        "through `rmib.methods.encoder_decoder.segmenter.TiledSegmenter` (CLAHE, FOV mask), each run in a fresh "
         "child process after one warm-up tile: **auto** (the default of `rmib predict` for "
         "new runs) plans the fewest, most even tiles of at most 1024x1024 pixels over the "
         "field of view's bounding box, overlapping by 2 x 64 px and blended with the ramp "

@@ -238,7 +238,7 @@ def standard_cells(parameters: str, count: int, size: int) -> list:
 
 
 PRETRAIN_IF_NEEDED = """
-from rmib.pretrain import PretrainConfig, run_pretrain
+from rmib import PretrainConfig, run_pretrain
 
 
 def pretrain(out):
@@ -267,7 +267,7 @@ def pretrain(out):
 
 SEGMENT_EVALUATE = """
 from rmib.predict import evaluate_dataset, predict_files
-from rmib.segmenters import load_segmenter
+from rmib import load_segmenter
 
 segmenter = load_segmenter(SEG_RUN)
 test_images = [r.image for r in dataset.records if r.has_mask(LESION) and r.split == "test"]
@@ -311,7 +311,7 @@ def nb_pretrain():
         header(
             "1. Pretrain a lesion classifier (stage 1)",
             "Train a VGG16 (optionally CBAM) lesion / healthy classifier with "
-            "`rmib.pretrain.run_pretrain`. Its encoder is what notebook 2 transfers to "
+            "`rmib.run_pretrain`. Its encoder is what notebook 2 transfers to "
             "lesion segmentation. Keep `WORK_DIR` the same across the notebooks.",
         ),
         *standard_cells(params, count=40, size=512),
@@ -383,7 +383,7 @@ def nb_segment():
         header(
             "2. Segment a lesion with the transferred encoder (stage 2)",
             "The frozen encoder of notebook 1's classifier under a U-Net decoder "
-            "(`rmib.segment.run_segment`), then whole-photograph predictions by "
+            "(`rmib.run_segment`), then whole-photograph predictions by "
             "overlapping tiles, overlays and an evaluation on the held-out split.",
         ),
         *standard_cells(params, count=40, size=512),
@@ -403,8 +403,8 @@ def nb_segment():
             """
             import shutil
 
-            from rmib.segment import run_segment
-            from rmib.segment_config import SegmentConfig
+            from rmib import run_segment
+            from rmib import SegmentConfig
 
             SEG_RUN = WORK / "runs" / f"segment-{LESION.lower()}"
             shutil.rmtree(SEG_RUN, ignore_errors=True)
@@ -478,8 +478,8 @@ def nb_local_global():
             """
             import shutil
 
-            from rmib.segment import run_segment
-            from rmib.segment_config import SegmentConfig
+            from rmib import run_segment
+            from rmib import SegmentConfig
 
             SEG_RUN = WORK / "runs" / f"local-global-{LESION.lower()}"
             shutil.rmtree(SEG_RUN, ignore_errors=True)
@@ -555,8 +555,8 @@ def nb_dual2net():
             """
             import shutil
 
-            from rmib.segment import run_segment
-            from rmib.segment_config import SegmentConfig
+            from rmib import run_segment
+            from rmib import SegmentConfig
 
             SEG_RUN = WORK / "runs" / f"dual2net-{LESION.lower()}"
             shutil.rmtree(SEG_RUN, ignore_errors=True)
@@ -736,8 +736,8 @@ def nb_export():
             """
             SEG_RUN = Path(SEG_RUN) if SEG_RUN else WORK / "runs" / f"segment-{LESION.lower()}"
             if not (SEG_RUN / "rmib.json").is_file():
-                from rmib.segment import run_segment
-                from rmib.segment_config import SegmentConfig
+                from rmib import run_segment
+                from rmib import SegmentConfig
 
                 print(f"no segment run at {SEG_RUN}: training a small one first")
                 run_segment(load_config(SegmentConfig, None, {
@@ -787,7 +787,7 @@ def nb_export():
             """
             from rmib import report
             from rmib.data import fundus
-            from rmib.segmenters import load_segmenter
+            from rmib import load_segmenter
 
             served = tf.saved_model.load(str(exported.path))
             served_meta = json.loads(served.signatures["metadata"]()["json"].numpy().decode())

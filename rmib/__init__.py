@@ -16,3 +16,27 @@ LESION_NAMES = {
     "SE": "soft exudates",
     "OD": "optic disc",
 }
+
+# The public entry points, imported on first use (PEP 562) so that `import rmib`
+# and `rmib --help` do not pay for TensorFlow: `from rmib import run_segment`.
+_PUBLIC = (
+    "METHODS",
+    "PretrainConfig",
+    "SegmentConfig",
+    "load_segmenter",
+    "make_segmenter",
+    "run_pretrain",
+    "run_segment",
+)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        from rmib import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'rmib' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))

@@ -61,11 +61,10 @@ def run_main_job(data_root, out, args, stage1_root=None):
     from rmib import io
     from rmib.config import load_config
     from rmib.data import synthetic
+    from rmib.methods.classifier.config import PretrainConfig
+    from rmib.methods.segment_config import SegmentConfig
     from rmib.predict import evaluate_dataset, predict_files
-    from rmib.pretrain import PretrainConfig, run_pretrain
-    from rmib.segment import run_segment
-    from rmib.segment_config import SegmentConfig
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter, run_pretrain, run_segment
 
     runs = out / "runs"
     shutil.rmtree(runs, ignore_errors=True)  # the demo always starts afresh

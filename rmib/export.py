@@ -430,7 +430,7 @@ def export_metadata(
     """
     from rmib import __version__
     from rmib.data.pipeline import Preprocessing
-    from rmib.inference import WINDOW_FLOOR
+    from rmib.inference.tiling import WINDOW_FLOOR
 
     kind = serving_kind(run_metadata)
     task = run_metadata.get("task")
@@ -550,7 +550,7 @@ def _probability(model, batch):
     """
     import tensorflow as tf
 
-    from rmib.segmenters import compiled_predict
+    from rmib.inference.segmenter import compiled_predict
 
     if tf.executing_eagerly():
         return compiled_predict(model, int(batch.shape[-1]))(tf.cast(batch, tf.float32))
@@ -601,7 +601,7 @@ def tiled_probability(
     """
     import tensorflow as tf
 
-    from rmib.inference import weight_window
+    from rmib.inference.tiling import weight_window
 
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -916,11 +916,11 @@ def _bilinear_resize(values, height, width):
 def resized_probability(predict_fn, image, fov, input_size, keep_aspect: bool):
     """Predict a whole photograph on a resized copy, as the "resized" segmenters do.
 
-    Dual2Net (``keep_aspect``, `rmib.models.dual2net.Dual2NetSegmenter`):
+    Dual2Net (``keep_aspect``, `rmib.methods.dual2net.segmenter.Dual2NetSegmenter`):
     `rmib.data.fundus.resize_pad` of the uint8 photograph to `input_size`,
     the model, the unpadded part resized back (bilinear), clipped to [0, 1],
     0 outside the field of view. GlobalNet alone (not ``keep_aspect``,
-    `rmib.models.local_global.LocalGlobalSegmenter`): the float32 photograph
+    `rmib.methods.local_global.segmenter.LocalGlobalSegmenter`): the float32 photograph
     resized to `input_size`, aspect not kept, then the same.
 
     Args:
@@ -1305,8 +1305,8 @@ class _Case:
 
 
 def make_reference_segmenter(model, metadata: dict):
-    """The `rmib.segmenters.Segmenter` that `rmib predict` would use with the export's tiling."""
-    from rmib.segmenters import make_segmenter
+    """The `rmib.inference.segmenter.Segmenter` that `rmib predict` would use with the export's tiling."""
+    from rmib.tasks import make_segmenter
 
     return make_segmenter(
         model,
@@ -1453,7 +1453,7 @@ def check_savedmodel(path, model, metadata: dict) -> dict:
 
     The batch signatures get random inputs and are compared with the Keras
     models; ``segment_image`` gets a synthetic photograph through the run's
-    preprocessing and is compared with the run's `rmib.segmenters.Segmenter`
+    preprocessing and is compared with the run's `rmib.inference.segmenter.Segmenter`
     (what `rmib predict` runs), its mask with the thresholded reference;
     ``grade_image`` is compared with `rmib.grade.Grader.grade_prepared` (what
     `rmib grade predict` runs); the `metadata` signature with `metadata`.
@@ -1606,7 +1606,8 @@ def _tiling(kind: str, model, metadata: dict, tile, overlap, batch_size):
     """
     if kind not in ("tiled", "fused"):
         return None, None, None
-    from rmib.segmenters import AUTO_TILE, EXPORT_TILE, make_segmenter
+    from rmib.inference.segmenter import AUTO_TILE, EXPORT_TILE
+    from rmib.tasks import make_segmenter
 
     if kind == "tiled" and tile is None and _planned_tiles(metadata):
         # rmib predict plans large tiles per photograph ("auto"); the graph of

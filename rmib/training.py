@@ -570,7 +570,7 @@ def read_run_metadata(path) -> dict:
 
 def _register_rmib_objects() -> None:
     """Import the rmib modules that register layers, losses and metrics for loading."""
-    for name in ("rmib.models", "rmib.losses", "rmib.metrics", "rmib.grading"):
+    for name in ("rmib.models", "rmib.losses", "rmib.metrics", "rmib.grading", "rmib.tasks"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -223,9 +223,8 @@ def test_the_decoder_timed_alone_is_the_segmenters_decoder():
     import keras
     import numpy as np
 
-    from rmib.models import build_encoder_decoder
+    from rmib.methods.encoder_decoder.model import build_encoder_decoder, decode
     from rmib.models.backbones import build_backbone, tap_strides
-    from rmib.models.encoder_decoder import decode
 
     encoder = build_backbone("vgg16", weights="none", model_name="backbone")
     model = build_encoder_decoder(encoder, filters=(8, 8, 4, 4, 2))

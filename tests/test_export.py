@@ -14,7 +14,7 @@ from rmib import io, training
 from rmib.data import synthetic
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.errors import RmibError
-from rmib.inference import predict_tiled
+from rmib.inference.tiling import predict_tiled
 from tests.conftest import PROJECT_ROOT, invoke
 
 pytestmark = pytest.mark.timeout(900)
@@ -122,7 +122,7 @@ def test_classifier_savedmodel_has_a_documented_classify_signature(classifier_ex
 def test_segmenter_savedmodel_signatures_and_metadata(segmenter_export, segment_run):
     import tensorflow as tf
 
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     out, output = segmenter_export
     assert _difference(output, "segment_patch") < 1e-4

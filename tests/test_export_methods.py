@@ -84,8 +84,8 @@ def local_global_run(ex_records, tmp_path_factory):
 
 
 def _local_global(ex_records, out, precision):
-    from rmib.methods import local_global as lgm
-    from rmib.segment_config import LocalGlobalConfig, SegmentConfig
+    from rmib.methods.local_global.train import train
+    from rmib.methods.segment_config import LocalGlobalConfig, SegmentConfig
 
     cfg = SegmentConfig(
         lesion="EX",
@@ -106,7 +106,7 @@ def _local_global(ex_records, out, precision):
     )
     run = training.RunDirectory(out)
     with eagerly():
-        lgm.train(cfg, ex_records, [], run)
+        train(cfg, ex_records, [], run)
     return run.path
 
 
@@ -117,8 +117,8 @@ def dual2net_run(ex_records, tmp_path_factory):
 
 
 def _dual2net(ex_records, out, precision):
-    from rmib.methods import dual2net as method
-    from rmib.segment_config import Dual2NetConfig, SegmentConfig
+    from rmib.methods.dual2net.train import train
+    from rmib.methods.segment_config import Dual2NetConfig, SegmentConfig
 
     cfg = SegmentConfig(
         data=[],
@@ -130,7 +130,7 @@ def _dual2net(ex_records, out, precision):
         dual2net=Dual2NetConfig(image_size=[32, 64], head_filters=8),
     )
     with eagerly():
-        method.train(cfg, ex_records, [], training.RunDirectory(out), verbose=0)
+        train(cfg, ex_records, [], training.RunDirectory(out), verbose=0)
     return out
 
 
@@ -211,7 +211,7 @@ def test_opencv_area_resize_is_bit_exact(source, target, dtype):
 
 
 def test_local_global_export_equals_its_segmenter(local_global_run, tmp_path):
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     loaded, differences = _export(local_global_run, tmp_path / "lg")
     assert set(differences) == {"segment_patch", "segment_image"}
@@ -269,7 +269,7 @@ def test_local_global_bad_tiling_is_one_error_line(local_global_run, tmp_path):
 
 
 def test_dual2net_export_equals_its_segmenter(dual2net_run, tmp_path):
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     loaded, differences = _export(dual2net_run, tmp_path / "d2")
     assert set(differences) == {"segment_resized", "segment_image"}

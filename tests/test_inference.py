@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from rmib.inference import (
+from rmib.inference.tiling import (
     WINDOW_FLOOR,
     mask_box,
     plan_tiles,

@@ -50,7 +50,7 @@ def segmenter():
     """A tiny fully convolutional segmenter (tiles of 256, CLAHE), traced once."""
     import keras
 
-    from rmib.segmenters import TiledSegmenter
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
     inputs = keras.Input((None, None, 3))
     x = keras.layers.Rescaling(1 / 255)(inputs)
@@ -86,7 +86,7 @@ def test_predict_tiled_holds_only_its_output(segmenter):
     """Tiles are cast batch by batch and the weights summed per axis: only the float32
     output (4 bytes/pixel) is image-sized; the uint8 image and mask are the caller's."""
     from rmib.data import fundus
-    from rmib.inference import predict_tiled
+    from rmib.inference.tiling import predict_tiled
 
     def measure(height, width):
         image = _photograph(height, width)
@@ -158,7 +158,7 @@ def test_strip_by_strip_outputs_equal_the_whole_array_ones(segmenter, tmp_path, 
 def test_planned_tiles_grow_by_the_map_and_preprocessing_only(segmenter):
     """--tile auto: the tiles are cut from a view of the field of view's box and the
     output is written through a view of the whole map: no extra image-sized array."""
-    from rmib.segmenters import TiledSegmenter
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
     auto = TiledSegmenter(
         segmenter.model, segmenter.metadata, "auto", halo=32, max_tile_pixels=512 * 512

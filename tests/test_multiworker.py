@@ -207,7 +207,7 @@ def test_tpu_without_a_tpu_is_a_clear_error(monkeypatch):
 
 def test_strategy_names_are_shared_by_config_cli_and_runner():
     from rmib import training
-    from rmib.commands.models import pretrain
+    from rmib.cli.models import pretrain
     from rmib.config import STRATEGIES
 
     assert set(STRATEGIES) == {"auto", *training._STRATEGY_BUILDERS}

@@ -13,6 +13,7 @@ every epoch end), training loss and whole-image validation values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -144,16 +145,19 @@ def test_workers_end_with_the_same_batch_norm_statistics(cluster_run):
 
 def test_only_the_chief_writes_the_commands_own_files(tmp_path, monkeypatch):
     """`rmib segment` writes config.toml and metrics.json in --out on the chief alone."""
-    from rmib import segment, training
-    from rmib.segment_config import SegmentConfig
+    from rmib import tasks, training
+    from rmib.methods.segment_config import SegmentConfig
 
-    monkeypatch.setattr(segment, "lesion_records", lambda *args: ["a", "b"])
-    monkeypatch.setattr(segment, "split_records", lambda records, cfg: (records, []))
-    monkeypatch.setattr(segment, "train_encoder_decoder", lambda *args: {"aupr": 0.5})
+    monkeypatch.setattr(tasks, "lesion_records", lambda *args: ["a", "b"])
+    monkeypatch.setattr(tasks, "split_records", lambda records, cfg: (records, []))
+    method = dataclasses.replace(
+        tasks.SEGMENT_METHODS["encoder-decoder"], train=lambda *args, **kwargs: {"aupr": 0.5}
+    )
+    monkeypatch.setitem(tasks.SEGMENT_METHODS, "encoder-decoder", method)
     for chief in (False, True):
         out = tmp_path / f"chief_{chief}"
         monkeypatch.setattr(training, "is_chief", lambda strategy, chief=chief: chief)
         cfg = SegmentConfig(data=[str(tmp_path)], lesion="EX", out=str(out))
-        assert segment.run_segment(cfg, echo=lambda *a: None) == {"aupr": 0.5}
+        assert tasks.run_segment(cfg, echo=lambda *a: None) == {"aupr": 0.5}
         written = sorted(p.name for p in out.iterdir() if p.is_file())
         assert written == (["config.toml", "metrics.json"] if chief else [])

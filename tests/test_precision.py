@@ -21,7 +21,8 @@ from rmib import precision as precision_lib
 from rmib import training
 from rmib.data import synthetic
 from rmib.errors import RmibError
-from rmib.models import build_classifier, build_encoder_decoder
+from rmib.methods.encoder_decoder.model import build_encoder_decoder
+from rmib.models import build_classifier
 from rmib.predict import read_probability_png
 from tests.conftest import invoke, pretrain_args
 

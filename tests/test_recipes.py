@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from rmib.config import load_config
-from rmib.pretrain import PretrainConfig
-from rmib.segment_config import SegmentConfig
+from rmib.methods.classifier.config import PretrainConfig
+from rmib.methods.segment_config import SegmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

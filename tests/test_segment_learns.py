@@ -8,9 +8,11 @@ import pytest
 from rmib import training
 from rmib.config import load_config
 from rmib.data.pipeline import Preprocessing, load_examples
-from rmib.segment import evaluate_examples, lesion_records, run_segment, split_records
-from rmib.segment_config import SegmentConfig
-from rmib.segmenters import TiledSegmenter
+from rmib.evaluation import evaluate_examples
+from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
+from rmib.methods.segment_config import SegmentConfig
+from rmib.methods.segment_data import lesion_records, split_records
+from rmib.tasks import run_segment
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,7 +43,7 @@ def test_training_raises_validation_aupr_by_at_least_0_1(synthetic_idrid, tmp_pa
     trained = run_segment(cfg)
 
     # The same architecture, freshly initialised at the same seed, on the same images.
-    from rmib.models import build_encoder_decoder
+    from rmib.methods.encoder_decoder.model import build_encoder_decoder
 
     training.apply_precision("float32")
     keras.utils.set_random_seed(cfg.train.seed)

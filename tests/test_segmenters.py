@@ -1,4 +1,4 @@
-"""`rmib.segmenters.TiledSegmenter`: planned large tiles ("auto") against fixed tiles."""
+"""`rmib.methods.encoder_decoder.segmenter.TiledSegmenter`: planned large tiles ("auto") against fixed tiles."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmib.errors import RmibError
-from rmib.inference import mask_box, plan_tiles
+from rmib.inference.tiling import mask_box, plan_tiles
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,7 +27,7 @@ def _pointwise_model():
 
 
 def test_auto_tiles_cover_the_field_of_view_box_with_planned_tiles():
-    from rmib.segmenters import TiledSegmenter
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
@@ -67,8 +67,8 @@ def test_auto_tiles_are_closer_to_the_seamless_prediction_than_training_size_til
 
     from rmib.data import synthetic
     from rmib.data.pipeline import Preprocessing, preprocess_array
-    from rmib.models import build_encoder_decoder
-    from rmib.segmenters import TiledSegmenter
+    from rmib.methods.encoder_decoder.model import build_encoder_decoder
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
     model = build_encoder_decoder("vgg16")
     image, _, _ = synthetic.synthesize_fundus((320, 320), seed=3, grade=3)
@@ -86,7 +86,7 @@ def test_auto_tiles_are_closer_to_the_seamless_prediction_than_training_size_til
 
 
 def test_tiling_arguments_are_checked():
-    from rmib.segmenters import TiledSegmenter
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
     model = _pointwise_model()
     meta = {"lesion": "EX"}
@@ -121,7 +121,7 @@ def test_tiling_arguments_are_checked():
 
 def test_segment_config_predict_tile():
     from rmib.config import load_config
-    from rmib.segment_config import SegmentConfig
+    from rmib.methods.segment_config import SegmentConfig
 
     assert SegmentConfig().predict_tile == "auto"
     assert load_config(SegmentConfig, None, {"predict_tile": 256}).predict_tile == 256

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from rmib.data.pipeline import Example
-from rmib.segment import WholeImageValidation, final_validation
+from rmib.evaluation import WholeImageValidation, final_validation
 
 
 class _Segmenter:

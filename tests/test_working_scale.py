@@ -12,7 +12,7 @@ from conftest import invoke
 from rmib import io
 from rmib.data import fundus
 from rmib.errors import RmibError
-from rmib.segmenters import TiledSegmenter
+from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 
 
 def test_rescale_shapes_and_small_lesions():
@@ -96,7 +96,7 @@ def _segment_args(data, out, *more):
 
 
 def test_scaled_run_stores_its_scale_and_predicts_full_size(synthetic_idrid, tmp_path):
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     run = tmp_path / "scaled"
     result = invoke(_segment_args(synthetic_idrid, run, "--scale", 0.5))
@@ -141,8 +141,8 @@ def test_bad_scale_is_refused_without_traceback(synthetic_idrid, tmp_path):
 
 
 def test_first_line_names_the_encoder(synthetic_idrid, pretrain_run, tmp_path):
-    from rmib.segment import describe_encoder
-    from rmib.segment_config import SegmentConfig
+    from rmib.methods.encoders import describe_encoder
+    from rmib.methods.segment_config import SegmentConfig
 
     assert describe_encoder(SegmentConfig()) == (
         "encoder: vgg16 from scratch (random init, trainable; "

@@ -89,7 +89,7 @@ def test_predict_with_planned_tiles_and_tiling_errors(segment_run, synthetic_idr
     )
     assert result.exit_code == 0, result.output
     from rmib.predict import read_probability_png
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     a = read_probability_png(fixed / f"{image.stem}_prob.png")
     b = read_probability_png(auto / f"{image.stem}_prob.png")

@@ -14,8 +14,8 @@ import pytest
 
 from rmib import io
 from rmib.data import readers
+from rmib.methods.segment_data import lesion_records
 from rmib.predict import read_probability_png
-from rmib.segment import lesion_records
 from tests.conftest import invoke
 
 pytestmark = pytest.mark.timeout(600)

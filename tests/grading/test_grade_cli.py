@@ -23,7 +23,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from rmib import io
 from rmib.cli import cli
-from rmib.commands.grade import GLOBAL_NETS
+from rmib.cli.grade import GLOBAL_NETS
 from rmib.data import readers, synthetic
 from rmib.grade import (
     LesionMap,

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from rmib.errors import RmibError
-from rmib.methods.ablation_table import (
+from rmib.methods.local_global.table import (
     PAPER_TABLE1,
     ablation_table,
     collect_results,
@@ -103,7 +103,7 @@ def test_main_writes_the_table_and_reports_errors(results, tmp_path, capsys):
 
 def test_python_dash_m_entry_point(results):
     done = subprocess.run(
-        [sys.executable, "-m", "rmib.methods.ablation_table", str(results), "--format", "csv"],
+        [sys.executable, "-m", "rmib.methods.local_global.table", str(results), "--format", "csv"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -16,19 +18,18 @@ from rmib.config import TrainConfig, load_config
 from rmib.data.pipeline import Preprocessing
 from rmib.errors import RmibError
 from rmib.losses import sample_rebalanced_pixels
-from rmib.methods import dual2net as method
-from rmib.methods.dual2net_table import dual2net_table
-from rmib.models.dual2net import (
+from rmib.methods.dual2net.loss import DSMAlphaSchedule, dual2net_loss
+from rmib.methods.dual2net.model import (
     BilinearUpsampling,
-    DSMAlphaSchedule,
     Dual2Net,
-    Dual2NetSegmenter,
     PyramidPooling,
     adaptive_average_pool,
     build_dual2net,
-    dual2net_loss,
 )
-from rmib.segment_config import Dual2NetConfig, SegmentConfig
+from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
+from rmib.methods.dual2net.table import dual2net_table
+from rmib.methods.dual2net.train import build_model, resolve_config, train
+from rmib.methods.segment_config import Dual2NetConfig, SegmentConfig
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[2]
@@ -250,7 +251,7 @@ def test_a_stage1_encoder_becomes_the_trunk_and_initialises_both_branches(tmp_pa
     backbone = classifier.get_layer("backbone")
     cfg = SegmentConfig(model="dual2net", encoder=str(stage1.path), freeze_encoder="yes")
     cfg = dataclasses.replace(cfg, dual2net=Dual2NetConfig(head_filters=8))
-    model = method.build_model(cfg)
+    model = build_model(cfg)
     np.testing.assert_array_equal(
         np.asarray(model.trunk.get_layer("block1_conv1").kernel),
         np.asarray(backbone.get_layer("block1_conv1").kernel),
@@ -266,12 +267,21 @@ def test_a_stage1_encoder_becomes_the_trunk_and_initialises_both_branches(tmp_pa
 
 
 def test_loading_a_model_registers_dual2net_layers():
-    # rmib.training.load_model imports rmib.models before deserialising: that import
-    # must register Dual2Net's layers, or a fresh `rmib predict RUN` cannot load the model.
-    source = (ROOT / "rmib" / "models" / "__init__.py").read_text()
-    assert "from rmib.models.dual2net import" in source
-    for name in ("Dual2Net", "PyramidPooling", "BilinearUpsampling"):
-        assert keras.saving.get_registered_object(f"rmib>{name}") is not None
+    # A fresh process (as `rmib predict RUN`) that has imported nothing of Dual2Net:
+    # rmib.training.load_model's registration must make its layers known to Keras.
+    code = (
+        "import keras\n"
+        "from rmib import training\n"
+        "names = ('Dual2Net', 'PyramidPooling', 'BilinearUpsampling')\n"
+        "assert all(keras.saving.get_registered_object(f'rmib>{n}') is None for n in names)\n"
+        "training._register_rmib_objects()\n"
+        "missing = [n for n in names if keras.saving.get_registered_object(f'rmib>{n}') is None]\n"
+        "assert not missing, missing\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- layers
@@ -372,7 +382,7 @@ def test_segmenter_resizes_back_and_undoes_the_fov_crop():
 
 
 def test_paper_defaults_replace_only_untouched_settings():
-    cfg, notes = method.resolve_config(SegmentConfig(model="dual2net"))
+    cfg, notes = resolve_config(SegmentConfig(model="dual2net"))
     t = cfg.train
     assert (t.optimizer, t.learning_rate, t.momentum, t.weight_decay) == ("sgd", 0.03, 0.9, 5e-4)
     assert t.weight_decay_mode == "coupled"
@@ -383,7 +393,7 @@ def test_paper_defaults_replace_only_untouched_settings():
         augment="none",
         train=TrainConfig(learning_rate=1e-4, lr_schedule="plateau", batch_size=4),
     )
-    cfg, _ = method.resolve_config(own)
+    cfg, _ = resolve_config(own)
     t = cfg.train
     assert (t.learning_rate, t.lr_schedule, t.batch_size, cfg.augment) == (
         1e-4,
@@ -396,13 +406,13 @@ def test_paper_defaults_replace_only_untouched_settings():
 
 
 def test_without_validation_the_last_epoch_is_kept():
-    cfg, _ = method.resolve_config(SegmentConfig(model="dual2net"), has_validation=False)
+    cfg, _ = resolve_config(SegmentConfig(model="dual2net"), has_validation=False)
     assert (cfg.train.monitor, cfg.train.restore_best) == ("loss", False)
     custom = SegmentConfig(train=TrainConfig(monitor="val_f1"))
     with pytest.raises(RmibError, match="val_f1"):
-        method.resolve_config(custom, has_validation=False)
+        resolve_config(custom, has_validation=False)
     with pytest.raises(RmibError, match="fine_tune_after"):
-        method.resolve_config(SegmentConfig(fine_tune_after=2))
+        resolve_config(SegmentConfig(fine_tune_after=2))
 
 
 def test_the_paper_backbone_gives_120x180_branch_features_for_960x1440():
@@ -536,7 +546,7 @@ def test_train_then_predict_a_full_size_map(tmp_path):
     from rmib.data.readers import read_dataset
     from rmib.data.synthetic import write_dataset
     from rmib.io import read_image
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     root = write_dataset(tmp_path / "data", "idrid", count=6, size=96, seed=0)
     records = read_dataset(root).with_lesion("EX")
@@ -559,7 +569,7 @@ def test_train_then_predict_a_full_size_map(tmp_path):
         dual2net=Dual2NetConfig(image_size=[32, 64], head_filters=8),
     )
     run = training.RunDirectory(tmp_path / "run")
-    result = method.train(cfg, train_records, val, run, verbose=0)
+    result = train(cfg, train_records, val, run, verbose=0)
 
     assert 0.0 <= result["aupr"] <= 1.0 and 0.0 <= result["f1"] <= 1.0
     assert set(result["region_f_score"]) == {"0.2", "0.35", "0.5", "0.65", "0.8"}

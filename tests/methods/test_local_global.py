@@ -11,10 +11,15 @@ import tensorflow as tf
 
 from rmib.config import TrainConfig, load_config
 from rmib.data.pipeline import Example
-from rmib.methods import local_global as lgm
-from rmib.models.local_global import (
+from rmib.methods.local_global.data import (
+    Photographs,
+    augment_soft_pair,
+    fused_dataset,
+    rotate_fused_example,
+)
+from rmib.methods.local_global.loss import combined_loss, kernels_of
+from rmib.methods.local_global.model import (
     GlobalFeatureCrop,
-    LocalGlobalSegmenter,
     build_global_net,
     build_local_global,
     build_local_net,
@@ -23,8 +28,18 @@ from rmib.models.local_global import (
     pad_global_features,
     resize_global,
 )
-from rmib.segment_config import LocalGlobalConfig, SegmentConfig
-from rmib.segmenters import SEGMENTER_TYPES
+from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
+from rmib.methods.local_global.train import (
+    PHASES,
+    Sizes,
+    _compile_arguments,
+    _phase_model_builder,
+    phase_config,
+    resolve_sizes,
+    train,
+)
+from rmib.methods.segment_config import LocalGlobalConfig, SegmentConfig
+from rmib.tasks import SEGMENT_METHODS
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -85,10 +100,10 @@ def test_combined_loss_hand_worked():
     y_local = np.zeros((1, 2, 2, 1), "f4")
     half = np.full((1, 2, 2, 1), 0.5, "f4")
     kernels = [np.array([1.0], "f4"), np.array([[2.0]], "f4")]
-    value = lgm.combined_loss(y_global, half, y_local, half, kernels, (1.0, 1.0, 0.1))
+    value = combined_loss(y_global, half, y_local, half, kernels, (1.0, 1.0, 0.1))
     assert float(value) == pytest.approx(2.5 * LN2 + 0.5, rel=1e-6)
     # Weights l1 = 2, l2 = 0: 3 ln2; gamma 3 halves... w = 1: (1 + 3) ln2 / 4 = ln2.
-    value = lgm.combined_loss(y_global, half, y_local, half, kernels, (2.0, 0.0, 0.0), gamma=3.0)
+    value = combined_loss(y_global, half, y_local, half, kernels, (2.0, 0.0, 0.0), gamma=3.0)
     assert float(value) == pytest.approx(2.0 * LN2, rel=1e-6)
 
 
@@ -109,7 +124,7 @@ def test_combined_loss_against_numpy():
         + 1.3 * reference_eq2(y_local, p_local, gamma)
         + 0.01 * sum(float(np.sum(k.astype(np.float64) ** 2)) for k in kernels)
     )
-    got = lgm.combined_loss(y_global, p_global, y_local, p_local, kernels, lambdas, gamma)
+    got = combined_loss(y_global, p_global, y_local, p_local, kernels, lambdas, gamma)
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
@@ -121,13 +136,13 @@ def test_the_fused_model_trains_on_eq1(eager):
         local_global=LocalGlobalConfig(lambda_global=0.7, lambda_local=1.3, lambda_l2=0.01),
     )
     model = tiny_fused(l2=cfg.local_global.lambda_l2)
-    arguments = lgm._compile_arguments("joint", cfg)
+    arguments = _compile_arguments("joint", cfg)
     model.compile(
         optimizer="adam", loss=arguments["loss"], run_eagerly=True, **arguments["compile_kwargs"]
     )
     x, y = fused_batch(np.random.default_rng(4))
     pred = model.predict(x, verbose=0)
-    kernels = lgm.kernels_of(model)
+    kernels = kernels_of(model)
     assert len(kernels) == len(model.losses) > 10  # every convolution is regularised
     expected = (
         0.7 * reference_eq2(y["global"], pred["global"], 2.0)
@@ -202,11 +217,11 @@ def test_each_box_reads_its_own_map_in_a_training_batch():
 
 
 def test_fusion_phase_freezes_everything_before_the_fusion_module_and_joint_unfreezes(eager):
-    sizes = lgm.Sizes(16, 8, 2, 2, 2, 4, 2)
+    sizes = Sizes(16, 8, 2, 2, 2, 4, 2)
     rng = np.random.default_rng(5)
     x, y = fused_batch(rng)
     cfg = SegmentConfig(lesion="EX")
-    arguments = lgm._compile_arguments("fusion", cfg)
+    arguments = _compile_arguments("fusion", cfg)
 
     def step(model):
         model.compile(
@@ -217,7 +232,7 @@ def test_fusion_phase_freezes_everything_before_the_fusion_module_and_joint_unfr
         )
         model.fit(x, y, batch_size=2, epochs=1, verbose=0)
 
-    fusion = lgm._phase_model_builder("fusion", sizes, 1e-4, {})()
+    fusion = _phase_model_builder("fusion", sizes, 1e-4, {})()
     before = {w.path: np.array(w) for w in fusion.weights}
     step(fusion)
     after = {w.path: np.array(w) for w in fusion.weights}
@@ -229,7 +244,7 @@ def test_fusion_phase_freezes_everything_before_the_fusion_module_and_joint_unfr
     moved = [p for p in fusion_paths if not np.array_equal(after[p], before[p])]
     assert set(moved) == set(fusion_paths)
 
-    joint = lgm._phase_model_builder("joint", sizes, 1e-4, {"fusion": fusion})()
+    joint = _phase_model_builder("joint", sizes, 1e-4, {"fusion": fusion})()
     start = {w.path: np.array(w) for w in joint.weights}
     for path, value in after.items():  # phase 4 starts where phase 3 ended
         np.testing.assert_array_equal(start[path], value, err_msg=path)
@@ -259,7 +274,7 @@ def test_quarter_turns_keep_photograph_patch_and_box_consistent():
     cut_mask = mask[top : top + patch, left : left + patch]
     for k in range(4):
         turned, turned_mask, p, p_mask, b = (
-            np.asarray(t) for t in lgm.rotate_fused_example(image, mask, cut, cut_mask, box, k)
+            np.asarray(t) for t in rotate_fused_example(image, mask, cut, cut_mask, box, k)
         )
         np.testing.assert_array_equal(turned, np.rot90(image, k))
         h, w = turned.shape[:2]
@@ -281,7 +296,7 @@ def test_global_augmentation_keeps_lesion_fractions_and_geometry():
     mask[4:8, 2:6] = 0.25  # a lesion covering a quarter of each GlobalNet pixel
     seed = tf.constant([3, 4], tf.int64)
     out_image, out_mask = (
-        np.asarray(t) for t in lgm.augment_soft_pair(image, mask, seed, noise_std=0.0)
+        np.asarray(t) for t in augment_soft_pair(image, mask, seed, noise_std=0.0)
     )
     assert 0.0 < out_mask.max() <= 0.25 + 1e-6  # fractions, not rounded to 0 or 1
     bright = out_image[..., 0] > 100
@@ -298,10 +313,10 @@ def test_fused_dataset_patches_lie_at_their_boxes(tmp_path):
     image = np.stack([yy * 7, xx * 7, (yy * 3 + xx) % 5], -1).astype(np.uint8)
     mask = ((yy // 4 + xx // 4) % 5 == 0).astype(np.uint8)
     example = Example("one", image, mask, np.ones((size, size), np.uint8))
-    photos = lgm.Photographs(
+    photos = Photographs(
         [example], [resize_global(image, size)], [resize_global(mask.astype("f4"), size)]
     )
-    ds = lgm.fused_dataset(photos, patch, batch_size=4, steps=3, pos_fraction=0.5, seed=1)
+    ds = fused_dataset(photos, patch, batch_size=4, steps=3, pos_fraction=0.5, seed=1)
     turned_any = False
     for inputs, targets in ds:
         for i in range(4):
@@ -333,7 +348,7 @@ def fused_metadata(**extra):
 
 
 def test_segmenter_runs_globalnet_once_and_matches_the_fused_model(eager):
-    assert SEGMENTER_TYPES["local-global"] is LocalGlobalSegmenter
+    assert SEGMENT_METHODS["local-global"].segmenter is LocalGlobalSegmenter
     model = tiny_fused()
     segmenter = LocalGlobalSegmenter(model, fused_metadata(), overlap=0.0, batch_size=5)
     calls = []
@@ -387,7 +402,7 @@ def test_sizes_follow_the_paper_unless_set():
     assert default_depths("HE") == {"global": 6, "local": 6}
     assert default_depths("SE") == {"global": 4, "local": 6}
     assert default_depths("MA") == {"global": 3, "local": 3}
-    sizes = lgm.resolve_sizes(SegmentConfig(lesion="SE"))
+    sizes = resolve_sizes(SegmentConfig(lesion="SE"))
     assert (sizes.patch_size, sizes.global_size, sizes.depths) == (
         256,
         640,
@@ -395,14 +410,14 @@ def test_sizes_follow_the_paper_unless_set():
     )
     cfg = SegmentConfig(lesion="SE", patch_size=80, local_global=LocalGlobalConfig(local_depth=5))
     with pytest.raises(Exception, match="multiple of 2\\*\\*5"):
-        lgm.resolve_sizes(cfg)
-    single = lgm.phase_config(SegmentConfig(), "global", validate=True)
+        resolve_sizes(cfg)
+    single = phase_config(SegmentConfig(), "global", validate=True)
     assert (single.learning_rate, single.lr_schedule, single.optimizer) == (2e-4, "poly", "adam")
     chosen = SegmentConfig(train=TrainConfig(learning_rate=5e-4, epochs=7))
-    single = lgm.phase_config(chosen, "local", validate=True)
+    single = phase_config(chosen, "local", validate=True)
     assert (single.learning_rate, single.lr_schedule, single.epochs) == (5e-4, "constant", 7)
-    fusion = lgm.phase_config(SegmentConfig(), "fusion", validate=True)
-    joint = lgm.phase_config(SegmentConfig(), "joint", validate=False)
+    fusion = phase_config(SegmentConfig(), "fusion", validate=True)
+    joint = phase_config(SegmentConfig(), "joint", validate=False)
     assert (fusion.epochs, fusion.learning_rate, fusion.monitor) == (10, 2e-4, "val_aupr")
     assert (joint.epochs, joint.learning_rate, joint.monitor) == (60, 1e-4, "loss")
 
@@ -414,7 +429,7 @@ def test_an_encoder_directory_that_is_not_a_run_is_refused(tmp_path):
 
     cfg = SegmentConfig(lesion="EX", model="local-global", encoder=str(tmp_path))
     with pytest.raises(RmibError, match="stage-1 encoder"):
-        lgm.train(cfg, [], [], training.RunDirectory(tmp_path / "run"))
+        train(cfg, [], [], training.RunDirectory(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("lesion", ["ex", "he", "ma", "se"])
@@ -423,7 +438,7 @@ def test_recipes_load(lesion):
     assert cfg.model == "local-global" and cfg.lesion == lesion.upper()
     assert cfg.local_global.phases == ["global", "local", "fusion", "joint"]
     assert (cfg.train.learning_rate, cfg.train.lr_schedule, cfg.patch_size) == (2e-4, "poly", 256)
-    assert len(cfg.val_names) == 27 and lgm.resolve_sizes(cfg).depths == default_depths(cfg.lesion)
+    assert len(cfg.val_names) == 27 and resolve_sizes(cfg).depths == default_depths(cfg.lesion)
 
 
 def test_ablation_recipe_loads_with_phase_overrides():
@@ -440,7 +455,7 @@ def test_four_phases_end_to_end_then_resume(tmp_path, eager):
     from rmib import io, training
     from rmib.data.readers import read_dataset
     from rmib.data.synthetic import write_dataset
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     root = write_dataset(tmp_path / "idrid", "idrid", count=6, size=128, seed=0)
     records = {r.name: r for r in read_dataset(root).records if "MA" in r.masks}
@@ -467,9 +482,9 @@ def test_four_phases_end_to_end_then_resume(tmp_path, eager):
         ),
     )
     run = training.RunDirectory(tmp_path / "run")
-    result = lgm.train(cfg, train_records, val_records, run)
+    result = train(cfg, train_records, val_records, run)
     assert 0.0 < result["aupr"] <= 1.0
-    for phase in lgm.PHASES:
+    for phase in PHASES:
         rows = run.read_history(phase)
         assert [row["epoch"] for row in rows] == [1] and "val_aupr" in rows[0], phase
     assert "global_loss" in run.read_history("joint")[0]
@@ -506,8 +521,8 @@ def test_four_phases_end_to_end_then_resume(tmp_path, eager):
     ):
         path.unlink()
     with pytest.raises(Exception, match="already holds a run"):
-        lgm.train(cfg, train_records, val_records, run)
-    again = lgm.train(dataclasses.replace(cfg), train_records, val_records, run, resume=True)
+        train(cfg, train_records, val_records, run)
+    again = train(dataclasses.replace(cfg), train_records, val_records, run, resume=True)
     assert run.history_path("fusion").read_text() == fusion_history
     assert [row["epoch"] for row in run.read_history("joint")] == [1]
     assert run.model_path.is_file() and 0.0 < again["aupr"] <= 1.0

@@ -12,9 +12,7 @@ import tensorflow as tf
 
 from rmib import training
 from rmib.errors import RmibError
-from rmib.methods import local_global as lgm
-from rmib.models.backbones import build_backbone
-from rmib.models.local_global import (
+from rmib.methods.local_global.model import (
     backbone_encoders,
     build_global_net,
     build_local_global,
@@ -22,7 +20,15 @@ from rmib.models.local_global import (
     copy_backbone,
     copy_matching_weights,
 )
-from rmib.segment_config import LocalGlobalConfig, SegmentConfig
+from rmib.methods.local_global.train import (
+    PHASES,
+    _compile_arguments,
+    _phase_model_builder,
+    encoder_setup,
+    resolve_sizes,
+)
+from rmib.methods.segment_config import LocalGlobalConfig, SegmentConfig
+from rmib.models.backbones import build_backbone
 from tests.conftest import invoke
 
 pytestmark = [
@@ -66,16 +72,16 @@ def tiny_cfg(encoder, **local_global):
 
 def test_every_phase_builds_on_the_frozen_stage1_encoder(pretrain_run, eager):
     # EX: the paper's GlobalNet depth 6 is capped at the backbone's deepest tap P5.
-    assert lgm.resolve_sizes(tiny_cfg(pretrain_run)).depths == {"global": 5, "local": 3}
+    assert resolve_sizes(tiny_cfg(pretrain_run)).depths == {"global": 5, "local": 3}
     cfg = tiny_cfg(pretrain_run, global_depth=1, local_depth=2)  # small cuts: fast
-    setup = lgm.encoder_setup(cfg)
+    setup = encoder_setup(cfg)
     assert setup.nets == ("global", "local") and setup.frozen
     assert setup.info["encoder_weights"] == "stage-1"
-    sizes = lgm.resolve_sizes(cfg)
+    sizes = resolve_sizes(cfg)
     stage1 = stage1_backbone(pretrain_run)
 
-    single = lgm._phase_model_builder("local", sizes, 1e-4, {}, setup)()
-    fused = lgm._phase_model_builder("fusion", sizes, 1e-4, {"local": single}, setup)()
+    single = _phase_model_builder("local", sizes, 1e-4, {}, setup)()
+    fused = _phase_model_builder("fusion", sizes, 1e-4, {"local": single}, setup)()
     for model, nets in ((single, {"local"}), (fused, {"global", "local"})):
         encoders = backbone_encoders(model)
         assert set(encoders) == nets
@@ -98,7 +104,7 @@ def test_every_phase_builds_on_the_frozen_stage1_encoder(pretrain_run, eager):
         assert concat.input[0].shape[-1] == VGG16_TAP_CHANNELS[level]
 
     # Phase 4 trains the decoders and the fusion head; the encoders stay stage-1's.
-    joint = lgm._phase_model_builder("joint", sizes, 1e-4, {"fusion": fused}, setup)()
+    joint = _phase_model_builder("joint", sizes, 1e-4, {"fusion": fused}, setup)()
     encoder_ids = {id(w) for e in backbone_encoders(joint).values() for w in e.weights}
     assert encoder_ids and not any(id(w) in encoder_ids for w in joint.trainable_weights)
     rng = np.random.default_rng(0)
@@ -109,7 +115,7 @@ def test_every_phase_builds_on_the_frozen_stage1_encoder(pretrain_run, eager):
     }
     y = {"global": (x["global_image"][..., :1] > 200).astype("f4")}
     y["local"] = (x["patch"][..., :1] > 200).astype("f4")
-    arguments = lgm._compile_arguments("joint", cfg)
+    arguments = _compile_arguments("joint", cfg)
     joint.compile(optimizer="adam", loss=arguments["loss"], **arguments["compile_kwargs"])
     before = {id(w): np.array(w) for w in joint.trainable_weights}
     joint.fit(x, y, batch_size=2, epochs=1, verbose=0)
@@ -120,12 +126,12 @@ def test_every_phase_builds_on_the_frozen_stage1_encoder(pretrain_run, eager):
 
 def test_backbone_by_name_for_one_net_and_the_refusals(tmp_path):
     # SegmentConfig's default encoder "vgg16" alone leaves the paper's plain U-Nets.
-    assert lgm.encoder_setup(SegmentConfig(model="local-global")) is None
+    assert encoder_setup(SegmentConfig(model="local-global")) is None
     cfg = tiny_cfg("resnet50", encoder_nets=["local"], global_depth=1, local_depth=2)
-    setup = lgm.encoder_setup(cfg)
+    setup = encoder_setup(cfg)
     assert setup.nets == ("local",) and not setup.frozen  # built from scratch: trained
     assert setup.info["encoder_weights"] == "none"
-    fused = lgm._phase_model_builder("joint", lgm.resolve_sizes(cfg), 0.0, {}, setup)()
+    fused = _phase_model_builder("joint", resolve_sizes(cfg), 0.0, {}, setup)()
     encoders = backbone_encoders(fused)
     assert set(encoders) == {"local"}
     assert encoders["local"].trainable_weights  # all but the batch-norm statistics
@@ -148,13 +154,13 @@ def test_backbone_by_name_for_one_net_and_the_refusals(tmp_path):
     assert tuple(out["local"].shape) == (3, 32, 32, 1)
 
     with pytest.raises(RmibError, match="at most 5 pooling levels"):
-        lgm.resolve_sizes(tiny_cfg("vgg16", encoder_nets=["global"], global_depth=6))
+        resolve_sizes(tiny_cfg("vgg16", encoder_nets=["global"], global_depth=6))
     with pytest.raises(RmibError, match="freeze_encoder"):
-        lgm.encoder_setup(SegmentConfig(model="local-global", fine_tune_after=2))
+        encoder_setup(SegmentConfig(model="local-global", fine_tune_after=2))
     with pytest.raises(RmibError, match="stage-1 encoder"):
-        lgm.encoder_setup(tiny_cfg(tmp_path))  # a directory that is no run
+        encoder_setup(tiny_cfg(tmp_path))  # a directory that is no run
     with pytest.raises(RmibError, match="valid backbones"):
-        lgm.encoder_setup(tiny_cfg("vgg19", encoder_nets=["global"]))
+        encoder_setup(tiny_cfg("vgg19", encoder_nets=["global"]))
 
 
 def test_two_encoders_with_the_same_layer_names_keep_their_own_weights():
@@ -205,7 +211,7 @@ def test_four_phases_predict_evaluate_and_resume_through_the_cli(tmp_path, pretr
     result = invoke(command)
     assert result.exit_code == 0, result.output
     run = training.RunDirectory(out)
-    for phase in lgm.PHASES:
+    for phase in PHASES:
         assert [row["epoch"] for row in run.read_history(phase)] == [1], phase
     metadata = training.read_run_metadata(out)
     assert metadata["network"] == "fused" and metadata["depths"] == {"global": 2, "local": 2}

@@ -114,8 +114,8 @@ def test_head_batch_norm_catches_up_within_a_few_dozen_steps():
 
 def test_cbam_init_is_a_classifier_option_kept_by_save_and_load(tmp_path):
     from rmib.config import load_config
+    from rmib.methods.classifier.config import PretrainConfig
     from rmib.models import CBAM
-    from rmib.pretrain import PretrainConfig
 
     cfg = load_config(PretrainConfig, None, {"cbam": True, "cbam_init": "woo"})
     model = build_classifier("vgg16", cbam=cfg.cbam, cbam_init=cfg.cbam_init, image_size=32)

@@ -4,13 +4,12 @@ import keras
 import numpy as np
 import pytest
 
-from rmib.models import (
-    build_backbone,
-    build_classifier,
+from rmib.methods.encoder_decoder.model import (
     build_encoder_decoder,
     required_multiple,
     set_encoder_trainable,
 )
+from rmib.models import build_backbone, build_classifier
 
 from .helpers import (
     assert_output,

@@ -59,16 +59,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import cv2
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from rmib import losses as losses_lib
-from rmib.data import fundus
-from rmib.data.pipeline import preprocess_array
-from rmib.errors import RmibError
+from rmib.methods.dual2net.loss import AUX_WEIGHT, _single_loss, dual2net_loss
 from rmib.models.backbones import (
     RESNET_DILATIONS,
     backbone_name,
@@ -79,14 +76,22 @@ from rmib.models.backbones import (
 from rmib.models.backbones import _bottleneck as resnet_bottleneck
 from rmib.models.backbones import output_stride as backbone_output_stride
 from rmib.models.layers import CBAM, FusedBatchNormalization
-from rmib.segmenters import Segmenter, register_segmenter
 
 HEADS = ("ppm", "decoder")
+
+
 LOSS_VARIANTS = ("dsm", "dice", "bce")
+
+
 PPM_BINS = (1, 2, 3, 6)
-AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss weight, which the paper adopts
+
+
 SIZE_MULTIPLE = 32  # inputs must be multiples of the encoders' deepest stride
+
+
 _BN_EPSILON = 1.001e-5  # keras.applications ResNet50's value, as in rmib's backbones
+
+
 _CLASSIFIER_INIT = {"class_name": "RandomNormal", "config": {"mean": 0.0, "stddev": 0.01}}
 
 
@@ -104,13 +109,14 @@ _LAYOUTS = {
     "resnet50": _Layout("conv5_block2_out", "P4", "P5", ("P4", "P3", "P2", "P1")),
     "vgg16": _Layout("block5_conv2", "P3", "P4", ("P3", "P2", "P1", "P0")),
 }
+
+
 # The paper's backbone: ResNet50 dilated to output stride 8, as PSPNet. VGG16 exists
 # only at stride 32 (its last block then works at stride 16).
 PAPER_OUTPUT_STRIDE = {"resnet50": 8, "vgg16": 32}
+
+
 _DECODER_FILTERS = (256, 128, 64, 32)
-
-
-# --------------------------------------------------------------------------- PPM
 
 
 def _bin_edges(n, bins: int):
@@ -265,9 +271,6 @@ class PyramidPooling(keras.layers.Layer):
         return config
 
 
-# --------------------------------------------------------------------------- parts
-
-
 def _last_block(x, base, cbam, dilation):
     if base == "resnet50":
         return resnet_bottleneck(x, 512, 1, False, cbam, "conv5_block3", dilation=dilation)
@@ -362,58 +365,6 @@ def _select(features: dict, model) -> dict | object:
     if isinstance(wanted, dict):
         return {key: features[key] for key in wanted}
     return features["aux"]
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def dual2net_loss(
-    alpha,
-    y_large,
-    p_large,
-    aux_large,
-    y_small,
-    p_small,
-    aux_small,
-    counts_small,
-    aux_weight: float = AUX_WEIGHT,
-):
-    """The Dual2Net training loss and its four terms.
-
-        L = alpha * Dice(y_large, p_large) + (1 - alpha) * SampledDice(y_small, p_small)
-            + aux_weight * (Dice(y_large, aux_large) + Dice(y_small, aux_small))
-
-    Dice is `rmib.losses.dice_loss` (pooled over the batch); SampledDice is
-    `rmib.losses.sampled_dice_loss` over the re-balanced pixel sample `counts_small`,
-    used by the small branch's final classifier only: both auxiliary heads take the
-    plain Dice on the full label (the paper's eqs. 7 and 8, and the authors' code), so
-    the shared trunk gets no lesion-oversampled gradient outside the alpha schedule.
-
-    Returns:
-        (total, {"dice_large", "dice_small", "aux_large", "aux_small"}), float32 scalars.
-    """
-    terms = {
-        "dice_large": losses_lib.dice_loss(y_large, p_large),
-        "dice_small": losses_lib.sampled_dice_loss(y_small, p_small, counts_small),
-        "aux_large": losses_lib.dice_loss(y_large, aux_large),
-        "aux_small": losses_lib.dice_loss(y_small, aux_small),
-    }
-    alpha = ops.cast(alpha, "float32")
-    total = losses_lib.dsm_loss(
-        alpha,
-        terms["dice_large"],
-        terms["dice_small"],
-        terms["aux_large"],
-        terms["aux_small"],
-        aux_weight=aux_weight,
-    )
-    return total, terms
-
-
-def _single_loss(variant):
-    if variant == "dice":
-        return losses_lib.dice_loss
-    return lambda y_true, y_prob: losses_lib.weighted_bce(y_true, y_prob, gamma=1.0)
 
 
 @keras.saving.register_keras_serializable(package="rmib")
@@ -678,104 +629,3 @@ def build_dual2net(
         aux_weight=aux_weight,
         name=name or f"{full_name}_{suffix}",
     )
-
-
-class DSMAlphaSchedule(keras.callbacks.Callback):
-    """Sets the model's `dsm_alpha` to 1 - (epoch / epochs)^2 at the start of every epoch.
-
-    The epoch is Keras' zero-based epoch index, so a resumed run continues
-    the schedule where it stopped. The value is logged as "dsm_alpha" by
-    `Dual2Net.train_step`.
-
-    Args:
-        epochs: the run's total number of epochs.
-    """
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = int(epochs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        alpha = getattr(self.model, "dsm_alpha", None)
-        if alpha is not None:
-            alpha.assign(losses_lib.dsm_alpha(min(epoch, self.epochs), self.epochs))
-
-
-# --------------------------------------------------------------------------- inference
-
-
-def resize_to_model(image: np.ndarray, image_size, interpolation=cv2.INTER_AREA):
-    """Resize a photograph (or, with INTER_NEAREST, a mask) to the model's (height, width),
-    keeping the aspect ratio with centred zero padding; returns (array, transform)."""
-    return fundus.resize_pad(image, tuple(int(s) for s in image_size), interpolation=interpolation)
-
-
-@register_segmenter("dual2net")
-class Dual2NetSegmenter(Segmenter):
-    """Dual2Net on a whole photograph: resized to the model's `image_size` (from the
-    run metadata), the mean of both branches, resized back to full resolution
-    (bilinear) and zeroed outside the field of view.
-
-    `tile`, `overlap` and `batch_size` are accepted for the common interface
-    and ignored: the paper predicts the resized photograph in one pass.
-    """
-
-    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
-        super().__init__(model, metadata, tile, overlap, batch_size)
-        size = self.metadata.get("image_size")
-        if not (isinstance(size, (list, tuple)) and len(size) == 2):
-            raise RmibError(
-                f"the model's metadata has no image_size [height, width] (got {size!r}); "
-                "is it a Dual2Net run?"
-            )
-        self.image_size = (int(size[0]), int(size[1]))
-
-        # The model always sees image_size: static shapes make a smaller graph.
-        spec = tf.TensorSpec((None, *self.image_size, 3), tf.float32)
-
-        @tf.function(input_signature=[spec])
-        def predict(batch):
-            return tf.cast(model(batch, training=False), tf.float32)
-
-        self._predict = predict
-
-    def predict_prepared(self, image, fov=None):
-        image = np.asarray(image)
-        resized, transform = resize_to_model(image, self.image_size)
-        prob = self._predict(tf.convert_to_tensor(resized[None], tf.float32)).numpy()[0, ..., 0]
-        prob = fundus.unresize_pad(prob, transform, image.shape[:2], interpolation=cv2.INTER_LINEAR)
-        prob = np.clip(prob, 0.0, 1.0).astype(np.float32)
-        if fov is not None:
-            prob *= np.asarray(fov) > 0
-        return prob
-
-    def predict(self, image):
-        image = np.asarray(image)
-        prepared, _, fov = preprocess_array(image, self.preprocessing)
-        prob = self.predict_prepared(prepared, fov)
-        frame = fundus.idrid_centre_crop(image) if self.preprocessing.centre_crop else image
-        if self.preprocessing.fov_crop:
-            y0, x0, y1, x1 = fundus.fov_box(frame)
-            full = np.zeros(frame.shape[:2], np.float32)
-            full[y0:y1, x0:x1] = prob
-            prob = full
-        if self.preprocessing.centre_crop:
-            full = np.zeros(image.shape[:2], np.float32)
-            y0, x0, _, _ = fundus.idrid_centre_box(image.shape[:2])
-            full[y0 : y0 + prob.shape[0], x0 : x0 + prob.shape[1]] = prob
-            prob = full
-        return prob
-
-
-__all__ = [
-    "BilinearUpsampling",
-    "DSMAlphaSchedule",
-    "Dual2Net",
-    "Dual2NetSegmenter",
-    "PyramidPooling",
-    "adaptive_average_pool",
-    "adaptive_average_pools",
-    "build_dual2net",
-    "dual2net_loss",
-    "resize_to_model",
-]

@@ -1,6 +1,6 @@
 """Training of Dual2Net with the dual-sampling modulated (DSM) Dice loss (`rmib segment --model dual2net`).
 
-The model and its loss are in `rmib.models.dual2net`; this module feeds it the
+The model and its loss are in `rmib.methods.dual2net.model`; this module feeds it the
 way the paper does and runs it through `rmib.training.fit`:
 
 - Data: every photograph is preprocessed once (`cfg.preprocessing`; with
@@ -18,9 +18,9 @@ way the paper does and runs it through `rmib.training.fit`:
   on a non-square size a quarter turn would change the shape, so it is a half
   turn there). All draws are stateless, seeded by (seed, epoch, example).
 - alpha = 1 - (epoch / epochs)^2 is set per epoch by
-  `rmib.models.dual2net.DSMAlphaSchedule` and logged as "dsm_alpha".
+  `rmib.methods.dual2net.loss.DSMAlphaSchedule` and logged as "dsm_alpha".
 - Validation: whole held-out photographs at full resolution through
-  `Dual2NetSegmenter`, exactly as `rmib predict` (`rmib.segment.WholeImageValidation`).
+  `Dual2NetSegmenter`, exactly as `rmib predict` (`rmib.evaluation.WholeImageValidation`).
 
 Paper defaults (applied by `resolve_config` to every `[train]` value still at
 its `SegmentConfig` default, so whatever a recipe or flag sets wins; a value
@@ -38,18 +38,23 @@ freezes the shared trunk (the branches' copies of the last block stay trainable)
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 
-import cv2
 import numpy as np
-import tensorflow as tf
 
 from rmib import training
-from rmib.data import augment as augment_lib
-from rmib.data.pipeline import AUTOTUNE, PreprocessedCache, Preprocessing, load_examples
+from rmib.data.pipeline import PreprocessedCache, Preprocessing, load_examples
 from rmib.errors import RmibError
-from rmib.losses import sample_rebalanced_pixels
+from rmib.methods.dual2net.data import (
+    PAPER_AUGMENT,
+    load_resized,
+    steps_per_epoch,
+    training_dataset,
+)
+from rmib.methods.dual2net.loss import DSMAlphaSchedule
+from rmib.methods.dual2net.model import SIZE_MULTIPLE, build_dual2net
+from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
+from rmib.methods.segment_config import SegmentConfig
 from rmib.metrics import (
     REGION_SIGMAS,
     RegionScore,
@@ -57,17 +62,11 @@ from rmib.metrics import (
     confusion_counts,
     pixel_metrics,
 )
-from rmib.models.dual2net import (
-    SIZE_MULTIPLE,
-    DSMAlphaSchedule,
-    Dual2NetSegmenter,
-    build_dual2net,
-    resize_to_model,
-)
-from rmib.segment_config import SegmentConfig
 
-# The loss of each `[dual2net] variant` (rmib.models.dual2net.LOSS_VARIANTS).
+# The loss of each `[dual2net] variant` (rmib.methods.dual2net.model.LOSS_VARIANTS).
 VARIANT_LOSS = {"dual-dsm": "dsm", "single-dice": "dice", "single-bce": "bce"}
+
+
 # The paper's optimisation (section 4.2), applied where `[train]` keeps SegmentConfig's defaults.
 PAPER_TRAIN = {
     "optimizer": "sgd",
@@ -79,10 +78,6 @@ PAPER_TRAIN = {
     "poly_power": 0.9,
     "batch_size": 2,
 }
-PAPER_AUGMENT = "rot90"
-
-
-# --------------------------------------------------------------------------- config
 
 
 def resolve_config(cfg: SegmentConfig, has_validation: bool = True) -> tuple[SegmentConfig, list]:
@@ -143,7 +138,7 @@ def build_model(cfg: SegmentConfig, build_encoder=None):
     default the one `cfg.encoder` names (a stage-1 run or a backbone)."""
     d2 = cfg.dual2net
     if build_encoder is None:
-        from rmib.segment import encoder_factory
+        from rmib.methods.encoders import encoder_factory
 
         build_encoder = encoder_factory(cfg)[0]
     return build_dual2net(
@@ -155,128 +150,6 @@ def build_model(cfg: SegmentConfig, build_encoder=None):
         head_filters=d2.head_filters,
         output_stride=d2.output_stride,
     )
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass
-class ResizedSet:
-    """Training photographs resized to the model: images (H, W, 3) uint8, masks (H, W) uint8."""
-
-    names: list
-    images: list
-    masks: list
-
-    def __len__(self):
-        return len(self.images)
-
-
-def load_resized(records, prep, lesion, image_size, cache_dir=None, on_bad="error", problems=None):
-    """Preprocess each record and resize it (and its mask) to `image_size`.
-
-    Only the resized arrays are kept: without a cache directory each
-    full-resolution photograph is dropped once resized.
-    """
-    shared = PreprocessedCache(cache_dir) if cache_dir else None
-    names, images, masks = [], [], []
-    for record in records:
-        cache = shared or PreprocessedCache()
-        examples, _ = load_examples([record], prep, lesion, cache, on_bad, problems)
-        for example in examples:
-            image, _ = resize_to_model(np.asarray(example.image), image_size)
-            mask, _ = resize_to_model(np.asarray(example.mask), image_size, cv2.INTER_NEAREST)
-            names.append(example.name)
-            images.append(np.ascontiguousarray(image, np.uint8))
-            masks.append(np.ascontiguousarray(mask, np.uint8))
-    return ResizedSet(names, images, masks)
-
-
-def _epoch_order(n: int, count: int, seed: int, epoch: int, stream: int) -> np.ndarray:
-    """`count` image indices: permutations of range(n) back to back, from (seed, epoch, stream)."""
-    rng = np.random.default_rng([seed, int(epoch), stream])
-    rounds = max(1, math.ceil(count / n))
-    return np.concatenate([rng.permutation(n) for _ in range(rounds)])[:count]
-
-
-def training_dataset(
-    data: ResizedSet,
-    batch_size: int,
-    steps_per_epoch: int,
-    *,
-    dual: bool = True,
-    pos_fraction: float = 0.5,
-    augment: str = PAPER_AUGMENT,
-    seed: int = 0,
-    start_epoch: int = 0,
-    epochs: int = 1,
-):
-    """The training batches of epochs `start_epoch` .. `epochs` - 1, back to back.
-
-    With `dual`: ((x_large, x_small), (y_large, y_small, counts_small)), two
-    independently drawn batches; else (x, y). x float32 (B, H, W, 3) in
-    [0, 255], y float32 (B, H, W, 1) of 0/1, counts float32 (B, H, W, 1).
-    """
-    if not len(data):
-        raise RmibError("no training images to build the Dual2Net dataset from")
-    height, width = data.images[0].shape[:2]
-    per_epoch = steps_per_epoch * batch_size
-    signature = (
-        tf.TensorSpec((height, width, 3), tf.uint8),
-        tf.TensorSpec((height, width), tf.uint8),
-    )
-
-    def generate(epoch, stream):
-        for index in _epoch_order(len(data), per_epoch, seed, epoch, stream):
-            yield data.images[index], data.masks[index]
-
-    def stream_dataset(epoch, stream, sampled):
-        ds = tf.data.Dataset.from_generator(
-            generate, output_signature=signature, args=(epoch, stream)
-        ).enumerate()
-
-        def finish(index, pair):
-            image, mask = pair
-            base = augment_lib.example_seed(seed, epoch, index + stream * per_epoch)
-            augment_seed, sample_seed = tf.unstack(
-                tf.random.experimental.stateless_split(base, num=2)
-            )
-            image, mask = augment_lib.augment_pair(
-                tf.cast(image, tf.float32),
-                tf.cast(mask, tf.float32)[..., None],
-                augment_seed,
-                mode=augment,
-            )
-            if not sampled:
-                return image, mask
-            counts = sample_rebalanced_pixels(mask[None], pos_fraction, seed=sample_seed)[0]
-            return image, mask, counts
-
-        return ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True).batch(
-            batch_size, drop_remainder=True
-        )
-
-    def make_epoch(epoch):
-        if not dual:
-            return stream_dataset(epoch, 0, sampled=False)
-        large = stream_dataset(epoch, 0, sampled=False)
-        small = stream_dataset(epoch, 1, sampled=True)
-        return tf.data.Dataset.zip(large, small).map(
-            lambda a, b: ((a[0], b[0]), (a[1], b[1], b[2]))
-        )
-
-    epochs_ds = tf.data.Dataset.range(start_epoch, max(epochs, start_epoch + 1))
-    return epochs_ds.flat_map(make_epoch).prefetch(AUTOTUNE)
-
-
-def steps_per_epoch(cfg: SegmentConfig, n_images: int) -> int:
-    """`[train] steps_per_epoch`, else enough (global) batches for every image to reach
-    each branch once."""
-    batch = training.global_batch_size(cfg.train)
-    return cfg.train.steps_per_epoch or max(1, math.ceil(n_images / batch))
-
-
-# --------------------------------------------------------------------------- evaluation
 
 
 def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
@@ -306,9 +179,6 @@ def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- training
-
-
 def _say(message: str, verbose) -> None:
     if verbose:
         print(f"rmib: dual2net: {message}", file=sys.stderr, flush=True)
@@ -334,7 +204,7 @@ def train(
     the inference model (image -> mean of the branches, without the aux heads)
     with the run's metadata (task "segment", model "dual2net", lesion,
     preprocessing, image_size, variant, head, backbone, ...), which
-    `rmib.segmenters.load_segmenter` turns into a `Dual2NetSegmenter`.
+    `rmib.load_segmenter` turns into a `Dual2NetSegmenter`.
 
     Args:
         cfg: the segment configuration (`cfg.dual2net` holds this method's
@@ -354,7 +224,8 @@ def train(
         RmibError: no readable training image, settings Dual2Net cannot honour,
             and the errors of `rmib.training.fit`.
     """
-    from rmib.segment import WholeImageValidation, encoder_factory
+    from rmib.evaluation import WholeImageValidation
+    from rmib.methods.encoders import encoder_factory
 
     run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
     resolve_config(cfg, has_validation=bool(val_records))  # refuse what it cannot honour, early
@@ -451,18 +322,3 @@ def train(
 
         write_skipped(run.path, problems)
     return result
-
-
-__all__ = [
-    "PAPER_TRAIN",
-    "ResizedSet",
-    "VARIANT_LOSS",
-    "build_model",
-    "evaluate_with_regions",
-    "load_resized",
-    "preprocessing_of",
-    "resolve_config",
-    "steps_per_epoch",
-    "train",
-    "training_dataset",
-]

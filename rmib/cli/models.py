@@ -7,7 +7,7 @@ import pathlib
 
 import click
 
-from rmib.commands.options import (
+from rmib.cli.options import (
     OUT_DIR,
     TILE_SIDE,
     batch_size_option,
@@ -139,7 +139,8 @@ def _overrides(kwargs, keys):
 def pretrain(config_path, resume, on_bad, **kwargs):
     """Train a VGG16 / ResNet50 (+CBAM) lesion / healthy classifier (stage 1)."""
     from rmib.config import load_config
-    from rmib.pretrain import PretrainConfig, run_pretrain
+    from rmib.methods.classifier.config import PretrainConfig
+    from rmib.tasks import run_pretrain
 
     overrides = _overrides(
         kwargs,
@@ -281,8 +282,8 @@ def segment(
     encoder used.
     """
     from rmib.config import load_config
-    from rmib.segment import run_segment
-    from rmib.segment_config import SegmentConfig
+    from rmib.methods.segment_config import SegmentConfig
+    from rmib.tasks import run_segment
 
     config_path = _resumed_config(resume, kwargs.get("out"), config_path)
     _require_lesion(kwargs.get("lesion"), config_path)
@@ -406,7 +407,7 @@ def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsa
     from rmib import training
     from rmib.errors import RmibError
     from rmib.precision import resolve_predict_precision
-    from rmib.segmenters import load_segmenter
+    from rmib.tasks import load_segmenter
 
     if overlap is not None and not 0.0 <= overlap < 1.0:
         raise RmibError(f"--overlap must be in [0, 1), got {overlap}")

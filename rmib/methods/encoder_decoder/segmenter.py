@@ -1,12 +1,4 @@
-"""Whole-photograph prediction for every segmentation model rmib trains.
-
-A `Segmenter` wraps a trained Keras model with the metadata of its run
-(lesion, preprocessing, model type) and turns a photograph of any size into a
-full-resolution probability map. Each model type registers how it predicts:
-the encoder-decoder by overlapping tiles (`rmib.inference.predict_tiled`),
-the local-global U-Net by tiles that also see the global features, Dual2Net
-on the resized photograph.
-"""
+"""The encoder-decoder's whole-photograph prediction: overlapping tiles of any size."""
 
 from __future__ import annotations
 
@@ -14,81 +6,31 @@ import numpy as np
 import tensorflow as tf
 
 from rmib.data import fundus
-from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.errors import RmibError
-from rmib.inference import mask_box, plan_tiles, predict_tiled
-
-AUTO_TILE = "auto"
-DEFAULT_HALO = 64
-DEFAULT_MAX_TILE_PIXELS = 1024 * 1024
-EXPORT_TILE = 512  # segment_image of a SavedModel tiles with fixed tiles (see rmib.export)
-
-SEGMENTER_TYPES: dict = {}
-
-
-def register_segmenter(model_type):
-    """Class decorator: `model_type` (as stored in rmib.json "model") -> Segmenter class."""
-
-    def wrap(cls):
-        SEGMENTER_TYPES[model_type] = cls
-        cls.model_type = model_type
-        return cls
-
-    return wrap
+from rmib.inference.segmenter import (
+    AUTO_TILE,
+    DEFAULT_HALO,
+    DEFAULT_MAX_TILE_PIXELS,
+    Segmenter,
+    compiled_predict,
+)
+from rmib.inference.tiling import mask_box, plan_tiles, predict_tiled
 
 
-class Segmenter:
-    """Base class: preprocessing, restoring the original geometry, FOV masking.
+def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
+    """The encoder-decoder's `TiledSegmenter` with the tiling of a `SegmentConfig`.
 
-    Args:
-        model: the trained Keras model.
-        metadata: the run's rmib.json dict (lesion, preprocessing, sizes ...).
-        tile, overlap, batch_size: tiling parameters (subclasses that tile).
+    ``predict_tile = "auto"`` plans large tiles overlapping by 2 * predict_halo
+    pixels (one per call); a number gives fixed tiles overlapping by the fraction
+    predict_overlap, predict_batch per call.
     """
-
-    model_type = "base"
-
-    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
-        self.model = model
-        self.metadata = dict(metadata or {})
-        self.lesion = self.metadata.get("lesion")
-        self.preprocessing = Preprocessing.from_dict(self.metadata.get("preprocessing"))
-        self.tile = tile
-        self.overlap = overlap
-        self.batch_size = batch_size
-
-    def predict_prepared(self, image: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
-        """Probability map (H, W) float32 for an already preprocessed image (H, W, 3)."""
-        raise NotImplementedError
-
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """Probability map (H, W) float32 for a raw uint8 RGB photograph of any size."""
-        prepared, _, fov = preprocess_array(image, self.preprocessing)
-        prob = self.predict_prepared(prepared, fov)
-        if prob.shape[:2] != image.shape[:2]:  # the IDRiD centre crop was applied
-            full = np.zeros(image.shape[:2], np.float32)
-            y0, x0, _, _ = fundus.idrid_centre_box(image.shape[:2])
-            full[y0 : y0 + prob.shape[0], x0 : x0 + prob.shape[1]] = prob
-            prob = full
-        return prob
+    if cfg.predict_tile == "auto":
+        return TiledSegmenter(
+            model, metadata, "auto", halo=cfg.predict_halo, max_tile=cfg.predict_max_tile
+        )
+    return TiledSegmenter(model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch)
 
 
-def compiled_predict(model, channels=3):
-    """The model in a `tf.function` over float32 batches: its first output, cast to float32."""
-
-    @tf.function(input_signature=[tf.TensorSpec((None, None, None, channels), tf.float32)])
-    def predict(batch):
-        out = model(batch, training=False)
-        if isinstance(out, dict):
-            out = out[sorted(out)[0]]
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return tf.cast(out, tf.float32)
-
-    return predict
-
-
-@register_segmenter("encoder-decoder")
 class TiledSegmenter(Segmenter):
     """A fully convolutional segmenter applied to overlapping tiles.
 
@@ -127,6 +69,8 @@ class TiledSegmenter(Segmenter):
             (bilinear) and zeroed outside the full-resolution field of view; at 1
             the photograph is tiled as it is.
     """
+
+    model_type = "encoder-decoder"
 
     def __init__(
         self,
@@ -239,115 +183,3 @@ class TiledSegmenter(Segmenter):
             region=region,
         )
         return out[..., 0]
-
-
-def load_segmenter(
-    model_path,
-    *,
-    unsafe=False,
-    tile=None,
-    overlap=None,
-    batch_size=None,
-    halo=None,
-    max_tile=None,
-    precision="float32",
-    **overrides,
-):
-    """Load a run directory or `.keras` file as a Segmenter.
-
-    Args:
-        model_path: run directory or `.keras` file.
-        unsafe: allow models that need Keras unsafe deserialization (Lambda layers).
-        tile, overlap, batch_size, halo, max_tile: tiling overrides ("auto" or a side;
-            see `TiledSegmenter`).
-        precision: the policy to predict in: "float32" (the default, as
-            `rmib predict`), "mixed_bfloat16" or "mixed_float16" (see
-            `rmib.precision.resolve_predict_precision` for "auto"); None: the
-            precision the model was trained in.
-        **overrides: metadata overrides (e.g. lesion="HE").
-
-    Raises:
-        RmibError: the file is not an rmib segmentation model.
-    """
-    from rmib import training
-
-    model = training.load_model(model_path, unsafe=unsafe)
-    if precision is not None:
-        from rmib.precision import with_precision
-
-        with_precision(model, precision)
-    metadata = training.read_run_metadata(model_path)
-    metadata.update({k: v for k, v in overrides.items() if v is not None})
-    if metadata.get("task") != "segment":
-        raise RmibError(
-            f"{model_path}: not a segmentation model (task {metadata.get('task')!r}); "
-            "rmib predict and rmib evaluate take a run of `rmib segment`"
-        )
-    model_type = metadata.get("model", "encoder-decoder")
-    if model_type not in SEGMENTER_TYPES:
-        _import_model_types()
-    if model_type not in SEGMENTER_TYPES:
-        raise RmibError(
-            f"{model_path}: unknown segmentation model type {model_type!r} "
-            f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
-        )
-    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
-
-
-def _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile):
-    cls = SEGMENTER_TYPES[model_type]
-    if halo is None and max_tile is None:
-        return cls(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size)
-    if cls is not TiledSegmenter:
-        raise RmibError(
-            f"--halo and --max-tile apply to encoder-decoder models, not to {model_type}"
-        )
-    return cls(
-        model,
-        metadata,
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        halo=halo,
-        max_tile=max_tile,
-    )
-
-
-def make_segmenter(
-    model, metadata, *, tile=None, overlap=None, batch_size=None, halo=None, max_tile=None
-):
-    """The Segmenter of an already loaded model and its run metadata (as `load_segmenter`).
-
-    Raises:
-        RmibError: metadata of an unknown segmentation model type, or a bad tile.
-    """
-    model_type = dict(metadata or {}).get("model", "encoder-decoder")
-    if model_type not in SEGMENTER_TYPES:
-        _import_model_types()
-    if model_type not in SEGMENTER_TYPES:
-        raise RmibError(
-            f"unknown segmentation model type {model_type!r} "
-            f"(known: {', '.join(sorted(SEGMENTER_TYPES))})"
-        )
-    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
-
-
-def _import_model_types():
-    """Import the modules that register further segmenter types."""
-    import importlib
-
-    for module in ("rmib.models.local_global", "rmib.models.dual2net"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-
-
-__all__ = [
-    "Segmenter",
-    "TiledSegmenter",
-    "load_segmenter",
-    "make_segmenter",
-    "register_segmenter",
-]

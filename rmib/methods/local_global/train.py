@@ -13,7 +13,7 @@ next phase starts from the best weights of the previous ones, moved by their
 place in the model (`copy_matching_weights`). The last phase writes `model.keras`; the run's
 metadata "network" says whether it is the fused model or, for a run of
 ["global"] or ["local"] alone (the paper's ablation), a single net, and
-`rmib.models.local_global.LocalGlobalSegmenter` predicts with any of them.
+`rmib.methods.local_global.segmenter.LocalGlobalSegmenter` predicts with any of them.
 
 Loss (eq. 1): L = l1 * L_global + l2 * L_local + l3 * phi(theta), both terms
 the weighted cross-entropy of eq. 2 (`rmib.losses.weighted_bce`), phi the
@@ -47,110 +47,41 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import keras
-import numpy as np
-import tensorflow as tf
-
-from rmib import io, training
-from rmib.data import augment as augment_lib
+from rmib import training
 from rmib.data.pipeline import (
-    AUTOTUNE,
-    PatchSampler,
     PreprocessedCache,
     Preprocessing,
-    load_examples,
     patch_dataset,
 )
-from rmib.errors import BadInputError, RmibError
-from rmib.losses import weighted_bce
-from rmib.models.local_global import (
+from rmib.errors import RmibError
+from rmib.methods.local_global.data import fused_dataset, global_dataset, load_photographs
+from rmib.methods.local_global.loss import WeightedBCE
+from rmib.methods.local_global.model import (
     BACKBONE_MAX_DEPTH,
-    LocalGlobalSegmenter,
-    _fits_centre_crop,
     build_global_net,
     build_local_global,
     build_local_net,
     copy_backbone,
     copy_matching_weights,
     default_depths,
-    resize_global,
     set_fusion_only_trainable,
 )
-from rmib.segment_config import LOCAL_GLOBAL_PHASES, SegmentConfig
+from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
+from rmib.methods.segment_config import LOCAL_GLOBAL_PHASES, SegmentConfig
 
 PHASES = LOCAL_GLOBAL_PHASES
+
+
 NETWORK_OF_PHASE = {"global": "global", "local": "local", "fusion": "fused", "joint": "fused"}
+
+
 ENCODER_DECODER_PATCH = 160  # SegmentConfig's default patch, the RMIB paper's
+
+
 PAPER_PATCH = 256  # LocalNet's patch in Yan et al.
+
+
 PAPER_LEARNING_RATE = 2e-4  # GlobalNet and LocalNet, Adam with polynomial decay
-
-
-# --------------------------------------------------------------------------- loss
-
-
-@keras.saving.register_keras_serializable(package="rmib")
-class WeightedBCE(keras.losses.Loss):
-    """Eq. 2 of Yan et al. (ISBI 2019) as a Keras loss: `rmib.losses.weighted_bce`.
-
-    Args:
-        gamma: scale of the positive weight |Y-| / (gamma * |Y+|).
-        name: the loss's name.
-        **kwargs: other `keras.losses.Loss` arguments.
-    """
-
-    def __init__(self, gamma: float = 1.0, name: str = "weighted_bce", **kwargs):
-        super().__init__(name=name, **kwargs)
-        if not gamma > 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
-        self.gamma = float(gamma)
-
-    def call(self, y_true, y_pred):
-        return weighted_bce(y_true, y_pred, gamma=self.gamma)
-
-    def get_config(self):
-        return {**super().get_config(), "gamma": self.gamma}
-
-
-def l2_penalty(kernels):
-    """phi(theta) of eq. 1: the squared L2 norm (sum of squares) of the kernels, float32."""
-    return sum(
-        (keras.ops.sum(keras.ops.square(keras.ops.cast(k, "float32"))) for k in kernels),
-        keras.ops.convert_to_tensor(0.0, "float32"),
-    )
-
-
-def combined_loss(
-    y_global, p_global, y_local, p_local, kernels, lambdas=(1.0, 1.0, 1e-4), gamma=1.0
-):
-    """Eq. 1 of Yan et al.: l1 * L_global + l2 * L_local + l3 * phi(theta).
-
-    What the fused model's compiled loss computes (the weighted output losses
-    plus the kernels' L2 regularisers); written out for tests and reports.
-
-    Args:
-        y_global, p_global: GlobalNet targets and probabilities (B, G, G[, 1]).
-        y_local, p_local: patch targets and fused probabilities (B, p, p[, 1]).
-        kernels: the convolution kernels phi sums over.
-        lambdas: (l1, l2, l3).
-        gamma: gamma of eq. 2.
-
-    Returns:
-        Scalar float32 tensor.
-    """
-    l1, l2, l3 = lambdas
-    return (
-        l1 * weighted_bce(y_global, p_global, gamma)
-        + l2 * weighted_bce(y_local, p_local, gamma)
-        + l3 * l2_penalty(kernels)
-    )
-
-
-def kernels_of(model) -> list:
-    """The convolution kernels of a model (every weight named "kernel")."""
-    return [w for w in model.weights if w.path.rsplit("/", 1)[-1] == "kernel"]
-
-
-# --------------------------------------------------------------------------- settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +155,7 @@ def encoder_nets(cfg: SegmentConfig) -> tuple:
     backbone name (SegmentConfig's default "vgg16" is the encoder-decoder's;
     the paper's U-Nets are plain).
     """
-    from rmib.segment import _is_run
+    from rmib.methods.encoders import _is_run
 
     chosen = cfg.local_global.encoder_nets
     if chosen:
@@ -256,7 +187,7 @@ class EncoderSetup:
 def encoder_setup(cfg: SegmentConfig) -> EncoderSetup | None:
     """The run's backbone encoders (`encoder_nets`), None for plain U-Nets.
 
-    Checks the stage-1 run without loading it (`rmib.segment.encoder_factory`).
+    Checks the stage-1 run without loading it (`rmib.methods.encoders.encoder_factory`).
 
     Raises:
         RmibError: a missing or wrong stage-1 run, an unknown backbone name,
@@ -271,7 +202,7 @@ def encoder_setup(cfg: SegmentConfig) -> EncoderSetup | None:
     nets = encoder_nets(cfg)
     if not nets:
         return None
-    from rmib.segment import encoder_factory
+    from rmib.methods.encoders import encoder_factory
 
     try:
         build_source, info, frozen = encoder_factory(cfg)
@@ -324,270 +255,6 @@ def phase_config(cfg: SegmentConfig, phase: str, validate: bool):
     if not validate and cfg.train.monitor.startswith("val_"):
         changes.update(monitor="loss", monitor_mode="min")
     return dataclasses.replace(cfg.train, **changes)
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass
-class Photographs:
-    """Preprocessed photographs with their GlobalNet views.
-
-    Attributes:
-        examples: `rmib.data.pipeline.Example`s (full resolution, mask, FOV).
-        global_images: each photograph resized to global_size, uint8.
-        global_masks: each mask resized by area (lesion fraction), float32 (G, G).
-        cropped: how many photographs got the IDRiD centre crop.
-    """
-
-    examples: list
-    global_images: list
-    global_masks: list
-    cropped: int = 0
-
-
-def _preprocessing_for(record, method: str, centre_crop: bool) -> Preprocessing:
-    if centre_crop:
-        try:
-            width, height = io.image_size(record.image)
-        except BadInputError:  # load_examples reports the file as the run's on_bad says
-            return Preprocessing(method=method)
-        if _fits_centre_crop((height, width)):
-            return Preprocessing(method=method, centre_crop=True)
-    return Preprocessing(method=method)
-
-
-def load_photographs(records, cfg: SegmentConfig, global_size: int, cache=None, problems=None):
-    """Preprocess `records` for `cfg.lesion` and make their GlobalNet views."""
-    cache = cache or PreprocessedCache(cfg.cache_dir or None)
-    examples, global_images, global_masks, cropped = [], [], [], 0
-    for record in records:
-        prep = _preprocessing_for(record, cfg.preprocessing, cfg.local_global.centre_crop)
-        loaded, _ = load_examples([record], prep, cfg.lesion, cache, cfg.on_bad, problems)
-        for example in loaded:
-            examples.append(example)
-            cropped += int(prep.centre_crop)
-            global_images.append(resize_global(example.image, global_size))
-            mask = np.asarray(example.mask) > 0
-            global_masks.append(resize_global(mask.astype(np.float32), global_size))
-    return Photographs(examples, global_images, global_masks, cropped)
-
-
-class BoxPatchSampler(PatchSampler):
-    """`PatchSampler` that also says where the patch lies: its normalised box."""
-
-    def sample_with_box(self, rng):
-        """(photograph index, patch uint8 (p, p, 3), mask uint8 (p, p), box float32 (4,)).
-
-        The box is (top / H, left / W, (top + p) / H, (left + p) / W) of the
-        photograph (beyond 1 when the photograph is smaller than the patch).
-        """
-        index = int(rng.integers(len(self.examples)))
-        example = self.examples[index]
-        y, x = self._centre(index, rng)
-        p = self.patch
-        height, width = example.image.shape[:2]
-        top = int(np.clip(y - p // 2, 0, max(height - p, 0)))
-        left = int(np.clip(x - p // 2, 0, max(width - p, 0)))
-        image, mask = self.crop(example, top, left)
-        box = np.array(
-            [top / height, left / width, (top + p) / height, (left + p) / width], np.float32
-        )
-        return index, image, mask, box
-
-
-def rotate_box(box, k):
-    """A normalised (y0, x0, y1, x1) box after k counter-clockwise quarter turns
-    of its image (`tf.image.rot90`): one turn maps (y, x) to (1 - x, y)."""
-    box = tf.convert_to_tensor(box, tf.float32)
-    y0, x0, y1, x1 = tf.unstack(box, axis=-1)
-    turns = tf.stack(
-        [
-            tf.stack([y0, x0, y1, x1], -1),
-            tf.stack([1 - x1, y0, 1 - x0, y1], -1),
-            tf.stack([1 - y1, 1 - x1, 1 - y0, 1 - x0], -1),
-            tf.stack([x0, 1 - y1, x1, 1 - y0], -1),
-        ]
-    )
-    return tf.gather(turns, tf.math.floormod(tf.cast(k, tf.int32), 4))
-
-
-def rotate_fused_example(global_image, global_mask, patch, patch_mask, box, k):
-    """Quarter-turn augmentation of one fused example: the same k turns for all of it.
-
-    Args:
-        global_image, global_mask: (G, G, C) tensors.
-        patch, patch_mask: (p, p, C) tensors.
-        box: (4,) the patch's normalised box in the photograph.
-        k: number of counter-clockwise quarter turns (`tf.image.rot90`).
-
-    Returns:
-        The five, rotated; the patch stays the photograph's pixels inside the box.
-    """
-    turned = [tf.image.rot90(t, k) for t in (global_image, global_mask, patch, patch_mask)]
-    return (*turned, rotate_box(box, k))
-
-
-def augment_soft_pair(
-    image, mask, seed, mode="free", max_rotation=180.0, zoom_range=0.1, noise_std=4.0
-):
-    """Augment an image and a soft (fractional) mask identically.
-
-    As `rmib.data.augment.augment_pair`, except that in "free" mode the mask
-    is resampled bilinearly and not rounded, so GlobalNet's lesion fractions survive.
-    """
-    if mode == "none":
-        return image, mask
-    if mode != "free":
-        return augment_lib.augment_pair(image, mask, seed, mode=mode)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
-    channels = image.shape[-1]
-    stack = tf.concat([image, mask], axis=-1)
-    stack = tf.cond(
-        tf.random.stateless_uniform([], seeds[0]) < 0.5,
-        lambda: tf.reverse(stack, [1]),
-        lambda: stack,
-    )
-    stack = tf.cond(
-        tf.random.stateless_uniform([], seeds[1]) < 0.5,
-        lambda: tf.reverse(stack, [0]),
-        lambda: stack,
-    )
-    limit = max_rotation * math.pi / 180.0
-    angle = tf.random.stateless_uniform([], seeds[2], -limit, limit)
-    zoom = tf.random.stateless_uniform([], seeds[3], 1.0 - zoom_range, 1.0 + zoom_range)
-    shape = tf.shape(stack)
-    transform = augment_lib.rotation_zoom_transform(angle, zoom, shape[0], shape[1])
-    stack = keras.ops.image.affine_transform(
-        stack[None], transform[None], interpolation="bilinear", fill_mode="constant"
-    )[0]
-    image, mask = stack[..., :channels], stack[..., channels:]
-    if noise_std > 0:
-        image = image + tf.random.stateless_normal(tf.shape(image), seeds[4], stddev=noise_std)
-    return tf.clip_by_value(image, 0.0, 255.0), tf.clip_by_value(mask, 0.0, 1.0)
-
-
-def _epochs(start_epoch, epochs, make_epoch):
-    return (
-        tf.data.Dataset.range(start_epoch, max(epochs, start_epoch + 1))
-        .flat_map(make_epoch)
-        .prefetch(AUTOTUNE)
-    )
-
-
-def _cycled_order(rng, n, count):
-    order = []
-    while len(order) < count:
-        order.extend(rng.permutation(n).tolist())
-    return order[:count]
-
-
-def global_dataset(
-    photos: Photographs, batch_size, steps, *, augment="free", seed=0, start_epoch=0, epochs=1
-):
-    """Batches of (whole photograph resized float32 (G, G, 3), lesion fraction (G, G, 1))."""
-    n = len(photos.global_images)
-    size = photos.global_images[0].shape[0]
-    per_epoch = steps * batch_size
-
-    def generate(epoch):
-        rng = np.random.default_rng([seed, 1, int(epoch)])
-        for index in _cycled_order(rng, n, per_epoch):
-            yield photos.global_images[index], photos.global_masks[index]
-
-    signature = (
-        tf.TensorSpec((size, size, 3), tf.uint8),
-        tf.TensorSpec((size, size), tf.float32),
-    )
-
-    def make_epoch(epoch):
-        ds = tf.data.Dataset.from_generator(generate, output_signature=signature, args=(epoch,))
-
-        def finish(index, pair):
-            image, mask = pair
-            image, mask = augment_soft_pair(
-                tf.cast(image, tf.float32),
-                mask[..., None],
-                augment_lib.example_seed(seed, epoch, index),
-                mode=augment,
-            )
-            return image, mask
-
-        return (
-            ds.enumerate()
-            .map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .batch(batch_size, drop_remainder=True)
-        )
-
-    return _epochs(start_epoch, epochs, make_epoch)
-
-
-def fused_dataset(
-    photos: Photographs,
-    patch_size,
-    batch_size,
-    steps,
-    *,
-    pos_fraction=0.5,
-    augment="rot90",
-    seed=0,
-    start_epoch=0,
-    epochs=1,
-):
-    """Batches of ({"global_image", "patch", "box"}, {"global", "local"}) for the fused net.
-
-    Patches are lesion-aware (`BoxPatchSampler`); with augment other than
-    "none", each example turns by the same random multiple of 90 degrees
-    as a whole (`rotate_fused_example`).
-    """
-    sampler = BoxPatchSampler(photos.examples, patch_size, pos_fraction)
-    size = photos.global_images[0].shape[0]
-    p = int(patch_size)
-    per_epoch = steps * batch_size
-
-    def generate(epoch):
-        rng = np.random.default_rng([seed, 3, int(epoch)])
-        for _ in range(per_epoch):
-            index, patch, mask, box = sampler.sample_with_box(rng)
-            yield photos.global_images[index], photos.global_masks[index], patch, mask, box
-
-    signature = (
-        tf.TensorSpec((size, size, 3), tf.uint8),
-        tf.TensorSpec((size, size), tf.float32),
-        tf.TensorSpec((p, p, 3), tf.uint8),
-        tf.TensorSpec((p, p), tf.uint8),
-        tf.TensorSpec((4,), tf.float32),
-    )
-
-    def make_epoch(epoch):
-        ds = tf.data.Dataset.from_generator(generate, output_signature=signature, args=(epoch,))
-
-        def finish(index, example):
-            global_image, global_mask, patch, mask, box = example
-            global_image = tf.cast(global_image, tf.float32)
-            patch = tf.cast(patch, tf.float32)
-            global_mask = global_mask[..., None]
-            mask = tf.cast(mask, tf.float32)[..., None]
-            if augment != "none":
-                k = tf.random.stateless_uniform(
-                    [], augment_lib.example_seed(seed, epoch, index), 0, 4, dtype=tf.int32
-                )
-                global_image, global_mask, patch, mask, box = rotate_fused_example(
-                    global_image, global_mask, patch, mask, box, k
-                )
-            inputs = {"global_image": global_image, "patch": patch, "box": box}
-            return inputs, {"global": global_mask, "local": mask}
-
-        return (
-            ds.enumerate()
-            .map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .batch(batch_size, drop_remainder=True)
-        )
-
-    return _epochs(start_epoch, epochs, make_epoch)
-
-
-# --------------------------------------------------------------------------- training
 
 
 def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict, encoders=None):
@@ -752,10 +419,10 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     Runs the phases of `cfg.local_global.phases` in order, each one
     `rmib.training.fit` call in `run` (phase files, resumable), validating
     every `cfg.val_every` epochs on the held-out whole photographs as
-    `rmib predict` would (`rmib.segment.WholeImageValidation`). The last
+    `rmib predict` would (`rmib.evaluation.WholeImageValidation`). The last
     phase writes `model.keras` with the run's metadata (task "segment",
     model "local-global", network, lesion, preprocessing, global_size,
-    patch_size, depths, base_filters, encoder_nets ...), which `rmib.segmenters.load_segmenter`
+    patch_size, depths, base_filters, encoder_nets ...), which `rmib.load_segmenter`
     turns into a `LocalGlobalSegmenter`.
 
     Args:
@@ -767,14 +434,14 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     Returns:
         Validation metrics of the final model over the held-out whole
         photographs ("aupr" pooled and streaming, and the pixel metrics at
-        0.5, as `rmib.segment.evaluate_examples`); {} without validation images.
+        0.5, as `rmib.evaluation.evaluate_examples`); {} without validation images.
 
     Raises:
         RmibError: no readable training image, sizes the U-Nets cannot take,
             a bad encoder (`encoder_setup`), a run directory that already
             holds a run without `resume`, and the errors of `rmib.training.fit`.
     """
-    from rmib.segment import WholeImageValidation, evaluate_examples
+    from rmib.evaluation import WholeImageValidation, evaluate_examples
 
     run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
     lg = cfg.local_global
@@ -849,28 +516,3 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
 
         write_skipped(run.path, problems)
     return result
-
-
-__all__ = [
-    "BoxPatchSampler",
-    "EncoderSetup",
-    "PHASES",
-    "Photographs",
-    "Sizes",
-    "WeightedBCE",
-    "augment_soft_pair",
-    "combined_loss",
-    "encoder_nets",
-    "encoder_setup",
-    "fused_dataset",
-    "global_dataset",
-    "kernels_of",
-    "l2_penalty",
-    "load_photographs",
-    "phase_config",
-    "resolve_sizes",
-    "rotate_box",
-    "rotate_fused_example",
-    "run_metadata",
-    "train",
-]

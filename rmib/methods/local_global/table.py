@@ -9,7 +9,7 @@ depth below <method> works: the lesion is read from the file), e.g.
 
 and run
 
-    python -m rmib.methods.ablation_table runs/ablation/eval [--paper] [--format markdown|csv]
+    python -m rmib.methods.local_global.table runs/ablation/eval [--paper] [--format markdown|csv]
 
 The methods "global", "local" and "fused" are named and ordered as in the
 paper (GlobalNet, LocalNet, fused); any other folder (say "encoder-decoder" or
@@ -153,7 +153,7 @@ def ablation_table(root, fmt: str = "markdown", paper: bool = False) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rmib.methods.ablation_table",
+        prog="python -m rmib.methods.local_global.table",
         description="AUPR per lesion per method (Yan et al. 2019, Table 1) from "
         "RESULTS/<method>/<lesion>/metrics.json files written by `rmib evaluate`.",
     )

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from rmib.commands.options import PREDICT_PRECISION_CHOICES
+from rmib.cli.options import PREDICT_PRECISION_CHOICES
 
 
 @click.command()

@@ -186,7 +186,7 @@ class SegmentConfig:
             at it and the map resized back, so metrics stay at full resolution.
             Stored in the run metadata; predict, evaluate and load_segmenter apply it.
         predict_tile / predict_halo / predict_max_tile / predict_overlap /
-            predict_batch: whole-image prediction (`rmib.segmenters.TiledSegmenter`):
+            predict_batch: whole-image prediction (`rmib.methods.encoder_decoder.segmenter.TiledSegmenter`):
             "auto" plans tiles of at most predict_max_tile ** 2 pixels over the field
             of view overlapping by 2 * predict_halo pixels; a number is a fixed
             square tile overlapping by the fraction predict_overlap.

@@ -17,7 +17,7 @@ authors' 11-threshold trapezoid, "aupr_11pt_trapezoid" in an `rmib evaluate`
 metrics.json: compare them with that, not with this column.
 
 Usage:
-    python -m rmib.methods.dual2net_table RUN_BCE RUN_DICE RUN_DSM \\
+    python -m rmib.methods.dual2net.table RUN_BCE RUN_DICE RUN_DSM \\
         [--eval EVAL_BCE --eval EVAL_DICE --eval EVAL_DSM] [--out table.md]
 """
 

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from rmib.commands.options import OUT_DIR, max_pixels_option, on_bad_option
+from rmib.cli.options import OUT_DIR, max_pixels_option, on_bad_option
 
 # rmib.grading.VARIANTS; repeated here so that `rmib --help` does not import
 # TensorFlow (tests/grading/test_grade_cli.py checks they agree).

@@ -9,7 +9,7 @@ import sys
 import click
 
 from rmib import LESION_NAMES
-from rmib.commands.options import data_root_argument, max_pixels_option
+from rmib.cli.options import data_root_argument, max_pixels_option
 from rmib.data import readers
 from rmib.errors import RmibError
 

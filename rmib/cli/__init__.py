@@ -44,7 +44,7 @@ def cli():
 
 
 def _register():
-    from rmib.commands import data, export, grade, models
+    from rmib.cli import data, export, grade, models
 
     cli.add_command(data.data)
     for command in (models.pretrain, models.segment, models.predict, models.evaluate):

@@ -1,0 +1,79 @@
+"""Whole-photograph prediction for every segmentation model rmib trains.
+
+A `Segmenter` wraps a trained Keras model with the metadata of its run
+(lesion, preprocessing, model type) and turns a photograph of any size into a
+full-resolution probability map. Each model type registers how it predicts:
+the encoder-decoder by overlapping tiles (`rmib.inference.predict_tiled`),
+the local-global U-Net by tiles that also see the global features, Dual2Net
+on the resized photograph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from rmib.data import fundus
+from rmib.data.pipeline import Preprocessing, preprocess_array
+
+AUTO_TILE = "auto"
+
+
+DEFAULT_HALO = 64
+
+
+DEFAULT_MAX_TILE_PIXELS = 1024 * 1024
+
+
+EXPORT_TILE = 512  # segment_image of a SavedModel tiles with fixed tiles (see rmib.export)
+
+
+class Segmenter:
+    """Base class: preprocessing, restoring the original geometry, FOV masking.
+
+    Args:
+        model: the trained Keras model.
+        metadata: the run's rmib.json dict (lesion, preprocessing, sizes ...).
+        tile, overlap, batch_size: tiling parameters (subclasses that tile).
+    """
+
+    model_type = "base"
+
+    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
+        self.model = model
+        self.metadata = dict(metadata or {})
+        self.lesion = self.metadata.get("lesion")
+        self.preprocessing = Preprocessing.from_dict(self.metadata.get("preprocessing"))
+        self.tile = tile
+        self.overlap = overlap
+        self.batch_size = batch_size
+
+    def predict_prepared(self, image: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
+        """Probability map (H, W) float32 for an already preprocessed image (H, W, 3)."""
+        raise NotImplementedError
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Probability map (H, W) float32 for a raw uint8 RGB photograph of any size."""
+        prepared, _, fov = preprocess_array(image, self.preprocessing)
+        prob = self.predict_prepared(prepared, fov)
+        if prob.shape[:2] != image.shape[:2]:  # the IDRiD centre crop was applied
+            full = np.zeros(image.shape[:2], np.float32)
+            y0, x0, _, _ = fundus.idrid_centre_box(image.shape[:2])
+            full[y0 : y0 + prob.shape[0], x0 : x0 + prob.shape[1]] = prob
+            prob = full
+        return prob
+
+
+def compiled_predict(model, channels=3):
+    """The model in a `tf.function` over float32 batches: its first output, cast to float32."""
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, channels), tf.float32)])
+    def predict(batch):
+        out = model(batch, training=False)
+        if isinstance(out, dict):
+            out = out[sorted(out)[0]]
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return tf.cast(out, tf.float32)
+
+    return predict

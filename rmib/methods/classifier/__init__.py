@@ -1,0 +1,1 @@
+"""The stage-1 "lesion / healthy" classifier of the RMIB paper (`rmib pretrain`)."""

@@ -1,0 +1,1 @@
+"""Dual2Net with its dual-sampling modulated Dice loss."""

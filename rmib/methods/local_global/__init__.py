@@ -1,0 +1,1 @@
+"""The fused local-global U-Net of Yan et al. (ISBI 2019)."""
