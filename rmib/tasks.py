@@ -25,6 +25,7 @@ from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
 from rmib.methods.encoder_decoder import train as encoder_decoder_train
 from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 from rmib.methods.encoders import describe_encoder
+from rmib.methods.local_global import config as local_global_config
 from rmib.methods.local_global import train as local_global_train
 from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
 from rmib.methods.segment_config import SEGMENT_MODELS, SegmentConfig
@@ -68,7 +69,7 @@ METHODS = {
         "segment",
         local_global_train.train,
         LocalGlobalSegmenter,
-        local_global_train.resolve_sizes,
+        local_global_config.resolve_sizes,
     ),
     "dual2net": Method("dual2net", "segment", dual2net_train.train, Dual2NetSegmenter),
 }

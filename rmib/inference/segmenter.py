@@ -17,14 +17,8 @@ from rmib.data import fundus
 from rmib.data.pipeline import Preprocessing, preprocess_array
 
 AUTO_TILE = "auto"
-
-
 DEFAULT_HALO = 64
-
-
 DEFAULT_MAX_TILE_PIXELS = 1024 * 1024
-
-
 EXPORT_TILE = 512  # segment_image of a SavedModel tiles with fixed tiles (see rmib.export)
 
 

@@ -18,14 +18,9 @@ from rmib.config import TrainConfig, load_config
 from rmib.data.pipeline import Preprocessing
 from rmib.errors import RmibError
 from rmib.losses import sample_rebalanced_pixels
+from rmib.methods.dual2net.layers import BilinearUpsampling, PyramidPooling, adaptive_average_pool
 from rmib.methods.dual2net.loss import DSMAlphaSchedule, dual2net_loss
-from rmib.methods.dual2net.model import (
-    BilinearUpsampling,
-    Dual2Net,
-    PyramidPooling,
-    adaptive_average_pool,
-    build_dual2net,
-)
+from rmib.methods.dual2net.model import Dual2Net, build_dual2net
 from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
 from rmib.methods.dual2net.table import dual2net_table
 from rmib.methods.dual2net.train import build_model, resolve_config, train

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from rmib.config import TrainConfig, load_config
 from rmib.data.pipeline import Example
+from rmib.methods.local_global.config import PHASES, Sizes, phase_config, resolve_sizes
 from rmib.methods.local_global.data import (
     Photographs,
     augment_soft_pair,
@@ -29,15 +30,7 @@ from rmib.methods.local_global.model import (
     resize_global,
 )
 from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
-from rmib.methods.local_global.train import (
-    PHASES,
-    Sizes,
-    _compile_arguments,
-    _phase_model_builder,
-    phase_config,
-    resolve_sizes,
-    train,
-)
+from rmib.methods.local_global.train import _compile_arguments, _phase_model_builder, train
 from rmib.methods.segment_config import LocalGlobalConfig, SegmentConfig
 from rmib.tasks import SEGMENT_METHODS
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from rmib import training
 from rmib.errors import RmibError
+from rmib.methods.local_global.config import PHASES, encoder_setup, resolve_sizes
 from rmib.methods.local_global.model import (
     backbone_encoders,
     build_global_net,
@@ -20,13 +21,7 @@ from rmib.methods.local_global.model import (
     copy_backbone,
     copy_matching_weights,
 )
-from rmib.methods.local_global.train import (
-    PHASES,
-    _compile_arguments,
-    _phase_model_builder,
-    encoder_setup,
-    resolve_sizes,
-)
+from rmib.methods.local_global.train import _compile_arguments, _phase_model_builder
 from rmib.methods.segment_config import LocalGlobalConfig, SegmentConfig
 from rmib.models.backbones import build_backbone
 from tests.conftest import invoke

@@ -65,8 +65,6 @@ from rmib.metrics import (
 
 # The loss of each `[dual2net] variant` (rmib.methods.dual2net.model.LOSS_VARIANTS).
 VARIANT_LOSS = {"dual-dsm": "dsm", "single-dice": "dice", "single-bce": "bce"}
-
-
 # The paper's optimisation (section 4.2), applied where `[train]` keeps SegmentConfig's defaults.
 PAPER_TRAIN = {
     "optimizer": "sgd",

@@ -46,18 +46,10 @@ from rmib.models.unet import (
 
 # Pooling layers per lesion (Yan et al. 2019, section 2.1).
 GLOBAL_DEPTHS = {"EX": 6, "HE": 6, "SE": 4, "MA": 3}
-
-
 LOCAL_DEPTHS = {"EX": 3, "MA": 3, "HE": 6, "SE": 6}
-
-
 NETWORKS = ("global", "local", "fused")
-
-
 # The layers of the fused model that phase 3 ("fusion") trains; everything else is frozen.
 FUSION_LAYERS = ("fusion_crop", "fusion_concat", "fusion_head")
-
-
 # A backbone encoder's deepest skip tap is P5 (stride 32): a net on one has at most 5 levels.
 BACKBONE_MAX_DEPTH = 5
 
