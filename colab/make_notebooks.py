@@ -623,7 +623,7 @@ def nb_grading():
             "5. Grading diabetic retinopathy",
             "A local net labels the patches of an overlapping grid (normal, MA, "
             "haemorrhage, exudate); a global net grades the photograph weighted by that "
-            "lesion map (`rmib.grade.train_grader`, `predict_images`, `evaluate_grader`). "
+            "lesion map (`rmib.train_grader`, `predict_images`, `evaluate_grader`). "
             "Training needs images with MA/HE/EX masks and graded images (IDRiD has both).",
         ),
         *standard_cells(params, count=60, size=800),
@@ -632,7 +632,9 @@ def nb_grading():
             """
             import shutil
 
-            from rmib.grade import GradeConfig, Grader, evaluate_grader, predict_images, train_grader
+            from rmib import GradeConfig, load_grader, train_grader
+            from rmib.methods.grading.evaluate import evaluate_grader
+            from rmib.methods.grading.grader import predict_images
 
             GRADE_RUN = WORK / "runs" / "grade"
             shutil.rmtree(GRADE_RUN, ignore_errors=True)
@@ -667,7 +669,7 @@ def nb_grading():
         md("## Grade photographs and look at their lesion maps"),
         code(
             """
-            grader = Grader.load(GRADE_RUN)
+            grader = load_grader(GRADE_RUN)
             graded = [r for r in dataset.records if r.grade is not None]
             pick = [r for r in graded if r.split == "test"] or graded
             GRADE_PRED = WORK / "grade-predictions"

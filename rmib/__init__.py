@@ -21,12 +21,15 @@ LESION_NAMES = {
 # and `rmib --help` do not pay for TensorFlow: `from rmib import run_segment`.
 _PUBLIC = (
     "METHODS",
+    "GradeConfig",
     "PretrainConfig",
     "SegmentConfig",
+    "load_grader",
     "load_segmenter",
     "make_segmenter",
     "run_pretrain",
     "run_segment",
+    "train_grader",
 )
 
 

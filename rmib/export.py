@@ -976,7 +976,7 @@ def lesion_map_graph(local_fn, image, patch: int, overlap: int, batch_size: int)
     import tensorflow as tf
 
     from rmib.grading import grid_positions
-    from rmib.grading.lesion_map import _coverage
+    from rmib.methods.grading.lesion_map import _coverage
 
     size = int(image.shape[0])
     positions = np.asarray(grid_positions(size, patch, overlap))
@@ -1019,7 +1019,7 @@ def global_input_graph(image, size: int, weights=None):
     """`rmib.grade.global_input` in TensorFlow ops: I* = M / 4 * I (or I), resized, rounded."""
     import tensorflow as tf
 
-    from rmib.grading.lesion_map import MAX_WEIGHT
+    from rmib.methods.grading.lesion_map import MAX_WEIGHT
 
     array = tf.cast(image, tf.float32)
     if weights is not None:
@@ -1588,7 +1588,7 @@ def _load(model_path, kind: str, unsafe: bool):
 
     if kind != "grader":
         return training.load_model(model_path, unsafe=unsafe)
-    from rmib.grade import Grader
+    from rmib.methods.grading.grader import Grader
 
     grader = Grader.load(model_path, unsafe=unsafe)
     grader.local_net, grader.global_net  # noqa: B018 - load now: fail before writing

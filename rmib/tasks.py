@@ -25,6 +25,9 @@ from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
 from rmib.methods.encoder_decoder import train as encoder_decoder_train
 from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 from rmib.methods.encoders import describe_encoder
+from rmib.methods.grading.config import GradeConfig
+from rmib.methods.grading.grader import Grader
+from rmib.methods.grading.train import train_grader
 from rmib.methods.local_global import config as local_global_config
 from rmib.methods.local_global import train as local_global_train
 from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
@@ -72,6 +75,7 @@ METHODS = {
         local_global_config.resolve_sizes,
     ),
     "dual2net": Method("dual2net", "segment", dual2net_train.train, Dual2NetSegmenter),
+    "grading": Method("grading", "grade", train_grader),
 }
 SEGMENT_METHODS = {name: m for name, m in METHODS.items() if m.task == "segment"}
 assert tuple(SEGMENT_METHODS) == SEGMENT_MODELS, "SegmentConfig's models are the table's"
@@ -208,15 +212,27 @@ def run_pretrain(cfg, resume=False, echo=click.echo) -> dict:
     return classifier_train.run_pretrain(cfg, resume=resume, echo=echo)
 
 
+def load_grader(run_dir, *, batch_size: int = 256, unsafe: bool = False) -> Grader:
+    """The grader of a `rmib grade train` run directory; see `Grader.load`.
+
+    Raises:
+        RmibError: not a run directory, not a grading run, or a model file missing.
+    """
+    return Grader.load(run_dir, batch_size=batch_size, unsafe=unsafe)
+
+
 __all__ = [
     "METHODS",
+    "GradeConfig",
     "PretrainConfig",
     "SegmentConfig",
     "Method",
     "SEGMENT_METHODS",
     "check_segment_config",
+    "load_grader",
     "load_segmenter",
     "make_segmenter",
     "run_pretrain",
     "run_segment",
+    "train_grader",
 ]

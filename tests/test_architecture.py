@@ -23,7 +23,11 @@ MAX_LINES = 550  # "about 500"
 # application-level commands built on the table.
 APPLICATION = ("rmib.tasks", "rmib.cli", "rmib.demo", "rmib.predict", "rmib.__main__")
 # Shared by the segmenters, inside rmib.methods but no method's own.
-METHODS_SHARED = ("rmib.methods.segment_config", "rmib.methods.encoders", "rmib.methods.segment_data")
+METHODS_SHARED = (
+    "rmib.methods.segment_config",
+    "rmib.methods.encoders",
+    "rmib.methods.segment_data",
+)
 
 
 def _module_name(path: Path) -> str:

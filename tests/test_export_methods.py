@@ -1,7 +1,7 @@
 """`rmib export` of the local-global U-Net, Dual2Net and the two-stage grader.
 
 One tiny run of each is trained once per module (library functions for the
-segmenters, as tests/methods does; the CLI for the grader, as tests/grading
+segmenters, as tests/methods does; the CLI for the grader, as tests/methods/grading
 does). Each export must reload with `tf.saved_model.load` and give, on an
 odd-sized photograph, what rmib's own Python path gives: the run's
 `Segmenter` (`rmib predict`) or `Grader.grade_prepared` (`rmib grade predict`).
@@ -309,7 +309,7 @@ def test_dual2net_keras_format_checks_the_copy(dual2net_run, tmp_path):
 
 
 def test_grader_export_equals_rmib_grade_predict(grade_run, tmp_path):
-    from rmib.grade import Grader
+    from rmib.methods.grading.grader import Grader
 
     loaded, differences = _export(grade_run, tmp_path / "grader")
     assert set(differences) == {"classify", "classify_plain", "classify_patch", "grade_image"}

@@ -6,10 +6,18 @@ import pathlib
 
 import click
 
-from rmib.cli.options import OUT_DIR, max_pixels_option, on_bad_option
+from rmib.cli.options import (
+    OUT_DIR,
+    early_stopping_option,
+    max_pixels_option,
+    on_bad_option,
+    start_cluster_strategy,
+    strategy_option,
+    time_limit_option,
+)
 
-# rmib.grading.VARIANTS; repeated here so that `rmib --help` does not import
-# TensorFlow (tests/grading/test_grade_cli.py checks they agree).
+# rmib.methods.grading.nets.VARIANTS; repeated here so that `rmib --help` does not
+# import TensorFlow (tests/methods/grading/test_grade_cli.py checks they agree).
 GLOBAL_NETS = ("yang", "vgg16", "resnet50")
 SPLITS = ("auto", "all", "train", "valid", "test")
 
@@ -71,6 +79,9 @@ def grade():
     help="Numeric precision [auto].",
 )
 @click.option("--seed", type=int, help="Random seed of both trainings [42].")
+@strategy_option
+@early_stopping_option
+@time_limit_option
 @click.option("--val-fraction", type=float, help="Images held out for validation [0.1].")
 @click.option(
     "--no-baseline",
@@ -80,19 +91,19 @@ def grade():
 )
 @click.option("--cache-dir", type=OUT_DIR, help="Keep preprocessed photographs here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option(
-    "--on-bad",
-    type=click.Choice(["error", "skip"]),
-    default=None,
-    help="error: stop at the first bad file; skip: go on, list it in skipped.csv [error].",
-)
+@on_bad_option
 @max_pixels_option
 def train_command(data, out, config_path, resume, **flags):
-    """Train the local net on mask-labelled patches, then the global net on weighted lesion maps."""
-    from rmib.config import load_config
-    from rmib.grade import GradeConfig, train_grader
+    """Train the local net on mask-labelled patches, then the global net on weighted lesion maps.
 
-    both = ("precision", "seed")
+    --precision, --seed, --strategy, --early-stopping and --time-limit apply to
+    every phase (local net, global net, non-weighted baseline): each phase
+    stops after the last epoch that fits in --time-limit minutes.
+    """
+    from rmib.config import load_config
+    from rmib.tasks import GradeConfig, train_grader
+
+    both = ("precision", "seed", "strategy", "early_stopping_patience", "time_limit")
     overrides = {
         "data": [str(p) for p in data] or None,
         "image_size": flags["image_size"],
@@ -115,6 +126,7 @@ def train_command(data, out, config_path, resume, **flags):
         overrides[f"train.{name}"] = flags[name]
         overrides[f"local_train.{name}"] = flags[name]
     cfg = load_config(GradeConfig, config_path, overrides)
+    start_cluster_strategy(cfg.train.strategy)
     summary = train_grader(cfg, out, resume=resume, echo=click.echo, progress=_progress)
     click.echo(f"Wrote the grading run to {out}")
     if summary.get("skipped_files"):
@@ -141,10 +153,11 @@ def predict_command(run, images, out, patch_batch, on_bad):
     predictions.csv and a picture of the weighted lesion map beside the
     lesion patches (<image>_lesion_map.png) to --out.
     """
-    from rmib.grade import Grader, predict_images
+    from rmib.methods.grading.grader import predict_images
     from rmib.predict import collect_images
+    from rmib.tasks import load_grader
 
-    grader = Grader.load(run, batch_size=patch_batch)
+    grader = load_grader(run, batch_size=patch_batch)
     rows = predict_images(
         grader, collect_images(images), out, on_bad=on_bad, echo=click.echo, progress=_progress
     )
@@ -188,9 +201,10 @@ def evaluate_command(run, data, out, split, patch_batch, cache_dir, on_bad):
     referable-DR ROC AUC, weighted beside non-weighted. Writes metrics.json,
     per_image.csv and ROC curves to --out.
     """
-    from rmib.grade import Grader, evaluate_grader, format_metrics
+    from rmib.methods.grading.evaluate import evaluate_grader, format_metrics
+    from rmib.tasks import load_grader
 
-    grader = Grader.load(run, batch_size=patch_batch)
+    grader = load_grader(run, batch_size=patch_batch)
     result = evaluate_grader(
         grader,
         data,

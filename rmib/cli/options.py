@@ -87,3 +87,33 @@ class TileSide(click.ParamType):
 
 
 TILE_SIDE = TileSide()
+
+
+# The runner's options that every training command takes (rmib.config.TrainConfig).
+strategy_option = click.option(
+    "--strategy",
+    type=click.Choice(["auto", "default", "mirrored", "multiworker", "tpu"]),
+    help="tf.distribute strategy (auto: mirrored when several GPUs are visible; "
+    "multiworker: the machines in TF_CONFIG; tpu: the TPU found).",
+)
+
+early_stopping_option = click.option(
+    "--early-stopping",
+    "early_stopping_patience",
+    type=click.IntRange(min=0),
+    help="Stop after N epochs without improvement (0 = off).",
+)
+
+time_limit_option = click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0),
+    help="Minutes of training: stop after the last epoch that fits (0 = no limit).",
+)
+
+
+def start_cluster_strategy(name: str) -> None:
+    """Multi-worker and TPU strategies must exist before TensorFlow runs anything."""
+    if name in ("multiworker", "tpu"):
+        from rmib import training
+
+        training.get_strategy(name)

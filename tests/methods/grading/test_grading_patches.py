@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from rmib.grading import (
+from rmib.methods.grading.grid import grid_boxes
+from rmib.methods.grading.patches import (
     DEFAULT_MIN_PIXELS,
     EXCLUDED,
     extract_patches,
-    grid_boxes,
     iter_patch_batches,
     patch_labels_from_masks,
 )

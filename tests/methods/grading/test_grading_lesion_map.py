@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from rmib.grading import apply_lesion_map, grid_positions, predict_lesion_map, weighted_lesion_map
+import rmib.grading
+from rmib.methods.grading.grid import grid_positions
+from rmib.methods.grading.lesion_map import (
+    apply_lesion_map,
+    predict_lesion_map,
+    weighted_lesion_map,
+)
 
 
 def test_hand_worked_map_with_overlaps():
@@ -119,13 +125,15 @@ def test_predict_lesion_map_runs_the_grid_in_batches():
             out.append(p)
         return np.array(out)
 
-    weights, labels, probs = predict_lesion_map(predict, image, 4, 2, batch_size=3)
+    found = predict_lesion_map(predict, image, 4, 2, batch_size=3)
+    weights, labels, probs = found.weights, found.labels, found.probs
     assert calls == [(3, 4, 4, 3), (1, 4, 4, 3)]
     np.testing.assert_array_equal(labels, [[0, 3], [1, 2]])
     np.testing.assert_allclose(probs, [[0.5, 1.0], [0.8, 0.4]], rtol=1e-6)
     # LP = [[0.5, 4.0], [1.6, 1.2]]; centre pixels average all four.
     assert weights[3, 3] == pytest.approx((0.5 + 4.0 + 1.6 + 1.2) / 4)
     assert weights[5, 0] == pytest.approx(1.6)
+    np.testing.assert_allclose(found.class_probs.max(axis=1), probs.ravel(), rtol=1e-6)
 
 
 def test_predict_lesion_map_checks_the_prediction_shape():
@@ -133,3 +141,10 @@ def test_predict_lesion_map_checks_the_prediction_shape():
         predict_lesion_map(lambda b: np.ones(len(b)), np.zeros((6, 6, 3)), 4, 2)
     with pytest.raises(ValueError, match="square"):
         predict_lesion_map(lambda b: b, np.zeros((6, 8, 3)), 4, 2)
+
+
+def test_public_names_stay_in_rmib_grading():
+    # README's public API: rmib.grading.grid_positions and rmib.grading.weighted_lesion_map.
+    assert rmib.grading.grid_positions is grid_positions
+    assert rmib.grading.weighted_lesion_map is weighted_lesion_map
+    assert rmib.grading.grid_positions(100, 64, 32) == [0, 32, 36]

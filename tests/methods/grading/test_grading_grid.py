@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from rmib.grading import grid_boxes, grid_positions
+from rmib.methods.grading.grid import grid_boxes, grid_positions
 
 
 def test_defaults_at_800_px_tile_exactly():

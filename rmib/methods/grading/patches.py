@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from rmib.grading.grid import DEFAULT_OVERLAP, DEFAULT_PATCH, grid_boxes, grid_positions
+from rmib.methods.grading.grid import DEFAULT_OVERLAP, DEFAULT_PATCH, grid_boxes, grid_positions
 
 PATCH_CLASSES = ("normal", "MA", "HE", "EX")
 LESION_CLASSES = {"MA": 1, "HE": 2, "EX": 3}

@@ -7,11 +7,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from rmib.errors import RmibError  # noqa: E402
-from rmib.grading import (  # noqa: E402
-    apply_lesion_map,
-    build_global_net,
-    build_local_net,
-    predict_lesion_map,
+from rmib.methods.grading.lesion_map import apply_lesion_map, predict_lesion_map  # noqa: E402
+from rmib.methods.grading.nets import (  # noqa: E402
+    build_grading_global_net,
+    build_grading_local_net,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,7 +47,7 @@ def _fit_one_step(model, inputs, num_classes):
 
 
 def test_local_net_table_one_shapes_at_64_px():
-    model = build_local_net(patch=64)
+    model = build_grading_local_net(patch=64)
     assert model.name == "yang_local_net"
     assert model.input_shape == (None, 64, 64, 3)
     assert model.output_shape == (None, 4)
@@ -78,7 +77,7 @@ def test_local_net_table_one_shapes_at_64_px():
 
 def test_local_net_fits_one_step_and_round_trips(tmp_path):
     keras.utils.set_random_seed(0)
-    model = build_local_net(patch=16, num_classes=4, dropout=0.25)
+    model = build_grading_local_net(patch=16, num_classes=4, dropout=0.25)
     assert _shape(model, "flatten") == (4 * 4 * 256,)
     x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     _fit_one_step(model, x, 4)
@@ -95,8 +94,8 @@ def test_outputs_are_float32_under_mixed_precision():
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        local = build_local_net(patch=8)
-        global_ = build_global_net(image_size=16)
+        local = build_grading_local_net(patch=8)
+        global_ = build_grading_global_net(image_size=16)
     finally:
         keras.config.set_dtype_policy(previous)
     assert local.get_layer("conv1").compute_dtype == "bfloat16"
@@ -106,7 +105,7 @@ def test_outputs_are_float32_under_mixed_precision():
 
 
 def test_global_net_table_two_shapes_at_256_px():
-    model = build_global_net(image_size=256, num_classes=4)
+    model = build_grading_global_net(image_size=256, num_classes=4)
     assert model.name == "yang_global_net"
     assert model.output_shape == (None, 4)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
@@ -125,7 +124,7 @@ def test_global_net_table_two_shapes_at_256_px():
 
 def test_global_net_five_grades_fits_one_step_at_32_px():
     keras.utils.set_random_seed(0)
-    model = build_global_net(image_size=32, num_classes=5, dropout=0.5)
+    model = build_grading_global_net(image_size=32, num_classes=5, dropout=0.5)
     assert model.output_shape == (None, 5)
     assert _shape(model, "flatten") == (512,)
     x = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
@@ -134,14 +133,14 @@ def test_global_net_five_grades_fits_one_step_at_32_px():
 
 def test_global_net_refuses_unknown_variant_and_bad_arguments():
     with pytest.raises(RmibError, match="'vgg19'.*yang.*vgg16.*resnet50"):
-        build_global_net(variant="vgg19")
+        build_grading_global_net(variant="vgg19")
     with pytest.raises(RmibError, match="weights"):
-        build_global_net(image_size=32, weights="imagenet")
-    assert build_global_net(image_size=8, weights="none").output_shape == (None, 4)
+        build_grading_global_net(image_size=32, weights="imagenet")
+    assert build_grading_global_net(image_size=8, weights="none").output_shape == (None, 4)
     with pytest.raises(ValueError, match="dropout"):
-        build_global_net(image_size=32, dropout=1.0)
+        build_grading_global_net(image_size=32, dropout=1.0)
     with pytest.raises(ValueError, match="num_classes"):
-        build_local_net(patch=16, num_classes=1)
+        build_grading_local_net(patch=16, num_classes=1)
 
 
 def _has_build_backbone():
@@ -154,7 +153,7 @@ def _has_build_backbone():
 
 @pytest.mark.skipif(not _has_build_backbone(), reason="rmib.models.build_backbone not there yet")
 def test_global_net_vgg16_variant_at_64_px():
-    model = build_global_net(image_size=64, num_classes=4, variant="vgg16")
+    model = build_grading_global_net(image_size=64, num_classes=4, variant="vgg16")
     assert model.output_shape == (None, 4)
     assert _shape(model, "gap") == (512,)
     backbone = model.get_layer("backbone")
@@ -168,10 +167,11 @@ def test_global_net_vgg16_variant_at_64_px():
 
 def test_tiny_two_stage_pipeline():
     keras.utils.set_random_seed(0)
-    local = build_local_net(patch=16)
-    global_ = build_global_net(image_size=48)
+    local = build_grading_local_net(patch=16)
+    global_ = build_grading_global_net(image_size=48)
     image = np.random.default_rng(4).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    weights, labels, probs = predict_lesion_map(local, image, patch=16, overlap=8, batch_size=7)
+    found = predict_lesion_map(local, image, patch=16, overlap=8, batch_size=7)
+    weights, labels, probs = found.weights, found.labels, found.probs
     assert labels.shape == probs.shape == (5, 5)  # offsets 0, 8, 16, 24, 32
     assert set(labels.ravel().tolist()) <= {0, 1, 2, 3}
     assert np.all(probs >= 0.25) and np.all(probs <= 1.0)

@@ -21,22 +21,24 @@ from click.testing import CliRunner
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 
+import rmib
 from rmib import io
 from rmib.cli import cli
 from rmib.cli.grade import GLOBAL_NETS
+from rmib.config import read_toml
 from rmib.data import readers, synthetic
-from rmib.grade import (
+from rmib.methods.grading.data import balanced_class_weights, read_grading_data
+from rmib.methods.grading.evaluate import grading_report, patch_report, resolve_split
+from rmib.methods.grading.grader import Grader, lesion_map_picture
+from rmib.methods.grading.grid import grid_positions
+from rmib.methods.grading.lesion_map import (
     LesionMap,
-    balanced_class_weights,
     global_input,
-    grading_report,
-    lesion_map,
-    lesion_map_picture,
-    patch_report,
-    read_grading_data,
-    resolve_split,
+    predict_lesion_map,
+    weighted_lesion_map,
 )
-from rmib.grading import VARIANTS, grid_positions, weighted_lesion_map
+from rmib.methods.grading.nets import VARIANTS
+from rmib.methods.grading.train import train_grader
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -161,6 +163,60 @@ def test_resume_of_a_finished_run_trains_nothing(trained, idrid, recipe):
     assert (run / "history_global.csv").read_text() == before
     # Without --resume the run directory is refused before anything is trained.
     assert "already holds a grading run" in one_line_error(invoke(*args))
+
+
+def test_time_limit_stops_every_phase(idrid, recipe, eager, tmp_path):
+    run = tmp_path / "run"
+    flags = [*TRAIN_FLAGS, "--local-epochs", 20, "--epochs", 20, "--no-baseline"]
+    result = invoke(
+        "train", "--data", idrid, "--out", run, "--config", recipe, *flags,
+        "--time-limit", 0.0001, "--early-stopping", 3, "--strategy", "default",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # 6 ms: each phase stops after its first epoch instead of running 20.
+    for phase in ("local", "global"):
+        rows = list(csv.DictReader((run / f"history_{phase}.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [1], phase
+    assert result.output.count("time limit of 0.0001 min reached after epoch 1") == 2
+    config = read_toml(run / "config.toml")
+    for section in ("local_train", "train"):
+        assert config[section]["time_limit"] == 0.0001
+        assert config[section]["early_stopping_patience"] == 3
+        assert config[section]["strategy"] == "default"
+
+
+def test_strategy_flag_reaches_the_runner(idrid, tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    run = tmp_path / "run"
+    message = one_line_error(
+        invoke("train", "--data", idrid, "--out", run, "--strategy", "multiworker")
+    )
+    assert "strategy multiworker needs the TF_CONFIG environment variable" in message
+    assert not run.exists()
+
+
+def test_on_bad_error_refuses_a_corrupt_image(tmp_path):
+    tree = synthetic.write_dataset(tmp_path / "idrid", "idrid", count=4, size=64, seed=0)
+    bad = tree / "A. Segmentation" / "1. Original Images" / "a. Training Set" / "IDRiD_01.jpg"
+    bad.write_bytes(b"not a photograph")
+    skipping = tmp_path / "skip.toml"
+    skipping.write_text('on_bad = "skip"\n')
+    args = ["train", "--data", tree, "--out", tmp_path / "r", "--config", skipping]
+    small = ["--image-size", 64, "--patch-size", 16, "--overlap", 8]
+    result = invoke(*args, *small, "--on-bad", "error")  # the flag wins over the recipe
+    assert result.exit_code == 1, result.output
+    # What was found is said first; then the error, one line naming the file, no traceback.
+    lines = result.output.strip().splitlines()
+    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], result.output
+    assert "IDRiD_01.jpg: not a readable image" in lines[-1]
+    assert "Traceback" not in result.output and not (tmp_path / "r" / "local_net.keras").exists()
+
+
+def test_public_entry_points(trained):
+    assert rmib.train_grader is train_grader
+    assert rmib.METHODS["grading"].task == "grade" and rmib.METHODS["grading"].train is train_grader
+    grader = rmib.load_grader(trained[0], batch_size=7)
+    assert isinstance(grader, Grader) and (grader.num_classes, grader.batch_size) == (4, 7)
 
 
 # --------------------------------------------------------------------------- predict
@@ -423,7 +479,7 @@ def test_lesion_map_of_a_stub_network_by_hand():
         probs[bright] = [0.2, 0, 0, 0.8]
         return probs
 
-    found = lesion_map(stub, image, patch, overlap, batch_size=4)
+    found = predict_lesion_map(stub, image, patch, overlap, batch_size=4)
     n = len(grid_positions(size, patch, overlap))  # offsets 0, 8, 16, 24, 32
     expected = np.zeros((n, n), int)
     expected[0, 0] = 3

@@ -12,10 +12,13 @@ in the range of I.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from rmib.grading.grid import DEFAULT_OVERLAP, DEFAULT_PATCH, grid_positions
-from rmib.grading.patches import iter_patch_batches
+from rmib.data.fundus import resize_pad
+from rmib.methods.grading.grid import DEFAULT_OVERLAP, DEFAULT_PATCH, grid_positions
+from rmib.methods.grading.patches import iter_patch_batches
 
 MAX_WEIGHT = 4.0  # (L + 1) * P at L = 3 (exudate), P = 1.
 
@@ -109,13 +112,31 @@ def apply_lesion_map(image, weights) -> np.ndarray:
     return (scale / np.float32(MAX_WEIGHT)) * image.astype(np.float32)
 
 
+@dataclasses.dataclass
+class LesionMap:
+    """The local net's reading of one image.
+
+    Attributes:
+        weights: the weighting matrix M (size, size) float32 in [0, 4].
+        labels: the label map L (n, n) int64 (argmax).
+        probs: the probability map P (n, n) float32 (largest probability).
+        class_probs: every patch's softmax (n * n, K), grid order (for
+            lesion-vs-normal ROC curves).
+    """
+
+    weights: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    class_probs: np.ndarray
+
+
 def predict_lesion_map(
     predict_fn,
     image,
     patch: int = DEFAULT_PATCH,
     overlap: int = DEFAULT_OVERLAP,
     batch_size: int = 256,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> LesionMap:
     """Run the local network over the grid of one image and build its weighting matrix.
 
     Args:
@@ -129,9 +150,9 @@ def predict_lesion_map(
         batch_size: patches per call of ``predict_fn``.
 
     Returns:
-        ``(weights, labels, probs)``: M float32 (size, size) from
-        `weighted_lesion_map`, the label map L (n, n) int64 (argmax) and the
-        probability map P (n, n) float32 (max probability).
+        A `LesionMap`: M float32 (size, size) from `weighted_lesion_map`, the
+        label map L (n, n) int64 (argmax), the probability map P (n, n)
+        float32 (max probability) and every patch's probabilities.
 
     Raises:
         ValueError: a non-square image, bad grid arguments, or a prediction
@@ -142,17 +163,26 @@ def predict_lesion_map(
         raise ValueError(f"image must be square (size, size[, C]), got shape {image.shape}")
     size = image.shape[0]
     run = getattr(predict_fn, "predict_on_batch", predict_fn)
-    labels, probs = [], []
+    scores = []
     for boxes, batch in iter_patch_batches(image, size, patch, overlap, batch_size):
-        scores = np.asarray(run(batch.astype(np.float32)), dtype=np.float32)
-        if scores.ndim != 2 or scores.shape[0] != len(boxes):
+        batch_scores = np.asarray(run(batch.astype(np.float32)), dtype=np.float32)
+        if batch_scores.ndim != 2 or batch_scores.shape[0] != len(boxes):
             raise ValueError(
                 f"predict_fn must return (batch, classes) probabilities; for a batch of "
-                f"{len(boxes)} patches it returned shape {scores.shape}"
+                f"{len(boxes)} patches it returned shape {batch_scores.shape}"
             )
-        labels.append(scores.argmax(axis=1))
-        probs.append(scores.max(axis=1))
+        scores.append(batch_scores)
+    class_probs = np.concatenate(scores)
     n = len(grid_positions(size, patch, overlap))
-    labels = np.concatenate(labels).astype(np.int64).reshape(n, n)
-    probs = np.clip(np.concatenate(probs), 0.0, 1.0).reshape(n, n)
-    return weighted_lesion_map(labels, probs, size, patch, overlap), labels, probs
+    labels = class_probs.argmax(axis=1).astype(np.int64).reshape(n, n)
+    probs = np.clip(class_probs.max(axis=1), 0.0, 1.0).reshape(n, n)
+    weights = weighted_lesion_map(labels, probs, size, patch, overlap)
+    return LesionMap(weights, labels, probs, class_probs)
+
+
+def global_input(image, size: int, weights=None) -> np.ndarray:
+    """The global net's input: I* = (M / 4) * I (or I itself without `weights`), resized, uint8."""
+    image = np.asarray(image)
+    array = apply_lesion_map(image, weights) if weights is not None else image.astype(np.float32)
+    resized, _ = resize_pad(array, size)
+    return np.clip(np.rint(resized), 0, 255).astype(np.uint8)
