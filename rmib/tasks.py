@@ -2,8 +2,9 @@
 
 `METHODS` is the only place that knows every method: `rmib segment --model`,
 `load_segmenter` / `make_segmenter` (the model type in a run's metadata),
-`export_model` (the run's task and model type) and the custom Keras objects of every `.keras` file rmib writes (importing this
-module imports every method, which registers them) all read it. A new method
+`export_model` (the run's task and model type) and the custom Keras objects
+of every `.keras` file rmib writes (importing this module imports every
+method, which registers them) all read it. A new method
 adds a folder under `rmib/methods/` and one row here.
 """
 
