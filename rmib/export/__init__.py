@@ -135,7 +135,7 @@ def _read_run(model_path, format: str, exporter_of, tile, overlap) -> tuple[dict
 
 
 def _export_precision(precision: str | None, run_metadata: dict) -> str:
-    """The policy an export computes in; mixed_float16 is allowed without a GPU (for a GPU server)."""
+    """The policy an export computes in (mixed_float16 allowed without a GPU: for a GPU server)."""
     resolved, _ = precisions.resolve_predict_precision(
         precision or precisions.PREDICT_DEFAULT, run_metadata.get("precision"), allow_slow=True
     )

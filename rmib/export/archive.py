@@ -113,7 +113,7 @@ class Exporter:
         raise NotImplementedError
 
     def batch_cases(self, model, metadata: dict, patch_size=None, seed: int = 0) -> list:
-        """`rmib.export.checks.Case`s: random inputs of the batch signatures, the model's outputs."""
+        """`rmib.export.checks.Case`s: random batch-signature inputs and the model's outputs."""
         raise NotImplementedError
 
     def image_case(self, model, metadata: dict):

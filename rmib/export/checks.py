@@ -47,7 +47,7 @@ class Case:
 
 
 def sample_photograph(preprocessing: dict, shape, seed: int = 0):
-    """A synthetic photograph of `shape` through the preprocessing (no centre crop): (image, fov)."""
+    """A synthetic photograph of `shape`, preprocessed without the centre crop: (image, fov)."""
     photograph, _, _ = synthetic.synthesize_fundus(shape, seed=seed)
     prep = dataclasses.replace(Preprocessing.from_dict(preprocessing), centre_crop=False)
     image, _, fov = preprocess_array(photograph, prep)

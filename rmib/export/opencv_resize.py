@@ -80,7 +80,7 @@ def _weighted_taps(values, index, weight, axis: int):
 
 
 def to_uint8(values):
-    """Float -> uint8 as OpenCV's ``saturate_cast``: rounded (halves to even, as tf.round), clipped."""
+    """Float -> uint8 as OpenCV's ``saturate_cast``: rounded (halves to even), clipped."""
     return tf.cast(tf.clip_by_value(tf.round(values), 0.0, 255.0), tf.uint8)
 
 

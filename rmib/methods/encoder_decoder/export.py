@@ -1,4 +1,4 @@
-"""The encoder-decoder's export: ``segment_patch(tiles)`` and ``segment_image`` (see `rmib.export`)."""
+"""The encoder-decoder's export: ``segment_patch`` and ``segment_image`` (see `rmib.export`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The two-stage grader's export: both nets, the baseline and the whole pipeline (see `rmib.export`).
+"""The two-stage grader's export: both nets, the baseline, the whole pipeline (see `rmib.export`).
 
 ``grade_image`` runs Yang et al.'s pipeline (MICCAI 2017) inside the graph:
 the local net over the grid of patches, the weighting matrix M in TensorFlow
