@@ -728,7 +728,7 @@ def nb_export():
     return [
         header(
             "6. Export and serve",
-            "Export a segmenter as a TensorFlow SavedModel (`rmib.export.export_model`, "
+            "Export a segmenter as a TensorFlow SavedModel (`rmib.export_model`, "
             "checked against the Keras model), then serve it with TensorFlow alone: its "
             "`segment_image` signature tiles a whole photograph inside the graph.",
         ),
@@ -764,7 +764,7 @@ def nb_export():
             """
             import shutil
 
-            from rmib.export import export_model
+            from rmib import export_model
 
             EXPORT_DIR = WORK / "export"
             shutil.rmtree(EXPORT_DIR, ignore_errors=True)

@@ -24,6 +24,7 @@ _PUBLIC = (
     "GradeConfig",
     "PretrainConfig",
     "SegmentConfig",
+    "export_model",
     "load_grader",
     "load_segmenter",
     "make_segmenter",

@@ -122,7 +122,7 @@ def run_main_job(data_root, out, args, stage1_root=None):
     region = ev["region_f_score"]["0.5"]
 
     _step("8. Export a SavedModel and check it against the Keras model")
-    from rmib.export import export_model
+    from rmib.tasks import export_model
 
     exported = export_model(runs / "segment-ex", out / "export" / "segment-ex", check=True)
     worst = max(exported.differences.values()) if exported.differences else float("nan")

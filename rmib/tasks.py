@@ -1,9 +1,10 @@
 """Every method rmib trains, in one table, and the entry points that dispatch on it.
 
 `METHODS` is the only place that knows every method: `rmib segment --model`,
-`load_segmenter` / `make_segmenter` (the model type in a run's metadata) and
-the custom Keras objects of every `.keras` file rmib writes (importing this
-module imports every method, which registers them) all read it. A new method
+`load_segmenter` / `make_segmenter` (the model type in a run's metadata),
+`export_model` (the run's task and model type) and the custom Keras objects
+of every `.keras` file rmib writes (importing this module imports every
+method, which registers them) all read it. A new method
 adds a folder under `rmib/methods/` and one row here.
 """
 
@@ -15,20 +16,25 @@ from typing import Callable
 import click
 import numpy as np
 
-from rmib import training
+from rmib import export, training
 from rmib.config import config_to_dict
 from rmib.errors import RmibError
+from rmib.methods.classifier import export as classifier_export
 from rmib.methods.classifier import train as classifier_train
 from rmib.methods.classifier.config import PretrainConfig
+from rmib.methods.dual2net import export as dual2net_export
 from rmib.methods.dual2net import train as dual2net_train
 from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
+from rmib.methods.encoder_decoder import export as encoder_decoder_export
 from rmib.methods.encoder_decoder import train as encoder_decoder_train
 from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
 from rmib.methods.encoders import describe_encoder
+from rmib.methods.grading import export as grading_export
 from rmib.methods.grading.config import GradeConfig
 from rmib.methods.grading.grader import Grader
 from rmib.methods.grading.train import train_grader
 from rmib.methods.local_global import config as local_global_config
+from rmib.methods.local_global import export as local_global_export
 from rmib.methods.local_global import train as local_global_train
 from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
 from rmib.methods.segment_config import SEGMENT_MODELS, SegmentConfig
@@ -49,6 +55,9 @@ class Method:
             whole photographs with its model (segmenters only).
         check: `check(cfg)` refuses a configuration the model cannot take,
             before any data is read (or None).
+        export: `export(run_metadata)` -> the `rmib.export.archive.Exporter`
+            that declares a run's serving signatures (`rmib export`), raising
+            `RmibError` for a run it cannot export; None: no export.
     """
 
     name: str
@@ -56,16 +65,23 @@ class Method:
     train: Callable
     segmenter: type | None = None
     check: Callable | None = None
+    export: Callable | None = None
 
 
 METHODS = {
-    "classifier": Method("classifier", "pretrain", classifier_train.run_pretrain),
+    "classifier": Method(
+        "classifier",
+        "pretrain",
+        classifier_train.run_pretrain,
+        export=classifier_export.export,
+    ),
     "encoder-decoder": Method(
         "encoder-decoder",
         "segment",
         encoder_decoder_train.train,
         TiledSegmenter,
         encoder_decoder_train.check_config,
+        encoder_decoder_export.export,
     ),
     "local-global": Method(
         "local-global",
@@ -73,9 +89,16 @@ METHODS = {
         local_global_train.train,
         LocalGlobalSegmenter,
         local_global_config.resolve_sizes,
+        local_global_export.export,
     ),
-    "dual2net": Method("dual2net", "segment", dual2net_train.train, Dual2NetSegmenter),
-    "grading": Method("grading", "grade", train_grader),
+    "dual2net": Method(
+        "dual2net",
+        "segment",
+        dual2net_train.train,
+        Dual2NetSegmenter,
+        export=dual2net_export.export,
+    ),
+    "grading": Method("grading", "grade", train_grader, export=grading_export.export),
 }
 SEGMENT_METHODS = {name: m for name, m in METHODS.items() if m.task == "segment"}
 assert tuple(SEGMENT_METHODS) == SEGMENT_MODELS, "SegmentConfig's models are the table's"
@@ -207,6 +230,107 @@ def make_segmenter(
     return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
 
 
+def method_of_run(run_metadata: dict) -> Method:
+    """The method that trained a run: its metadata's task (and model type, for `rmib segment`).
+
+    Raises:
+        RmibError: an unknown task or segmentation model type.
+    """
+    task = run_metadata.get("task")
+    if task == "segment":
+        model_type = run_metadata.get("model", "encoder-decoder")
+        if model_type not in SEGMENT_METHODS:
+            raise RmibError(
+                f"rmib export does not know the segmentation model type {model_type!r} "
+                f"(known: {', '.join(SEGMENT_METHODS)})"
+            )
+        return SEGMENT_METHODS[model_type]
+    for method in METHODS.values():
+        if method.task == task:
+            return method
+    raise RmibError(
+        f"not an rmib classifier, segmenter or grader (task {task!r} in its metadata); "
+        "rmib export takes a run of `rmib pretrain`, `rmib segment` or `rmib grade train`"
+    )
+
+
+def run_exporter(run_metadata: dict):
+    """The `rmib.export.archive.Exporter` of a run, from its method's row.
+
+    Raises:
+        RmibError: a run rmib cannot export.
+    """
+    method = method_of_run(run_metadata)
+    if method.export is None:
+        raise RmibError(f"rmib export cannot export a {method.name} run")
+    return method.export(run_metadata)
+
+
+def export_model(
+    model_path,
+    out,
+    format: str = "savedmodel",
+    *,
+    check: bool = False,
+    unsafe: bool = False,
+    tile: int | None = None,
+    overlap: float | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+) -> export.ExportResult:
+    """Export a trained rmib model; written atomically (a failed export leaves no trace).
+
+    Every model rmib trains exports: classifiers (`rmib pretrain`), the
+    encoder-decoder, local-global and Dual2Net segmenters (`rmib segment`)
+    and the two-stage grader (`rmib grade train`, SavedModel only), each with
+    the signatures its method's `export` declares (see `rmib.export`).
+
+    Args:
+        model_path: a run directory of `rmib pretrain`, `rmib segment` or
+            `rmib grade train`, or the `.keras` file of a classifier or segmenter.
+        out: the SavedModel folder, `.keras` file or `.tflite` file to write.
+        format: "savedmodel", "keras" or "tflite" (the batch signature:
+            ``classify``, ``segment_patch`` or ``segment_resized``).
+        check: reload the export and compare it with rmib's own prediction
+            on sample inputs; a max abs difference of the precision's
+            tolerance or more is an error and nothing is written.
+        unsafe: allow models with Lambda layers (`--unsafe-load`).
+        tile, overlap, batch_size: tiling of ``segment_image`` (tiled
+            segmenters); default what `rmib predict` uses for the run.
+        precision: what the SavedModel or TFLite graph computes in, one of
+            `rmib.precision.PREDICT_PRECISIONS`; None: float32 (portable, and
+            as accurate as the weights allow). The check compares with rmib's
+            own prediction in the same precision, within
+            `rmib.precision.check_tolerance` of it. A ``keras`` copy keeps the
+            precision the model was trained in (None only).
+
+    Returns:
+        An `rmib.export.ExportResult`.
+
+    Raises:
+        RmibError: not an rmib model, a model type rmib cannot export, a
+            format the model has no file for (``keras`` of a grader), a bad
+            tile or overlap (or one given to a model that does not tile), a
+            failed TFLite conversion (naming the op) or a failed check.
+
+    Example:
+        >>> export_model("runs/ex", "exports/ex", check=True).differences
+        {'segment_patch': 1.2e-07, 'segment_image': 2.4e-07}
+    """
+    return export.export_run(
+        model_path,
+        out,
+        format,
+        exporter_of=run_exporter,
+        check=check,
+        unsafe=unsafe,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        precision=precision,
+    )
+
+
 def run_pretrain(cfg, resume=False, echo=click.echo) -> dict:
     """Train the stage-1 classifier (`rmib pretrain`); see `rmib.methods.classifier.train`."""
     return classifier_train.run_pretrain(cfg, resume=resume, echo=echo)
@@ -229,9 +353,12 @@ __all__ = [
     "Method",
     "SEGMENT_METHODS",
     "check_segment_config",
+    "export_model",
     "load_grader",
     "load_segmenter",
     "make_segmenter",
+    "method_of_run",
+    "run_exporter",
     "run_pretrain",
     "run_segment",
     "train_grader",

@@ -45,13 +45,10 @@ def _imports(path: Path, nested: bool) -> set[str]:
     found = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module in MODULES:
-                found.add(node.module)
-            found.update(
-                f"{node.module}.{a.name}"
-                for a in node.names
-                if f"{node.module}.{a.name}" in MODULES
-            )
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+            found.update(submodules)
+            if node.module in MODULES and len(submodules) < len(node.names):
+                found.add(node.module)  # a name of the module itself, not a submodule
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in MODULES)
     found.discard(_module_name(path))

@@ -9,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from rmib import export as export_lib
-from rmib import io, training
+from rmib import io, tasks, training
 from rmib.data import synthetic
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.errors import RmibError
-from rmib.inference.tiling import predict_tiled
+from rmib.export import archive
 from tests.conftest import PROJECT_ROOT, invoke
 
 pytestmark = pytest.mark.timeout(900)
@@ -49,42 +48,6 @@ def _difference(output_text, name):
     match = re.search(rf"check {name}: max abs difference (\S+)", output_text)
     assert match, output_text
     return float(match.group(1))
-
-
-# --------------------------------------------------------------------------- tiling in the graph
-
-
-@pytest.mark.parametrize(
-    "height, width, tile, overlap, batch",
-    [
-        (100, 130, 32, 0.125, 2),
-        (20, 50, 32, 0.5, 3),
-        (64, 64, 64, 0.25, 1),
-        (7, 3, 32, 0.0, 2),
-        (97, 61, 32, 0.9, 5),
-    ],
-)
-def test_tiled_probability_equals_predict_tiled(height, width, tile, overlap, batch):
-    import tensorflow as tf
-
-    def predictor(tiles):
-        tiles = tf.convert_to_tensor(tiles, tf.float32)
-        local = tf.nn.avg_pool2d(tiles, 3, 1, "SAME")[..., :1] / 50.0
-        return tf.sigmoid(local - 2.0 + tf.reduce_mean(tiles, axis=[1, 2, 3], keepdims=True) / 99)
-
-    rng = np.random.default_rng(height)
-    image = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
-    fov = np.zeros((height, width), np.uint8)
-    fov[height // 4 : height - height // 4, width // 5 : width - 1] = 1
-    for mask in (fov, np.ones_like(fov)):
-        expected = predict_tiled(
-            lambda t: predictor(t).numpy(), image, tile, overlap, batch, mask=mask
-        )
-        got = export_lib.tiled_probability(
-            predictor, tf.constant(image), tf.constant(mask), tile, overlap, batch
-        ).numpy()
-        assert expected.std() > 0.01  # the predictor depends on the tile: seams would show
-        np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- SavedModel
@@ -245,20 +208,20 @@ def test_savedmodel_served_without_rmib_matches_rmib_predict(
 
 
 def test_an_interrupted_export_leaves_no_partial_folder(segment_run, tmp_path, monkeypatch):
-    def interrupted(folder, model, metadata, patch_size=None):
+    def interrupted(folder, exporter, model, metadata, patch_size=None):
         (folder / "saved_model.pb").write_bytes(b"half of it")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_lib, "_write_savedmodel", interrupted)
+    monkeypatch.setattr(archive, "write_savedmodel", interrupted)
     target = tmp_path / "export"
     with pytest.raises(KeyboardInterrupt):
-        export_lib.export_model(segment_run, target, tile=TILE)
+        tasks.export_model(segment_run, target, tile=TILE)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary folder
 
     target.mkdir()
     (target / "old.txt").write_text("previous export")
     with pytest.raises(KeyboardInterrupt):
-        export_lib.export_model(segment_run, target, tile=TILE)
+        tasks.export_model(segment_run, target, tile=TILE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert (target / "old.txt").read_text() == "previous export"
@@ -294,7 +257,7 @@ def test_tflite_classifier_matches_keras(pretrain_run, tmp_path):
 
     out = tmp_path / "classifier.tflite"
     try:
-        result = export_lib.export_model(pretrain_run, out, "tflite", check=True)
+        result = tasks.export_model(pretrain_run, out, "tflite", check=True)
     except RmibError as exc:
         if "TFLite conversion" not in str(exc):
             raise

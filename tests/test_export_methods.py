@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rmib import export as export_lib
 from rmib import training
 from rmib.config import TrainConfig
 from rmib.data import fundus, synthetic
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.data.readers import read_dataset
 from rmib.errors import RmibError
+from rmib.export.opencv_resize import opencv_area_resize
+from rmib.methods.local_global import export as local_global_export
 from tests.conftest import invoke
 
 pytestmark = [
@@ -202,7 +203,7 @@ def test_opencv_area_resize_is_bit_exact(source, target, dtype):
     rng = np.random.default_rng(sum(source) + sum(target))
     image = rng.uniform(0, 255, (*source, 3)).astype(dtype)
     expected = cv2.resize(image, target[::-1], interpolation=cv2.INTER_AREA)
-    got = export_lib.opencv_area_resize(tf.constant(image), *target).numpy()
+    got = opencv_area_resize(tf.constant(image), *target).numpy()
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
 
@@ -373,7 +374,7 @@ def test_an_unknown_segmentation_model_is_one_error_line(tmp_path):
     result = invoke(["export", run.path, "--out", tmp_path / "o"])
     _one_error_line(result, "unet-xl", "encoder-decoder, local-global, dual2net")
     with pytest.raises(RmibError, match="unknown local-global network"):
-        export_lib.serving_kind({"task": "segment", "model": "local-global", "network": "both"})
+        local_global_export.export({"task": "segment", "model": "local-global", "network": "both"})
 
 
 # --------------------------------------------------------------------------- README serving code

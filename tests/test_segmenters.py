@@ -135,11 +135,11 @@ def test_segment_config_predict_tile():
 def test_export_tiles_planned_runs_with_fixed_tiles():
     # segment_image of a SavedModel tiles every photograph the same way: a run whose
     # rmib predict plans its tiles ("auto") exports fixed 512-px tiles unless --tile says.
-    from rmib import export as export_lib
+    from rmib.methods.encoder_decoder.export import export
 
     model = _pointwise_model()
     for meta in ({"lesion": "EX", "predict_tile": "auto"}, {"lesion": "EX"}):
-        assert export_lib._tiling("tiled", model, meta, None, None, None) == (512, 0.125, 2)
-        assert export_lib._tiling("tiled", model, meta, 256, 0.25, 3) == (256, 0.25, 3)
+        assert export(meta).tiling(model, meta, None, None, None) == (512, 0.125, 2)
+        assert export(meta).tiling(model, meta, 256, 0.25, 3) == (256, 0.25, 3)
     fixed = {"lesion": "EX", "predict_tile": 128}
-    assert export_lib._tiling("tiled", model, fixed, None, None, None) == (128, 0.125, 2)
+    assert export(fixed).tiling(model, fixed, None, None, None) == (128, 0.125, 2)

@@ -62,7 +62,7 @@ def export(model, export_format, out, check, tile, overlap, unsafe_load, precisi
     only). The SavedModel's signatures, their inputs and outputs and the
     preprocessing the caller applies are in OUT/assets/rmib.json.
     """
-    from rmib.export import export_model
+    from rmib.tasks import export_model
 
     _check_out(out, export_format)
     result = export_model(

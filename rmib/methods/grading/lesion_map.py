@@ -34,7 +34,7 @@ def _grid_map(values, n: int, name: str) -> np.ndarray:
     return array
 
 
-def _coverage(size: int, patch: int, overlap: int) -> np.ndarray:
+def coverage_counts(size: int, patch: int, overlap: int) -> np.ndarray:
     """(size, n) 0/1 matrix: pixel row y lies in the patch starting at positions[i]."""
     positions = np.asarray(grid_positions(size, patch, overlap))
     pixels = np.arange(size)[:, None]
@@ -63,7 +63,7 @@ def weighted_lesion_map(
         ValueError: bad grid arguments (see `grid_positions`), maps of the wrong
             shape, negative or non-integer labels, or probabilities outside [0, 1].
     """
-    coverage = _coverage(size, patch, overlap)
+    coverage = coverage_counts(size, patch, overlap)
     n = coverage.shape[1]
     labels = _grid_map(labels, n, "labels")
     probs = _grid_map(probs, n, "probs").astype(np.float64)
