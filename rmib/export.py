@@ -54,16 +54,16 @@ from pathlib import Path
 import numpy as np
 
 from rmib import io
+from rmib.choices import EXPORT_FORMATS
+from rmib.choices import SEGMENT_MODELS as SEGMENTATION_MODEL_TYPES
 from rmib.errors import RmibError
 
-EXPORT_FORMATS = ("savedmodel", "keras", "tflite")
 CHECK_TOLERANCE = 1e-4
 EXPORT_FORMAT_VERSION = 2
 METADATA_ASSET = "rmib.json"
 DEFAULT_PATCH_BATCH = 64  # local-net patches per call in grade_image
 DEFAULT_THRESHOLD = 0.5
 KINDS = ("classifier", "tiled", "fused", "resized", "grader")
-SEGMENTATION_MODEL_TYPES = ("encoder-decoder", "local-global", "dual2net")
 BATCH_SIGNATURES = {
     "classifier": "classify",
     "tiled": "segment_patch",

@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from rmib import io, metrics, report
+from rmib.choices import EVALUATION_SPLITS, GRADE_COUNTS
 from rmib.config import TrainConfig, check_fields, require
 from rmib.data import readers
 from rmib.data.augment import AUGMENT_MODES, augment_pair, example_seed
@@ -83,11 +84,9 @@ LOCAL_FILE = "local_net.keras"
 GLOBAL_FILE = "global_net.keras"
 PLAIN_FILE = "global_net_plain.keras"
 PHASES = {"local": LOCAL_FILE, "global": GLOBAL_FILE, "global_plain": PLAIN_FILE}
-GRADE_COUNTS = (4, 5)
 GRADE_NAMES = ("no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "PDR")
 MASK_LESIONS = ("MA", "HE", "EX")  # the local net's lesion classes: images must annotate all three
 REFERABLE_GRADE = 2  # referable DR: moderate NPDR or worse (Yang et al., Sec. IV-E)
-EVALUATION_SPLITS = ("auto", "all", "train", "valid", "test")
 PICTURE_MIN_TILE, PICTURE_MAX_TILE = 256, 512  # panel side in lesion-map pictures
 HEAT_COLOUR = (0, 255, 0)  # green stands out on the orange retina
 _WORK = "work"  # scratch arrays of a training run (removed when it finishes)

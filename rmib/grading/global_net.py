@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from rmib.choices import GLOBAL_NETS as VARIANTS
 from rmib.errors import RmibError
 from rmib.grading.local_net import (
     _check_dropout,
@@ -14,7 +15,6 @@ from rmib.grading.local_net import (
 )
 from rmib.models import build_backbone
 
-VARIANTS = ("yang", "vgg16", "resnet50")
 # Table II: ten 3x3 convolutions, a 2x2 max-pool after each of the first nine.
 GLOBAL_FILTERS = (32, 32, 64, 64, 128, 128, 256, 256, 512, 512)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from rmib import choices
 from rmib.data.synthetic.photograph import GRADES, synthesize
 from rmib.data.synthetic.scene import parse_size
 from rmib.errors import RmibError
-from rmib.io import atomic_path, atomic_write, write_image
+from rmib.io import atomic_path, atomic_write, write_csv, write_image
 
 LAYOUTS = choices.SYNTHETIC_LAYOUTS
 MASK_KEYS = choices.MASK_TYPES
@@ -63,13 +62,6 @@ def _red(mask) -> np.ndarray:
     return out
 
 
-def _write_csv(path, header, rows):
-    with atomic_write(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 _IDRID_MASK_DIRS = {
     "MA": "1. Microaneurysms",
     "HE": "2. Haemorrhages",
@@ -105,8 +97,8 @@ def _write_idrid(out, count, size, seed):
         labels[split].append((grade_name, sample["grade"], _macular_edema_risk(sample)))
     header = ["Image name", "Retinopathy grade", "Risk of macular edema "]
     truths = grading / "2. Groundtruths"
-    _write_csv(truths / "a. IDRiD_Disease Grading_Training Labels.csv", header, labels[0])
-    _write_csv(truths / "b. IDRiD_Disease Grading_Testing Labels.csv", header, labels[1])
+    write_csv(truths / "a. IDRiD_Disease Grading_Training Labels.csv", labels[0], header)
+    write_csv(truths / "b. IDRiD_Disease Grading_Testing Labels.csv", labels[1], header)
 
 
 def _write_kaggle(out, count, size, seed):
@@ -115,7 +107,7 @@ def _write_kaggle(out, count, size, seed):
         name = f"{10 + i // 2}_{'left' if i % 2 == 0 else 'right'}"
         write_image(out / "train" / f"{name}.jpeg", sample["image"])
         rows.append((name, sample["grade"]))
-    _write_csv(out / "trainLabels.csv", ["image", "level"], rows)
+    write_csv(out / "trainLabels.csv", rows, ["image", "level"])
 
 
 def _write_aptos(out, count, size, seed):
@@ -125,7 +117,7 @@ def _write_aptos(out, count, size, seed):
         id_code = "".join(f"{b:02x}" for b in rng.integers(0, 256, 6))
         write_image(out / "train_images" / f"{id_code}.png", sample["image"])
         rows.append((id_code, sample["grade"]))
-    _write_csv(out / "train.csv", ["id_code", "diagnosis"], rows)
+    write_csv(out / "train.csv", rows, ["id_code", "diagnosis"])
 
 
 def _write_messidor(out, count, size, seed):
@@ -169,7 +161,7 @@ def _write_ddr(out, count, size, seed):
         name = f"2017{i:013d}"
         seg = out / "lesion_segmentation" / split
         write_image(seg / "image" / f"{name}.jpg", sample["image"])
-        for lesion in ("EX", "HE", "MA", "SE"):  # DDR has a (possibly empty) label for each
+        for lesion in choices.LESIONS:  # DDR has a (possibly empty) label for each
             write_image(seg / "label" / lesion / f"{name}.tif", _binary(sample["masks"][lesion]))
         write_image(out / "DR_grading" / split / f"{name}.jpg", sample["image"])
         lines[split].append(f"{name}.jpg {sample['grade']}\n")

@@ -65,6 +65,7 @@ import tensorflow as tf
 from keras import ops
 
 from rmib import losses as losses_lib
+from rmib.choices import DUAL2NET_HEADS as HEADS
 from rmib.methods.dual2net.loss import AUX_WEIGHT, _single_loss, dual2net_loss
 from rmib.models.backbones import (
     RESNET_DILATIONS,
@@ -76,9 +77,6 @@ from rmib.models.backbones import (
 from rmib.models.backbones import _bottleneck as resnet_bottleneck
 from rmib.models.backbones import output_stride as backbone_output_stride
 from rmib.models.layers import CBAM, FusedBatchNormalization
-
-HEADS = ("ppm", "decoder")
-
 
 LOSS_VARIANTS = ("dsm", "dice", "bce")
 
