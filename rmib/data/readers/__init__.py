@@ -32,7 +32,9 @@ Modules: `dataset` (`read_dataset`, `detect_layout`, the table of families),
 `checks` (`check_dataset`, `summarize_dataset`, `require_lesion_pixels`),
 `common` (bad entries, listings, name matching), `tables` (label tables), and
 one per layout family: `messidor`, `kaggle` (and APTOS), `idrid`, `eophtha`,
-`ddr`, `folder` (folder-classes, folder-masks).
+`ddr`, `folder` (folder-classes, folder-masks), each with `find_parts(root)`
+(the parts of the family the folder holds) and `read(root, parts, bad)`
+(records and annotated lesion types).
 """
 
 from rmib.choices import MASK_TYPES
