@@ -8,7 +8,8 @@ Dual2Net with the DSM Dice loss, and the patch-grid DR grader (Yang et al. 2017)
 
 __version__ = "0.1.0"
 
-LESIONS = ("EX", "HE", "MA", "SE")
+from rmib.choices import LESIONS as LESIONS
+
 LESION_NAMES = {
     "EX": "hard exudates",
     "HE": "haemorrhages",

@@ -5,8 +5,8 @@ fields are plain values (str, int, float, bool, a `Literal` of choices,
 optional values, lists) or nested config dataclasses, which appear in TOML as
 sections (`[train]`, `[data]`, `[model]`). `load_config` reads a TOML file,
 refuses unknown keys, checks and converts every value, then applies flag
-overrides; `dump_toml` writes a resolved config back (the run directory's
-`config.toml`).
+overrides; `dump_config` writes a resolved config back (the run directory's
+`config.toml`) with `rmib.tomlfile.dump_toml`.
 
 Example:
     >>> cfg = load_config(TrainConfig, "recipe.toml", {"epochs": 5, "batch_size": None})
@@ -17,28 +17,22 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from rmib.choices import (
+    LR_SCHEDULES,
+    MONITOR_MODES,
+    OPTIMIZERS,
+    PRECISIONS,
+    STRATEGIES,
+    WEIGHT_DECAY_MODES,
+)
 from rmib.errors import RmibError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
-# Names shared with rmib.training, which maps each one to its implementation.
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "plateau", "poly")
-WEIGHT_DECAY_MODES = ("decoupled", "coupled")
-MONITOR_MODES = ("auto", "min", "max")
+from rmib.tomlfile import dump_toml, read_toml
 
 _FLAG_SOURCE = "the command line"
 
@@ -196,24 +190,6 @@ def load_config(cls, path=None, overrides: dict | None = None):
             continue
         _set_dotted(data, _resolve_override_key(cls, key), value)
     return _from_dict(cls, data, _FLAG_SOURCE if overrides else source, prefix="")
-
-
-def read_toml(path) -> dict:
-    """Parse a TOML file.
-
-    Raises:
-        RmibError: the file is missing or is not valid TOML (with the parser's reason).
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise RmibError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RmibError(f"{path}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise RmibError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
 
 
 def config_to_dict(config) -> dict:
@@ -438,89 +414,19 @@ _BOOL_WORDS = {
 }
 
 
-# --------------------------------------------------------------------------- writing
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def dump_toml(data: dict) -> str:
-    """Write a dict as TOML text that `tomllib.loads` reads back to an equal dict.
-
-    Handles str, int, float (incl. inf and nan), bool, lists (of values or of
-    tables) and nested dicts (as `[section]` and `[section.sub]` tables);
-    tuples are written as lists and paths as strings. None values in tables
-    are left out, as TOML has no null.
-
-    Raises:
-        TypeError: a value TOML cannot hold (e.g. None inside a list, an object).
-    """
-    if not isinstance(data, dict):
-        raise TypeError(f"dump_toml needs a dict, got {type(data).__name__}")
-    lines: list[str] = []
-    _dump_table(data, [], lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _dump_table(table: dict, path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if v is not None and not isinstance(v, dict)}
-    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    if path:
-        if lines:
-            lines.append("")
-        lines.append("[" + ".".join(_key(p) for p in path) + "]")
-    for key, value in scalars.items():
-        lines.append(f"{_key(key)} = {_value(value)}")
-    for key, value in tables.items():
-        _dump_table(value, [*path, str(key)], lines)
-
-
-def _key(key) -> str:
-    key = str(key)
-    return key if _BARE_KEY.fullmatch(key) else _string(key)
-
-
-def _string(text: str) -> str:
-    out = ['"']
-    for ch in text:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return _string(str(value))
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = (f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None)
-        return "{ " + ", ".join(items) + " }" if value else "{}"
-    if value is None:
-        raise TypeError("TOML has no null: None cannot be written inside a list")
-    if hasattr(value, "item"):  # NumPy scalars
-        return _value(value.item())
-    raise TypeError(f"cannot write a {type(value).__name__} as TOML: {value!r}")
+__all__ = [
+    "LR_SCHEDULES",
+    "MONITOR_MODES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "STRATEGIES",
+    "WEIGHT_DECAY_MODES",
+    "TrainConfig",
+    "check_fields",
+    "config_to_dict",
+    "dump_config",
+    "dump_toml",
+    "load_config",
+    "read_toml",
+    "require",
+]

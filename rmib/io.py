@@ -1,13 +1,19 @@
-"""Image and mask IO, and atomic writes.
+"""Image and mask IO, atomic writes, and the JSON / CSV files rmib writes.
 
 Every image rmib reads goes through `read_image` / `read_mask`, so corrupt,
 truncated, oversized or odd files (16-bit, grayscale, RGBA, non-ASCII paths)
-are handled the same way everywhere.
+are handled the same way everywhere; every JSON and CSV file it writes
+(metrics.json, per_image.csv, skipped.csv, label tables) goes through
+`write_json` / `write_csv` / `write_skipped`, atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io as _io
+import json
+import math
 import os
 import re
 import shutil
@@ -307,3 +313,71 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# --------------------------------------------------------------------------- JSON and CSV
+
+
+def json_ready(value):
+    """`value` with NumPy scalars as Python numbers, tuples as lists, keys as strings and
+    non-finite floats as None (JSON has no NaN or infinity)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    return value
+
+
+def write_json(path, data) -> Path:
+    """Write `data` as indented JSON (UTF-8, a final newline), atomically.
+
+    Values go through `json_ready`; any other object (a path) is written as its str.
+    """
+    text = json.dumps(json_ready(data), indent=2, allow_nan=False, default=str) + "\n"
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_csv(path, rows, columns=None) -> Path:
+    """Write rows as CSV (UTF-8, "\\n" line ends), atomically.
+
+    Args:
+        path: the file.
+        rows: dicts (columns: `columns`, else every key in order of first use;
+            a missing key is an empty cell), or sequences of cells.
+        columns: the header row; None for rows of sequences writes none.
+    """
+    rows = list(rows)
+    buffer = _io.StringIO()
+    if rows and isinstance(rows[0], dict):
+        if columns is None:
+            columns = []
+            for row in rows:
+                columns += [k for k in row if k not in columns]
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+    else:
+        writer = csv.writer(buffer, lineterminator="\n")
+        if columns is not None:
+            writer.writerow(columns)
+    writer.writerows(rows)
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(buffer.getvalue())
+    return Path(path)
+
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def write_skipped(out, problems) -> Path:
+    """Write `out`/skipped.csv: the (file, reason) of every input a run left out."""
+    return write_csv(
+        Path(out) / SKIPPED_CSV, [(str(p), r) for p, r in problems], ["file", "reason"]
+    )

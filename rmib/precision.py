@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import keras
 
+from rmib.choices import PREDICT_PRECISIONS
 from rmib.errors import RmibError
 
 MIXED = ("mixed_bfloat16", "mixed_float16")
@@ -31,10 +32,6 @@ SIGNIFICAND_BITS = {"float32": 24, "mixed_float16": 11, "mixed_bfloat16": 8}
 # The float32 tolerance rmib has always used: float32 rounding differences
 # (2**-24 relative) summed over thousands of terms stay far below it.
 FLOAT32_TOLERANCE = 1e-4
-# Choices of `--precision` for prediction, evaluation and export: a policy name,
-# "auto" (the machine's fast precision, as for training) or "training" (the
-# precision the run was trained in).
-PREDICT_PRECISIONS = ("float32", "auto", "training", "mixed_bfloat16", "mixed_float16")
 PREDICT_DEFAULT = "float32"
 
 

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import collections
-import csv
 import functools
-import io as _io
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
 from rmib import io, metrics, report
+from rmib.choices import REGION_SIGMAS
 from rmib.data import readers
 from rmib.data.pipeline import PreprocessedCache, whole_images
 from rmib.errors import BadInputError, RmibError
-
-REGION_SIGMAS = (0.2, 0.35, 0.5, 0.65, 0.8)
-
 
 # What `predict_files` writes for each photograph, after its output stem.
 OUTPUT_SUFFIXES = ("_prob.png", "_mask.png", "_overlay.png")
@@ -129,15 +124,6 @@ def read_probability_png(path) -> np.ndarray:
     return cv2.imdecode(data, cv2.IMREAD_UNCHANGED).astype(np.float32) / 65535.0
 
 
-def write_skipped(out: Path, problems):
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "reason"])
-    writer.writerows(problems)
-    with io.atomic_write(out / "skipped.csv") as f:
-        f.write(buffer.getvalue())
-
-
 def predict_files(segmenter, inputs, out, threshold=0.5, on_bad="error", echo=click.echo):
     """Predict every image; write <stem>_prob.png (16-bit), <stem>_mask.png, <stem>_overlay.png.
 
@@ -182,9 +168,9 @@ def predict_files(segmenter, inputs, out, threshold=0.5, on_bad="error", echo=cl
                     "mean_probability": f"{mean:.6g}",
                 }
             )
-            _write_rows(out / PREDICTIONS_CSV, rows)
+            io.write_csv(out / PREDICTIONS_CSV, rows)
     if problems:
-        write_skipped(out, problems)
+        io.write_skipped(out, problems)
         if not done:
             raise RmibError(f"no image could be read; see {out / 'skipped.csv'}")
     return done, problems
@@ -290,12 +276,11 @@ def evaluate_dataset(
         **metrics.pixel_metrics(*totals),
         "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
     }
-    with io.atomic_write(out / "metrics.json") as f:
-        json.dump(result, f, indent=2, default=float)
-    _write_rows(out / "per_image.csv", rows)
+    io.write_json(out / "metrics.json", result)
+    io.write_csv(out / "per_image.csv", rows)
     metrics.save_pr_curve_from_stream(aupr, out / "pr_curve.png", title=f"{lesion} PR curve")
     if problems:
-        write_skipped(out, problems)
+        io.write_skipped(out, problems)
     return result
 
 
@@ -340,12 +325,3 @@ def evaluation_records(data_roots, lesion, *, split=None, names=None, on_bad="er
             + (f" among --names {', '.join(names)}" if names else "")
         )
     return records
-
-
-def _write_rows(path, rows):
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    with io.atomic_write(path) as f:
-        f.write(buffer.getvalue())

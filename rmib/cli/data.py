@@ -8,12 +8,10 @@ import sys
 
 import click
 
-from rmib import LESION_NAMES
+from rmib import LESION_NAMES, choices
 from rmib.cli.options import data_root_argument, max_pixels_option
 from rmib.data import readers
 from rmib.errors import RmibError
-
-SYNTHETIC_LAYOUTS = ("idrid", "kaggle", "messidor", "ddr", "folder", "aptos", "e-ophtha")
 
 
 @click.group()
@@ -25,14 +23,14 @@ def data():
 @data_root_argument
 @click.option(
     "--layout",
-    type=click.Choice(readers.LAYOUTS, case_sensitive=False),
+    type=click.Choice(choices.DATASET_LAYOUTS, case_sensitive=False),
     default=None,
     help="Dataset layout; detected from the folder when not given.",
 )
 @click.option("--quick", is_flag=True, help="Only list the files and read image headers.")
 @click.option(
     "--on-bad",
-    type=click.Choice(readers.ON_BAD_CHOICES),
+    type=click.Choice(choices.ON_BAD),
     default="error",
     show_default=True,
     help="Every bad file is listed either way. error: exit 1 when any is bad; "
@@ -65,7 +63,7 @@ def inspect_command(root, layout, quick, on_bad, as_json):
 @click.argument("out", type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option(
     "--layout",
-    type=click.Choice(SYNTHETIC_LAYOUTS),
+    type=click.Choice(choices.SYNTHETIC_LAYOUTS),
     default="idrid",
     show_default=True,
     help="On-disk layout to write (as the real dataset is distributed).",

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from rmib.cli.options import PREDICT_PRECISION_CHOICES
+from rmib import choices
 
 
 @click.command()
@@ -14,7 +14,7 @@ from rmib.cli.options import PREDICT_PRECISION_CHOICES
 @click.option(
     "--format",
     "export_format",
-    type=click.Choice(["savedmodel", "keras", "tflite"]),
+    type=click.Choice(choices.EXPORT_FORMATS),
     default="savedmodel",
     show_default=True,
     help="savedmodel: TensorFlow SavedModel with named signatures; keras: a copy of the "
@@ -48,7 +48,7 @@ from rmib.cli.options import PREDICT_PRECISION_CHOICES
 )
 @click.option(
     "--precision",
-    type=click.Choice(PREDICT_PRECISION_CHOICES),
+    type=click.Choice(choices.PREDICT_PRECISIONS),
     help="What the SavedModel or TFLite graph computes in [float32: portable, as exact as the "
     "weights]; auto: the fast precision of this machine; training: the run's own; "
     "mixed_float16 is allowed without a GPU (for a GPU server; --check is slow then). "

@@ -6,6 +6,7 @@ import pathlib
 
 import click
 
+from rmib import choices
 from rmib.cli.options import (
     OUT_DIR,
     early_stopping_option,
@@ -16,10 +17,8 @@ from rmib.cli.options import (
     time_limit_option,
 )
 
-# rmib.methods.grading.nets.VARIANTS; repeated here so that `rmib --help` does not
-# import TensorFlow (tests/methods/grading/test_grade_cli.py checks they agree).
-GLOBAL_NETS = ("yang", "vgg16", "resnet50")
-SPLITS = ("auto", "all", "train", "valid", "test")
+GLOBAL_NETS = choices.GLOBAL_NETS
+SPLITS = choices.EVALUATION_SPLITS
 
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=pathlib.Path)
 
@@ -62,7 +61,7 @@ def grade():
 @click.option("--min-pixels", type=int, help="Fewest mask pixels for a lesion patch [3].")
 @click.option(
     "--grades",
-    type=click.Choice(["4", "5"]),
+    type=click.Choice([str(n) for n in choices.GRADE_COUNTS]),
     help="4 NPDR grades (grade-4 images left out, as the paper) or 5 with PDR [4].",
 )
 @click.option("--global-net", type=click.Choice(GLOBAL_NETS), help="Global network [yang].")
@@ -75,7 +74,7 @@ def grade():
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+    type=click.Choice(choices.PRECISIONS),
     help="Numeric precision [auto].",
 )
 @click.option("--seed", type=int, help="Random seed of both trainings [42].")

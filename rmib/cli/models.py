@@ -7,6 +7,7 @@ import pathlib
 
 import click
 
+from rmib import choices
 from rmib.cli.options import (
     OUT_DIR,
     TILE_SIDE,
@@ -27,24 +28,22 @@ def train_options(func):
         click.option("--epochs", type=click.IntRange(min=1), help="Training epochs."),
         batch_size_option,
         click.option("--lr", "learning_rate", type=float, help="Initial learning rate."),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Optimizer."),
+        click.option("--optimizer", type=click.Choice(choices.OPTIMIZERS), help="Optimizer."),
         click.option(
             "--weight-decay-mode",
-            type=click.Choice(["coupled", "decoupled"]),
+            type=click.Choice(choices.WEIGHT_DECAY_MODES),
             help="coupled: wd*w added to the gradient (PyTorch SGD, Dual2Net's default); "
             "decoupled: Keras' weight_decay.",
         ),
-        click.option(
-            "--lr-schedule", type=click.Choice(["constant", "plateau", "poly"]), help="LR schedule."
-        ),
+        click.option("--lr-schedule", type=click.Choice(choices.LR_SCHEDULES), help="LR schedule."),
         click.option(
             "--precision",
-            type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+            type=click.Choice(choices.PRECISIONS),
             help="auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16, else float32.",
         ),
         click.option(
             "--strategy",
-            type=click.Choice(["auto", "default", "mirrored", "multiworker", "tpu"]),
+            type=click.Choice(choices.STRATEGIES),
             help="tf.distribute strategy (auto: mirrored when several GPUs are visible; "
             "multiworker: the machines in TF_CONFIG; tpu: the TPU found).",
         ),
@@ -121,11 +120,11 @@ def _overrides(kwargs, keys):
     type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
     help="Dataset root (repeatable: Messidor and Kaggle together).",
 )
-@click.option("--backbone", type=click.Choice(["vgg16", "resnet50"]), help="Backbone [vgg16].")
+@click.option("--backbone", type=click.Choice(choices.BACKBONES), help="Backbone [vgg16].")
 @click.option("--cbam/--no-cbam", default=None, help="Add CBAM attention.")
 @click.option(
     "--cbam-init",
-    type=click.Choice(["identity", "woo"]),
+    type=click.Choice(choices.CBAM_INITS),
     help="CBAM's start: near-identity gate, or Keras' default kernels and zero biases [identity].",
 )
 @click.option("--image-size", type=click.IntRange(min=32), help="Input side in pixels [480].")
@@ -171,12 +170,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 )
 @click.option(
     "--lesion",
-    type=click.Choice(["EX", "HE", "MA", "SE"]),
+    type=click.Choice(choices.LESIONS),
     help="Lesion type; required unless the --config recipe sets `lesion`.",
 )
 @click.option(
     "--model",
-    type=click.Choice(["encoder-decoder", "local-global", "dual2net"]),
+    type=click.Choice(choices.SEGMENT_MODELS),
     help="Segmentation method [encoder-decoder].",
 )
 @click.option(
@@ -209,7 +208,7 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 @click.option("--patches-per-epoch", type=click.IntRange(min=1), help="Patches per epoch [512].")
 @click.option(
     "--loss",
-    type=click.Choice(["bce", "dice", "bce+dice", "weighted-bce"]),
+    type=click.Choice(choices.SEGMENT_LOSSES),
     help="Loss [bce].",
 )
 @click.option("--val-fraction", type=float, help="Whole images held out for validation [0.2].")
@@ -246,12 +245,12 @@ def pretrain(config_path, resume, on_bad, **kwargs):
 )
 @click.option(
     "--variant",
-    type=click.Choice(["dual-dsm", "single-dice", "single-bce"]),
+    type=click.Choice(choices.DUAL2NET_VARIANTS),
     help="Dual2Net: the paper's ablation variants [dual-dsm].",
 )
 @click.option(
     "--output-stride",
-    type=click.Choice(["8", "16", "32"]),
+    type=click.Choice([str(s) for s in choices.OUTPUT_STRIDES]),
     help="Dual2Net: the encoder's output stride (ResNet50 8 | 16 | 32, VGG16 32) "
     "[8 for ResNet50, as the paper; 32 for VGG16].",
 )
@@ -360,7 +359,7 @@ def _model_options(func):
         [
             click.option(
                 "--lesion",
-                type=click.Choice(["EX", "HE", "MA", "SE"]),
+                type=click.Choice(choices.LESIONS),
                 help="Override the lesion type stored in the model.",
             ),
             click.option(

@@ -6,11 +6,11 @@ import pathlib
 
 import click
 
-from rmib import io
+from rmib import choices, io
 
 on_bad_option = click.option(
     "--on-bad",
-    type=click.Choice(["error", "skip"]),
+    type=click.Choice(choices.ON_BAD),
     default="error",
     show_default=True,
     help="error: stop at the first bad file with its name; skip: go on, list it in skipped.csv.",
@@ -40,12 +40,9 @@ max_pixels_option = click.option(
     help="Refuse images with more pixels than this, before decoding them.",
 )
 
-# rmib.precision.PREDICT_PRECISIONS; declared here so that `rmib --help` imports no TensorFlow.
-PREDICT_PRECISION_CHOICES = ("float32", "auto", "training", "mixed_bfloat16", "mixed_float16")
-
 predict_precision_option = click.option(
     "--precision",
-    type=click.Choice(PREDICT_PRECISION_CHOICES),
+    type=click.Choice(choices.PREDICT_PRECISIONS),
     default="float32",
     show_default=True,
     help="What the model computes in: float32 (exact, portable); auto: mixed_float16 on a GPU, "

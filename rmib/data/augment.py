@@ -14,7 +14,7 @@ import math
 import keras
 import tensorflow as tf
 
-AUGMENT_MODES = ("none", "free", "rot90", "flip-rot90")
+from rmib.choices import AUGMENT_MODES
 
 
 def _validate_mode(mode):

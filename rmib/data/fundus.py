@@ -11,9 +11,8 @@ import dataclasses
 import cv2
 import numpy as np
 
+from rmib.choices import PREPROCESSING as PREPROCESSING_METHODS
 from rmib.errors import RmibError
-
-PREPROCESSING_METHODS = ("none", "clahe", "graham")
 
 # IDRiD photographs are 4288 wide x 2848 high; Yan et al. crop the centre
 # 3328 x 2816 (width x height) before tiling.

@@ -21,12 +21,12 @@ import keras
 import tensorflow as tf
 
 from rmib import __version__, io, training
+from rmib.choices import EXPORT_FORMATS
 from rmib.data.pipeline import Preprocessing
 from rmib.errors import RmibError
 from rmib.export import checks
 from rmib.inference.segmenter import compiled_predict
 
-EXPORT_FORMATS = ("savedmodel", "keras", "tflite")
 CHECK_TOLERANCE = 1e-4
 EXPORT_FORMAT_VERSION = 2
 METADATA_ASSET = "rmib.json"

@@ -5,15 +5,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from rmib.choices import (
+    AUGMENT,
+    DUAL2NET_HEADS,
+    DUAL2NET_VARIANTS,
+    FREEZE_ENCODER,
+    LOCAL_GLOBAL_PHASES,
+    ON_BAD,
+    OUTPUT_STRIDES,
+    PREPROCESSING,
+    SEGMENT_LOSSES,
+    SEGMENT_MODELS,
+)
+from rmib.choices import LESIONS as LESION_CODES
 from rmib.config import TrainConfig, check_fields, require
 
-SEGMENT_MODELS = ("encoder-decoder", "local-global", "dual2net")
-SEGMENT_LOSSES = ("bce", "dice", "bce+dice", "weighted-bce")
-PREPROCESSING = ("none", "clahe", "graham")
-AUGMENT = ("none", "free", "rot90")
-LESION_CODES = ("EX", "HE", "MA", "SE")
-DUAL2NET_VARIANTS = ("dual-dsm", "single-dice", "single-bce")
-LOCAL_GLOBAL_PHASES = ("global", "local", "fusion", "joint")
 # The encoder-decoder's backbones (VGG16, ResNet50) halve their input five times.
 ENCODER_DECODER_MULTIPLE = 32
 
@@ -122,7 +128,7 @@ class Dual2NetConfig:
     image_size: list = dataclasses.field(default_factory=lambda: [960, 1440])
     pos_fraction: float = 0.5
     aux_weight: float = 0.4
-    head: Literal["ppm", "decoder"] = "ppm"
+    head: Literal[DUAL2NET_HEADS] = "ppm"
     variant: Literal[DUAL2NET_VARIANTS] = "dual-dsm"
     fov_crop: bool = False
     head_filters: int = 512
@@ -133,7 +139,7 @@ class Dual2NetConfig:
         require(
             self,
             "output_stride",
-            self.output_stride in (None, 8, 16, 32),
+            self.output_stride is None or self.output_stride in OUTPUT_STRIDES,
             "8, 16 or 32 (or unset: 8 for ResNet50, 32 for VGG16)",
         )
         require(self, "pos_fraction", 0.0 < self.pos_fraction < 1.0, "in (0, 1)")
@@ -202,7 +208,7 @@ class SegmentConfig:
     encoder: str = "vgg16"
     cbam: bool = False
     weights: str = "none"
-    freeze_encoder: Literal["auto", "yes", "no"] = "auto"
+    freeze_encoder: Literal[FREEZE_ENCODER] = "auto"
     fine_tune_after: int = 0
     fine_tune_lr_factor: float = 0.1
     patch_size: int = 160
@@ -222,7 +228,7 @@ class SegmentConfig:
     predict_batch: int = 2
     val_every: int = 1
     cache_dir: str = ""
-    on_bad: Literal["error", "skip"] = "error"
+    on_bad: Literal[ON_BAD] = "error"
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(
             epochs=20, batch_size=8, learning_rate=1e-3, monitor="val_aupr", monitor_mode="max"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import keras
 
+from rmib import choices
 from rmib.errors import RmibError
 from rmib.models.layers import CBAM, FusedBatchNormalization, ImageNetPreprocessing
 
@@ -126,7 +127,7 @@ def _resnet50(inputs, cbam, output_stride=32, cbam_init="identity"):
 RESNET_DILATIONS = {8: {4: 2, 5: 4}, 16: {5: 2}, 32: {}}
 # The output strides each backbone can be built at. VGG16 has no residual stages to
 # dilate; its pools are part of the published architecture, so rmib builds it as is.
-OUTPUT_STRIDES = {"resnet50": (8, 16, 32), "vgg16": (32,)}
+OUTPUT_STRIDES = {"resnet50": choices.OUTPUT_STRIDES, "vgg16": (32,)}
 
 # name -> (builder, keras.applications ImageNet "notop" file, its md5, its URL folder)
 _BACKBONES = {
@@ -143,7 +144,8 @@ _BACKBONES = {
         "https://storage.googleapis.com/tensorflow/keras-applications/resnet/",
     ),
 }
-BACKBONES = sorted(_BACKBONES)
+BACKBONES = choices.BACKBONES
+assert BACKBONES == tuple(sorted(_BACKBONES)), "choices.BACKBONES are the table's"
 _WEIGHTS_HOST = "storage.googleapis.com"
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-# CBAM's initialisations: "identity" (rmib's near-identity gate) and "woo" (the reference start).
-CBAM_INITS = ("identity", "woo")
+from rmib.choices import CBAM_INITS
+
 # keras.applications "caffe" mode: RGB -> BGR, then subtract the ImageNet mean (BGR order).
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 

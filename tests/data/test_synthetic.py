@@ -135,7 +135,7 @@ def _files(root):
 
 
 def _regenerated(count, size, seed):
-    return [sample for _, sample in synthetic._samples(count, size, seed)]
+    return [sample for _, sample in synthetic.layouts.samples(count, size, seed)]
 
 
 def test_unknown_layout_and_bad_count_are_user_errors(tmp_path):

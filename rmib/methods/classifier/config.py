@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from rmib.choices import AUGMENT, BACKBONES, CBAM_INITS, ON_BAD, PREPROCESSING
 from rmib.config import TrainConfig, check_fields, require
 
 
@@ -31,20 +32,20 @@ class PretrainConfig:
     """
 
     data: list = dataclasses.field(default_factory=list)
-    backbone: Literal["vgg16", "resnet50"] = "vgg16"
+    backbone: Literal[BACKBONES] = "vgg16"
     cbam: bool = False
-    cbam_init: Literal["identity", "woo"] = "identity"
+    cbam_init: Literal[CBAM_INITS] = "identity"
     image_size: int = 480
     weights: str = "none"
     val_fraction: float = 0.2
-    preprocessing: Literal["none", "clahe", "graham"] = "clahe"
+    preprocessing: Literal[PREPROCESSING] = "clahe"
     dense_units: int = 256
     dropout: float = 0.5
     l2: float = 1e-4
-    augment: Literal["none", "free", "rot90"] = "free"
+    augment: Literal[AUGMENT] = "free"
     threshold: float = 0.5
     cache_dir: str = ""
-    on_bad: Literal["error", "skip"] = "error"
+    on_bad: Literal[ON_BAD] = "error"
     out: str = "runs/pretrain"
     train: TrainConfig = dataclasses.field(
         default_factory=lambda: TrainConfig(

@@ -14,7 +14,7 @@ import click
 import keras
 import numpy as np
 
-from rmib import metrics, training
+from rmib import io, metrics, training
 from rmib.config import config_to_dict
 from rmib.data import readers
 from rmib.data.pipeline import (
@@ -145,9 +145,7 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
     )
     run.update_metrics({"validation": report})
     if problems:
-        from rmib.predict import write_skipped
-
-        write_skipped(run.path, problems)
+        io.write_skipped(run.path, problems)
     cm = report["confusion_matrix"]
     echo(
         f"validation ({report['n']} images): accuracy {report['accuracy']:.3f}, "

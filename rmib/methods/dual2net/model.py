@@ -64,6 +64,7 @@ import tensorflow as tf
 from keras import ops
 
 from rmib import losses as losses_lib
+from rmib.choices import DUAL2NET_HEADS as HEADS
 from rmib.methods.dual2net.layers import PPM_BINS, BilinearUpsampling, PyramidPooling
 from rmib.methods.dual2net.loss import AUX_WEIGHT, _single_loss, dual2net_loss
 from rmib.models.backbones import (
@@ -77,7 +78,6 @@ from rmib.models.backbones import _bottleneck as resnet_bottleneck
 from rmib.models.backbones import output_stride as backbone_output_stride
 from rmib.models.layers import CBAM, FusedBatchNormalization
 
-HEADS = ("ppm", "decoder")
 LOSS_VARIANTS = ("dsm", "dice", "bce")
 SIZE_MULTIPLE = 32  # inputs must be multiples of the encoders' deepest stride
 _BN_EPSILON = 1.001e-5  # keras.applications ResNet50's value, as in rmib's backbones

@@ -42,7 +42,7 @@ import sys
 
 import numpy as np
 
-from rmib import training
+from rmib import io, training
 from rmib.data.pipeline import PreprocessedCache, Preprocessing, load_examples
 from rmib.errors import RmibError
 from rmib.methods.dual2net.data import (
@@ -316,7 +316,5 @@ def train(
         segmenter = Dual2NetSegmenter(network, run.read_metadata())
         result = evaluate_with_regions(segmenter, val_examples)
     if problems and chief:
-        from rmib.predict import write_skipped
-
-        write_skipped(run.path, problems)
+        io.write_skipped(run.path, problems)
     return result

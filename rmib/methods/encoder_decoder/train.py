@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rmib import losses, training
+from rmib import io, losses, training
 from rmib.data.pipeline import (
     PreprocessedCache,
     Preprocessing,
@@ -137,9 +137,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume=False):
             run, phases[-1][0], validation, lambda: evaluate_examples(segmenter, val_examples)
         )
     if problems and training.is_chief(training.get_strategy(cfg.train.strategy)):
-        from rmib.predict import write_skipped
-
-        write_skipped(run.path, problems)
+        io.write_skipped(run.path, problems)
     return result
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from rmib.choices import GRADE_COUNTS
 from rmib.config import TrainConfig, check_fields, require
 from rmib.data import readers
 from rmib.data.augment import AUGMENT_MODES
@@ -28,7 +29,6 @@ LOCAL_FILE = "local_net.keras"
 GLOBAL_FILE = "global_net.keras"
 PLAIN_FILE = "global_net_plain.keras"
 PHASES = {"local": LOCAL_FILE, "global": GLOBAL_FILE, "global_plain": PLAIN_FILE}
-GRADE_COUNTS = (4, 5)
 GRADE_NAMES = ("no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "PDR")
 MASK_LESIONS = ("MA", "HE", "EX")  # the local net's lesion classes: images must annotate all three
 

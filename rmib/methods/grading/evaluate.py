@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rmib import metrics
+from rmib.choices import EVALUATION_SPLITS
 from rmib.data import readers
 from rmib.errors import RmibError
 from rmib.methods.grading.data import (
@@ -33,7 +34,6 @@ from rmib.methods.grading.lesion_map import predict_lesion_map
 from rmib.methods.grading.patches import EXCLUDED, PATCH_CLASSES, patch_labels_from_masks
 
 REFERABLE_GRADE = 2  # referable DR: moderate NPDR or worse (Yang et al., Sec. IV-E)
-EVALUATION_SPLITS = ("auto", "all", "train", "valid", "test")
 
 
 def _ratio(numerator, denominator) -> float:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import keras
 
+from rmib.choices import GLOBAL_NETS as VARIANTS
 from rmib.errors import RmibError
 from rmib.methods.grading.grid import DEFAULT_PATCH
 from rmib.methods.grading.patches import PATCH_CLASSES
 from rmib.models import build_backbone
 
-VARIANTS = ("yang", "vgg16", "resnet50")
 # Table II: ten 3x3 convolutions, a 2x2 max-pool after each of the first nine.
 GLOBAL_FILTERS = (32, 32, 64, 64, 128, 128, 256, 256, 512, 512)
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 
-from rmib import training
+from rmib import io, training
 from rmib.data.pipeline import (
     PreprocessedCache,
     Preprocessing,
@@ -330,7 +330,5 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
         )
         result = evaluate_examples(LocalGlobalSegmenter(model, metadata), val_photos.examples)
     if problems and chief:
-        from rmib.predict import write_skipped
-
-        write_skipped(run.path, problems)
+        io.write_skipped(run.path, problems)
     return result
