@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
 
 from benchmarks import idrid_real, run
+from tests.conftest import PROJECT_ROOT
 
 
 def test_split_is_the_eleven_fixed_photographs():
