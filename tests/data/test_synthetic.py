@@ -5,6 +5,7 @@ import time
 
 import cv2
 import numpy as np
+import openpyxl
 import pytest
 
 from rmib import LESIONS
@@ -217,7 +218,6 @@ def test_aptos_layout(tmp_path):
 
 
 def test_messidor_layout_writes_a_real_excel_file(tmp_path):
-    openpyxl = pytest.importorskip("openpyxl")
     root = write_dataset(tmp_path / "m", "messidor", 10, 48, seed=2)
     samples = _regenerated(10, 48, 2)
     book = openpyxl.load_workbook(root / "Base11" / "Annotation_Base11.xlsx")
