@@ -590,6 +590,7 @@ def test_ablation_table_follows_the_papers_layout(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.integration  # a whole training run, then prediction: in make test, not make quick
 def test_train_then_predict_a_full_size_map(tmp_path):
     from rmib.data.readers import read_dataset
     from rmib.data.synthetic import write_dataset
