@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-all bench lint format install clean docs
+.PHONY: demo test test-all quick bench lint format install clean docs
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m rmib.demo --out demo-output
 
+# Every test, the integration and slow ones included.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ''
+test-all: test
+
+# The developers' loop: everything but the integration and slow tests.
+quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out benchmarks/BENCHMARKS.md

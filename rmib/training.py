@@ -1037,7 +1037,7 @@ def _seed_generator_states(model) -> list[list[int]]:
 
     Keras saves no seed-generator state in `.keras` files, and a reloaded
     layer draws a fresh seed; without these a resumed run would drop other
-    units than an uninterrupted one (tests/test_crash_safety.py).
+    units than an uninterrupted one (tests/integration/test_crash_safety.py).
     """
     return [
         [int(x) for x in np.asarray(keras.ops.convert_to_numpy(v))] for v in _seed_generators(model)

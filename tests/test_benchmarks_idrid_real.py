@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
 
 from benchmarks import idrid_real, run
+from tests.conftest import PROJECT_ROOT
 
 
 def test_split_is_the_eleven_fixed_photographs():
@@ -129,6 +129,7 @@ def test_sections_not_re_measured_are_kept(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three 1-minute rows, each evaluated on full-size photographs
 def test_quick_mode_runs_end_to_end(shared_data, tmp_path):
     env = {**os.environ, "RMIB_BENCH_WORKDIR": str(tmp_path / "work")}
     out = tmp_path / "BENCHMARKS.md"

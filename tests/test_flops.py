@@ -148,6 +148,7 @@ def test_tiled_child_counts_tiles_and_memory():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # every default benchmark at quick sizes, three TF processes included
 def test_full_quick_run_end_to_end(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     run.main(["--quick", "--out", str(out)])

@@ -12,6 +12,8 @@ import csv
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -29,6 +31,7 @@ from rmib.errors import BadInputError
 pytestmark = pytest.mark.timeout(600)
 
 RNG = np.random.default_rng(0)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PHOTO = (RNG.random((48, 64, 3)) * 255).astype(np.uint8)  # (H, W, RGB)
 
 
@@ -38,11 +41,18 @@ def run_cli(*args):
 
 
 def assert_clean_error(result, *names):
-    """Exit 1, one 'Error:' line naming each of `names`, no traceback."""
+    """rmib's error handler answered: SystemExit(1), one 'Error:' line on stderr naming `names`.
+
+    CliRunner catches every exception and never prints its traceback: an error
+    that escaped the handler is `result.exception` itself (exit code 1 too), so
+    the exception's type and code are what tells a clean error from a crash.
+    `test_the_real_entry_point_prints_one_line_and_no_traceback` runs the
+    installed entry point, where a traceback would be printed.
+    """
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exception.code == 1, repr(result.exception)
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1, result.output
     for name in names:
         assert name in result.output, (name, result.output)
@@ -258,6 +268,22 @@ def test_inspect_labels_with_a_non_numeric_grade(kaggle):
     result = run_cli("data", "inspect", kaggle)
     assert_clean_error(result, "trainLabels.csv", "'severe'", "not a number")
     assert run_cli("data", "inspect", "--on-bad", "skip", kaggle).exit_code == 0
+
+
+def test_the_real_entry_point_prints_one_line_and_no_traceback(kaggle):
+    # `python -m rmib` as a shell runs it: the error is one line on stderr, exit status 1.
+    rows = [["10_left", 0], ["10_right", "severe"], ["11_left", 2], ["11_right", 3]]
+    write_labels(kaggle, ["image", "level"], rows)
+    done = subprocess.run(
+        [sys.executable, "-m", "rmib", "data", "inspect", str(kaggle)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
+    assert "bad file" in lines[0] and kaggle.name in lines[0], lines[0]
+    assert "trainLabels.csv" in done.stdout and "'severe'" in done.stdout, done.stdout
 
 
 def test_inspect_labels_with_missing_cells(kaggle):

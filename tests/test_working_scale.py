@@ -7,12 +7,12 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import invoke
 
 from rmib import io
 from rmib.data import fundus
 from rmib.errors import RmibError
 from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
+from tests.conftest import invoke
 
 
 def test_rescale_shapes_and_small_lesions():

@@ -258,7 +258,6 @@ def test_synth_calls_the_writer_and_reports_what_it_wrote(tmp_path, monkeypatch)
     "layout", ["idrid", "kaggle", "messidor", "ddr", "folder", "aptos", "e-ophtha"]
 )
 def test_synthetic_datasets_inspect_clean(tmp_path, layout):
-    pytest.importorskip("rmib.data.synthetic")
     out = tmp_path / layout
     result = run("synth", out, "--layout", layout, "--count", 4, "--size", 32, "--seed", 1)
     assert result.exit_code == 0, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
 from rmib.methods.dual2net.table import dual2net_table
 from rmib.methods.dual2net.train import build_model, resolve_config, train
 from rmib.methods.segment_config import Dual2NetConfig, SegmentConfig
+from tests.helpers import run_model_checks
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +59,29 @@ def tiny_dual2net(loss="dsm"):
         [head(f"{p}branch", True) for p in prefixes],
         [head(f"{p}aux", False) for p in prefixes],
         loss=loss,
+    )
+
+
+def tiny_ppm_dual2net():
+    """A Dual2Net whose heads hold rmib's PyramidPooling and BilinearUpsampling, tiny."""
+    image = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0)(image)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="conv")(x)
+    trunk = keras.Model(image, {"features": x, "aux": x}, name="trunk")
+
+    def head(name, dict_input):
+        inputs = keras.Input((None, None, 4), name="features" if dict_input else "aux")
+        x = PyramidPooling(bins=(1, 2), filters=2)(inputs) if dict_input else inputs
+        x = keras.layers.Conv2D(1, 1)(x)
+        x = BilinearUpsampling(2)(x)
+        outputs = keras.layers.Activation("sigmoid", dtype="float32")(x)
+        return keras.Model({"features": inputs} if dict_input else inputs, outputs, name=name)
+
+    prefixes = ("large_", "small_")
+    return Dual2Net(
+        trunk,
+        [head(f"{p}branch", True) for p in prefixes],
+        [head(f"{p}aux", False) for p in prefixes],
     )
 
 
@@ -261,22 +286,44 @@ def test_a_stage1_encoder_becomes_the_trunk_and_initialises_both_branches(tmp_pa
     assert model.branches[0].get_layer("block5_conv3").trainable
 
 
-def test_loading_a_model_registers_dual2net_layers():
-    # A fresh process (as `rmib predict RUN`) that has imported nothing of Dual2Net:
-    # rmib.training.load_model's registration must make its layers known to Keras.
-    code = (
-        "import keras\n"
-        "from rmib import training\n"
-        "names = ('Dual2Net', 'PyramidPooling', 'BilinearUpsampling')\n"
-        "assert all(keras.saving.get_registered_object(f'rmib>{n}') is None for n in names)\n"
-        "training._register_rmib_objects()\n"
-        "missing = [n for n in names if keras.saving.get_registered_object(f'rmib>{n}') is None]\n"
-        "assert not missing, missing\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+FRESH_PROCESS_LOAD = """
+import sys
+
+import keras
+import numpy as np
+
+from rmib.training import load_model
+
+model_path, x_path, out_path = sys.argv[1:]
+# Nothing has registered Dual2Net's classes yet: loading has to do it.
+assert keras.saving.get_registered_object("rmib>Dual2Net") is None
+model = load_model(model_path)
+classes = sorted({type(layer).__name__ for layer in model._flatten_layers()})
+print(" ".join(classes))
+np.save(out_path, keras.ops.convert_to_numpy(model(np.load(x_path), training=False)))
+"""
+
+
+def test_a_fresh_process_loads_a_saved_dual2net(tmp_path):
+    # `rmib predict RUN` in a new process loads the model through rmib.training.load_model,
+    # with nothing of Dual2Net imported: the real registry must find all its classes.
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    checks = run_model_checks(tiny_ppm_dual2net, x, tmp_path, output_shape=(2, 64, 64, 1))
+    np.save(tmp_path / "x.npy", x)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_LOAD, checks.path, tmp_path / "x.npy", tmp_path / "y.npy"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    classes = done.stdout.split()
+    for name in ("Dual2Net", "PyramidPooling", "BilinearUpsampling"):
+        assert name in classes, classes
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), checks.outputs)
 
 
 # --------------------------------------------------------------------------- layers
@@ -537,6 +584,7 @@ def test_ablation_table_follows_the_papers_layout(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.integration  # a whole training run, then prediction: in make test, not make quick
 def test_train_then_predict_a_full_size_map(tmp_path):
     from rmib.data.readers import read_dataset
     from rmib.data.synthetic import write_dataset

@@ -444,6 +444,7 @@ def test_ablation_recipe_loads_with_phase_overrides():
 # ------------------------------------------------------------------ the four phases, end to end
 
 
+@pytest.mark.integration  # a whole training run, then prediction: in make test, not make quick
 def test_four_phases_end_to_end_then_resume(tmp_path, eager):
     from rmib import io, training
     from rmib.data.readers import read_dataset

@@ -1,6 +1,7 @@
 """The boring, important checks every rmib layer and model gets (cf. keras-hub's TestCase).
 
-Use from a test module in this package: `from .helpers import fit_one_step, ...`.
+Use from a test module in this package: `from .helpers import fit_one_step, ...`; the
+`.keras` round trip every model family shares is `tests.helpers.run_model_checks`.
 """
 
 from __future__ import annotations
@@ -56,19 +57,6 @@ def fit_one_step(model, x, y, loss="binary_crossentropy", run_eagerly=False):
     assert not [w.path for w in still if len(w.shape) >= 2 and w.path not in behind_zero_gate]
     assert len(still) <= len(before) // 2, [w.path for w in still]
     return value
-
-
-def assert_save_load_equal(model, x, directory):
-    """A `.keras` round trip gives the same predictions and the same weight layout."""
-    path = directory / f"{model.name}.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
-    assert len(loaded.trainable_weights) == len(model.trainable_weights)
-    expected = keras.ops.convert_to_numpy(model(x, training=False))
-    got = keras.ops.convert_to_numpy(loaded(x, training=False))
-    np.testing.assert_array_equal(got, expected)
-    return loaded
 
 
 def weights_by_path(model):

@@ -1,5 +1,8 @@
 """Backbones: keras.applications names and weights, CBAM placement, taps, weight loading."""
 
+import threading
+import types
+
 import h5py
 import keras
 import numpy as np
@@ -199,12 +202,27 @@ def test_imagenet_is_taken_from_the_keras_cache(applications, tmp_path, monkeypa
     )
 
 
-def test_online_check_is_quick_for_an_unreachable_host():
-    import time
+def test_online_check_does_not_wait_for_a_connection_attempt_that_hangs(monkeypatch):
+    # Name resolution ignores the socket timeout: a connection attempt can hang far longer.
+    # The check must answer "offline" while such an attempt is still hanging, and pass
+    # its timeout on. No clock: the fake attempt hangs until the test releases it.
+    entered, release, left, seen = threading.Event(), threading.Event(), threading.Event(), []
 
-    start = time.monotonic()
-    assert not backbones_module._online("host.invalid", timeout=0.5)
-    assert time.monotonic() - start < 3
+    def create_connection(address, timeout=None):
+        seen.append((address, timeout))
+        entered.set()
+        release.wait(60)
+        left.set()
+        raise OSError("unreachable")
+
+    fake = types.SimpleNamespace(create_connection=create_connection)
+    monkeypatch.setattr(backbones_module, "socket", fake)
+    try:
+        assert not backbones_module._online("host.invalid", timeout=0.05)
+        assert entered.is_set() and not left.is_set()  # answered while the attempt hung
+        assert seen == [(("host.invalid", 443), 0.05)]
+    finally:
+        release.set()
 
 
 def test_bad_weights_paths_name_the_file(applications, tmp_path):

@@ -10,10 +10,10 @@ from rmib.methods.encoder_decoder.model import (
     set_encoder_trainable,
 )
 from rmib.models import build_backbone, build_classifier
+from tests.helpers import run_model_checks
 
 from .helpers import (
     assert_output,
-    assert_save_load_equal,
     dtype_policy,
     fit_one_step,
     weights_by_path,
@@ -92,7 +92,10 @@ def test_output_shape_and_any_multiple_of_32(tmp_path):
     assert np.all((probabilities >= 0) & (probabilities <= 1))
     # Fully convolutional: a larger, non-square tile than the training patch.
     assert_output(segmenter, np.zeros((1, 128, 96, 3), "float32"), (1, 128, 96, 1), "float32")
-    loaded = assert_save_load_equal(segmenter, _images(1, seed=3), tmp_path)
+    checks = run_model_checks(
+        segmenter, _images(1, seed=3), tmp_path, output_shape=(1, SIZE, SIZE, 1)
+    )
+    loaded = checks.loaded
     assert sum(int(np.prod(w.shape)) for w in loaded.trainable_weights) == (
         decoder_trainable_parameters("vgg16")
     )

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from rmib.models import CBAM, FusedBatchNormalization, ImageNetPreprocessing
+from tests.helpers import run_model_checks
 
 from .helpers import (
     assert_config_round_trip,
     assert_output,
-    assert_save_load_equal,
     dtype_policy,
     fit_one_step,
 )
@@ -127,7 +127,7 @@ def test_cbam_frozen_sublayers_stay_frozen(tmp_path):
     model = keras.Model(inputs, attention(x))
     attention.trainable = False
     assert len(model.trainable_weights) == 2
-    loaded = assert_save_load_equal(model, np.ones((1, 8, 8, 3), "float32"), tmp_path)
+    loaded = run_model_checks(model, np.ones((1, 8, 8, 3), "float32"), tmp_path).loaded
     assert [w.path for w in loaded.trainable_weights] == ["conv/kernel", "conv/bias"]
 
 
@@ -141,7 +141,7 @@ def test_cbam_in_a_model_fits_and_round_trips(tmp_path):
     x = rng.normal(0, 1, (4, 16, 16, 3)).astype("float32")
     y = (rng.uniform(size=(4, 16, 16, 1)) > 0.5).astype("float32")
     fit_one_step(model, x, y)
-    assert_save_load_equal(model, x, tmp_path)
+    run_model_checks(model, x, tmp_path)
 
 
 def test_imagenet_preprocessing_matches_keras_applications():

@@ -1,6 +1,6 @@
 """A real training command under MultiWorkerMirroredStrategy: two `rmib segment` workers.
 
-tests/test_multiworker.py checks the runner's distributed loop on a tiny
+tests/integration/test_multiworker.py checks the runner's distributed loop on a tiny
 dense model; here the whole command runs in two worker processes on
 127.0.0.1 (CPU, free ports picked at run time), each with its own TF_CONFIG
 and the same `--out`: the GlobalNet of the local-global U-Net (4 filters,

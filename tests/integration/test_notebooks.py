@@ -16,17 +16,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
-pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
-from jupyter_client.manager import KernelManager  # noqa: E402
-from nbclient import NotebookClient  # noqa: E402
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
 
 pytestmark = pytest.mark.timeout(240)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COLAB = PROJECT_ROOT / "colab"
 KERNEL_NAME = "rmib-test-python"
 
@@ -95,7 +91,7 @@ EPOCHS = 1
 BATCH_SIZE = 4
 STEPS_PER_EPOCH = 1
 TFLITE = False
-""",  # TFLite conversion of the VGG16 U-Net takes ~30 s; tests/test_export.py covers it
+""",  # TFLite conversion of the VGG16 U-Net takes ~30 s; tests/integration/test_export.py covers it
 }
 TIMINGS = {}
 
@@ -127,7 +123,9 @@ def work(tmp_path_factory):
 def inject(nb, name):
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1, f"{name}: exactly one cell must be tagged 'parameters'"
-    cells[0].source = cells[0].source + "\n\n# injected by tests/test_notebooks.py" + COMMON
+    cells[0].source = (
+        cells[0].source + "\n\n# injected by tests/integration/test_notebooks.py" + COMMON
+    )
     cells[0].source += TINY[name]
 
 
