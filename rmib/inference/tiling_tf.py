@@ -5,7 +5,7 @@ any size inside the SavedModel. They must give what `rmib predict` gives, so
 this module repeats `rmib.inference.tiling.predict_tiled` op for op: the same
 grid (the last tile flush with the edge), the same reflect padding of an
 image smaller than the tile, the same separable Gaussian window and weighted
-mean; tests/test_tiling_tf.py holds the two to the same answer.
+mean; tests/inference/test_tiling_tf.py holds the two to the same answer.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions"),
 ]
 LN2 = math.log(2.0)
-SEGMENT_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "segment"
+SEGMENT_DIR = __import__("pathlib").Path(__file__).resolve().parents[3] / "segment"
 
 
 @pytest.fixture

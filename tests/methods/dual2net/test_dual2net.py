@@ -29,7 +29,7 @@ from rmib.methods.segment_config import Dual2NetConfig, SegmentConfig
 from tests.helpers import run_model_checks
 
 pytestmark = pytest.mark.timeout(300)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # --------------------------------------------------------------------------- helpers

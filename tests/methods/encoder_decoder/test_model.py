@@ -11,8 +11,7 @@ from rmib.methods.encoder_decoder.model import (
 )
 from rmib.models import build_backbone, build_classifier
 from tests.helpers import run_model_checks
-
-from .helpers import (
+from tests.models.helpers import (
     assert_output,
     dtype_policy,
     fit_one_step,
