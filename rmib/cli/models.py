@@ -12,10 +12,14 @@ from rmib.cli.options import (
     OUT_DIR,
     TILE_SIDE,
     batch_size_option,
+    early_stopping_option,
     max_pixels_option,
     on_bad_option,
     predict_precision_option,
+    start_cluster_strategy,
+    strategy_option,
     threshold_option,
+    time_limit_option,
 )
 
 _path = click.Path(path_type=pathlib.Path)
@@ -41,27 +45,13 @@ def train_options(func):
             type=click.Choice(choices.PRECISIONS),
             help="auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bf16, else float32.",
         ),
-        click.option(
-            "--strategy",
-            type=click.Choice(choices.STRATEGIES),
-            help="tf.distribute strategy (auto: mirrored when several GPUs are visible; "
-            "multiworker: the machines in TF_CONFIG; tpu: the TPU found).",
-        ),
+        strategy_option,
         click.option("--seed", type=int, help="Random seed."),
         click.option(
             "--deterministic/--no-deterministic", default=None, help="Deterministic TF ops."
         ),
-        click.option(
-            "--early-stopping",
-            "early_stopping_patience",
-            type=click.IntRange(min=0),
-            help="Stop after N epochs without improvement (0 = off).",
-        ),
-        click.option(
-            "--time-limit",
-            type=click.FloatRange(min=0),
-            help="Minutes of training: stop after the last epoch that fits (0 = no limit).",
-        ),
+        early_stopping_option,
+        time_limit_option,
         click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint."),
         click.option(
             "--config",
@@ -73,14 +63,6 @@ def train_options(func):
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def _start_cluster_strategy(name):
-    """Multi-worker and TPU strategies must exist before TensorFlow runs anything."""
-    if name in ("multiworker", "tpu"):
-        from rmib import training
-
-        training.get_strategy(name)
 
 
 _TRAIN_KEYS = (
@@ -157,7 +139,7 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     )
     overrides["on_bad"] = on_bad
     cfg = load_config(PretrainConfig, config_path, overrides)
-    _start_cluster_strategy(cfg.train.strategy)
+    start_cluster_strategy(cfg.train.strategy)
     run_pretrain(cfg, resume=resume)
 
 
@@ -325,7 +307,7 @@ def segment(
         # An encoder asked for on the command line is meant for both nets, even
         # a backbone name (which SegmentConfig's default alone does not select).
         cfg.local_global.encoder_nets = ["global", "local"]
-    _start_cluster_strategy(cfg.train.strategy)
+    start_cluster_strategy(cfg.train.strategy)
     run_segment(cfg, resume=resume)
 
 

@@ -89,7 +89,7 @@ TILE_SIDE = TileSide()
 # The runner's options that every training command takes (rmib.config.TrainConfig).
 strategy_option = click.option(
     "--strategy",
-    type=click.Choice(["auto", "default", "mirrored", "multiworker", "tpu"]),
+    type=click.Choice(choices.STRATEGIES),
     help="tf.distribute strategy (auto: mirrored when several GPUs are visible; "
     "multiworker: the machines in TF_CONFIG; tpu: the TPU found).",
 )
