@@ -268,13 +268,13 @@ def test_a_stage1_encoder_becomes_the_trunk_and_initialises_both_branches(tmp_pa
 
 def test_loading_a_model_registers_dual2net_layers():
     # A fresh process (as `rmib predict RUN`) that has imported nothing of Dual2Net:
-    # rmib.training.load_model's registration must make its layers known to Keras.
+    # `import rmib` makes Keras find its layers on the first look-up (rmib.registration).
     code = (
+        "import sys\n"
         "import keras\n"
-        "from rmib import training\n"
+        "import rmib\n"
         "names = ('Dual2Net', 'PyramidPooling', 'BilinearUpsampling')\n"
-        "assert all(keras.saving.get_registered_object(f'rmib>{n}') is None for n in names)\n"
-        "training._register_rmib_objects()\n"
+        "assert 'rmib.methods.dual2net.model' not in sys.modules\n"
         "missing = [n for n in names if keras.saving.get_registered_object(f'rmib>{n}') is None]\n"
         "assert not missing, missing\n"
     )
