@@ -6,6 +6,8 @@ rmib carries Keras ports of the fused local-global U-Net (Yan et al. 2019),
 Dual2Net with the DSM Dice loss, and the patch-grid DR grader (Yang et al. 2017).
 """
 
+from rmib.registration import install_when_keras_is_imported
+
 __version__ = "0.1.0"
 
 from rmib.choices import LESIONS as LESIONS
@@ -33,6 +35,11 @@ _PUBLIC = (
     "run_segment",
     "train_grader",
 )
+
+
+# `keras.models.load_model` opens every .keras file rmib wrote once `rmib` is
+# imported: its custom objects register on Keras' first look-up of one.
+install_when_keras_is_imported()
 
 
 def __getattr__(name):

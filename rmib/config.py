@@ -63,8 +63,8 @@ class TrainConfig:
         plateau_factor: factor the rate is multiplied by on a plateau.
         early_stopping_patience: stop after this many epochs without
             improvement of `monitor`; 0 turns early stopping off.
-        time_limit: minutes of training (summed over `--resume`s; per phase for
-            phased methods); the run stops after the first epoch past which
+        time_limit: minutes of training (summed over `--resume`s and over the
+            phases of phased methods); the run stops after the first epoch past which
             another epoch, as long as the mean epoch so far, would not fit.
             0 = no limit. For comparisons at equal wall-clock time.
         restore_best: end with the weights of the best epoch (by `monitor`)

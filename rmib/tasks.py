@@ -39,7 +39,7 @@ from rmib.methods.local_global import train as local_global_train
 from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
 from rmib.methods.segment_config import SEGMENT_MODELS, SegmentConfig
 from rmib.methods.segment_data import lesion_records, split_records
-from rmib.precision import with_precision
+from rmib.training.devices import with_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ def load_segmenter(
             see `TiledSegmenter`).
         precision: the policy to predict in: "float32" (the default, as
             `rmib predict`), "mixed_bfloat16" or "mixed_float16" (see
-            `rmib.precision.resolve_predict_precision` for "auto"); None: the
+            `rmib.training.devices.resolve_predict_precision` for "auto"); None: the
             precision the model was trained in.
         **overrides: metadata overrides (e.g. lesion="HE").
 
@@ -298,10 +298,10 @@ def export_model(
         tile, overlap, batch_size: tiling of ``segment_image`` (tiled
             segmenters); default what `rmib predict` uses for the run.
         precision: what the SavedModel or TFLite graph computes in, one of
-            `rmib.precision.PREDICT_PRECISIONS`; None: float32 (portable, and
+            `rmib.training.devices.PREDICT_PRECISIONS`; None: float32 (portable, and
             as accurate as the weights allow). The check compares with rmib's
             own prediction in the same precision, within
-            `rmib.precision.check_tolerance` of it. A ``keras`` copy keeps the
+            `rmib.training.devices.check_tolerance` of it. A ``keras`` copy keeps the
             precision the model was trained in (None only).
 
     Returns:

@@ -110,7 +110,7 @@ def _precision_reason(asked, result) -> str:
         return "a .keras copy computes in the precision it was trained in"
     if asked is None:
         return "the default of exports (portable to every runtime)"
-    from rmib.precision import resolve_predict_precision
+    from rmib.training.devices import resolve_predict_precision
 
     trained = result.metadata.get("trained_precision")
     return resolve_predict_precision(asked, trained, allow_slow=True)[1]

@@ -387,8 +387,8 @@ def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsa
     """The Segmenter of MODEL with the options of `_model_options` (threshold aside)."""
     from rmib import training
     from rmib.errors import RmibError
-    from rmib.precision import resolve_predict_precision
     from rmib.tasks import load_segmenter
+    from rmib.training.devices import resolve_predict_precision
 
     if overlap is not None and not 0.0 <= overlap < 1.0:
         raise RmibError(f"--overlap must be in [0, 1), got {overlap}")

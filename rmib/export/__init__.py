@@ -54,7 +54,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmib import precision as precisions
 from rmib import training
 from rmib.errors import RmibError
 from rmib.export import checks
@@ -66,6 +65,7 @@ from rmib.export.archive import (
     export_metadata,
     write_export,
 )
+from rmib.training import devices as precisions
 
 
 def export_run(

@@ -134,7 +134,7 @@ class ExportResult:
         metadata: the export metadata (what `assets/rmib.json` holds).
         precision: the policy the export computes in ("float32" by default).
         tolerance: the largest difference the check accepts
-            (`rmib.precision.check_tolerance` of `precision`).
+            (`rmib.training.devices.check_tolerance` of `precision`).
     """
 
     path: Path

@@ -17,11 +17,11 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from rmib import precision as precisions
 from rmib import training
 from rmib.data import synthetic
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.errors import RmibError
+from rmib.training import devices as precisions
 
 
 @dataclasses.dataclass

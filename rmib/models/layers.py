@@ -178,7 +178,7 @@ class ImageNetPreprocessing(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments (name, ...).
     """
 
-    # `rmib.precision.with_precision` leaves it in float32 under every policy.
+    # `rmib.training.devices.with_precision` leaves it in float32 under every policy.
     PINS_FLOAT32 = True
 
     def __init__(self, **kwargs):

@@ -227,7 +227,7 @@ def test_an_interrupted_export_leaves_no_partial_folder(segment_run, tmp_path, m
 
 
 def test_a_failed_check_exits_1_and_writes_nothing(pretrain_run, tmp_path, monkeypatch):
-    from rmib import precision
+    from rmib.training import devices as precision
 
     monkeypatch.setattr(precision, "check_tolerance", lambda name: 0.0)  # every difference fails
     out = tmp_path / "model.keras"

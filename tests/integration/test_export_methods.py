@@ -419,7 +419,7 @@ def test_each_family_trained_in_bfloat16_exports_in_float32_and_bfloat16(
     """Issue 15: trained under mixed_bfloat16 (explicitly: emulated on CPUs without it), each
     family's export passes --check against rmib's own prediction in the same precision, in
     float32 (the default) and in the precision it was trained in."""
-    from rmib.precision import check_tolerance, model_precision
+    from rmib.training.devices import check_tolerance, model_precision
 
     run = tmp_path / "run"
     if family == "local-global":

@@ -187,29 +187,29 @@ def test_only_the_chief_writes_the_run(results):
 
 
 def test_multiworker_without_tf_config_is_a_clear_error(monkeypatch):
-    from rmib import training
+    from rmib.training import devices
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(RmibError, match="TF_CONFIG"):
-        training._multiworker_strategy()
+        devices._multiworker_strategy()
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(RmibError, match="TF_CONFIG"):
-        training._multiworker_strategy()
+        devices._multiworker_strategy()
 
 
 def test_tpu_without_a_tpu_is_a_clear_error(monkeypatch):
-    from rmib import training
+    from rmib.training import devices
 
     monkeypatch.delenv("TPU_NAME", raising=False)
     with pytest.raises(RmibError, match="no TPU found"):
-        training._tpu_strategy()
+        devices._tpu_strategy()
 
 
 def test_strategy_names_are_shared_by_config_cli_and_runner():
-    from rmib import training
     from rmib.cli.models import pretrain
     from rmib.config import STRATEGIES
+    from rmib.training import devices
 
-    assert set(STRATEGIES) == {"auto", *training._STRATEGY_BUILDERS}
+    assert set(STRATEGIES) == {"auto", *devices._STRATEGY_BUILDERS}
     choice = next(p for p in pretrain.params if p.name == "strategy").type
     assert tuple(choice.choices) == STRATEGIES

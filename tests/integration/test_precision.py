@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rmib import precision as precision_lib
 from rmib import training
 from rmib.data import synthetic
 from rmib.errors import RmibError
 from rmib.methods.encoder_decoder.model import build_encoder_decoder
 from rmib.models import build_classifier
 from rmib.predict import read_probability_png
+from rmib.training import devices, distributed
+from rmib.training import devices as precision_lib
 from tests.conftest import invoke, pretrain_args
 
 pytestmark = pytest.mark.timeout(900)
@@ -58,15 +59,15 @@ def test_check_tolerance_follows_from_the_significand_bits():
 
 def test_precision_reasons_name_what_was_detected(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(training, "CPUINFO", cpuinfo)
-    monkeypatch.setattr(training, "visible_gpus", lambda: [])
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert training.precision_reason("auto", "mixed_bfloat16") == "auto: the CPU has avx512_bf16"
     cpuinfo.write_text("flags\t\t: fpu avx2 fma\n")
     assert training.precision_reason("auto", "float32") == (
         "auto: no GPU, and the CPU has no native bfloat16 (amx_bf16 or avx512_bf16)"
     )
-    monkeypatch.setattr(training, "visible_gpus", lambda: ["GPU:0", "GPU:1"])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: ["GPU:0", "GPU:1"])
     assert training.precision_reason("auto", "mixed_float16") == "auto: 2 GPU(s) visible"
     assert training.precision_reason("float32", "float32") == "asked for (--precision float32)"
     resolved, reason = precision_lib.resolve_predict_precision("training", "mixed_bfloat16")
@@ -241,9 +242,9 @@ def test_auto_trains_exports_checks_and_serves_as_on_that_machine(
 ):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    monkeypatch.setattr(training, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
     gpus = ["GPU:0"] if machine == "gpu" else []
-    monkeypatch.setattr(training, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(devices, "visible_gpus", lambda: gpus)
     out = tmp_path / "run"
     result = invoke(pretrain_args(synthetic_kaggle, out, "auto", epochs=1, image_size=32))
     assert result.exit_code == 0, result.output
@@ -274,7 +275,7 @@ def test_float16_segmenter_exports_in_float16_and_float32(segment_run, tmp_path,
         _export(segment_run, tmp_path / "fp16", "--tile", 64, "--precision", "mixed_float16"),
         "mixed_float16",
     )
-    monkeypatch.setattr(training, "visible_gpus", lambda: [])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
     result = invoke(
         ["predict", segment_run, tmp_path / "x.png", "--out", tmp_path / "p",
          "--precision", "mixed_float16"]
@@ -299,7 +300,7 @@ def test_distributed_loop_skips_a_non_finite_float16_step_and_halves_the_loss_sc
     before = [w.copy() for w in model.get_weights()]
     x = np.full((2, 4), 60000.0, np.float32)  # float16 overflows (max 65504) in the gradients
     y = np.zeros((2, 1), np.float32)
-    training._distributed_fit(
+    distributed.distributed_fit(
         model, tf.distribute.get_strategy(), (x, y), None, cfg=cfg, batch_size=2,
         initial_epoch=0, steps_per_epoch=1, validation_steps=None, class_weight=None,
         callbacks=[], verbose=0,
@@ -309,7 +310,7 @@ def test_distributed_loop_skips_a_non_finite_float16_step_and_halves_the_loss_sc
     assert float(model.optimizer.dynamic_scale) == scale / 2
 
     x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
-    training._distributed_fit(
+    distributed.distributed_fit(
         model, tf.distribute.get_strategy(), (x, y), None, cfg=cfg, batch_size=2,
         initial_epoch=0, steps_per_epoch=1, validation_steps=None, class_weight=None,
         callbacks=[], verbose=0,

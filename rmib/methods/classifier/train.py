@@ -14,7 +14,7 @@ import click
 import keras
 import numpy as np
 
-from rmib import io, metrics, training
+from rmib import metrics, training
 from rmib.config import config_to_dict
 from rmib.data import readers
 from rmib.data.pipeline import (
@@ -64,28 +64,26 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
     records = classification_records(cfg.data, cfg.on_bad)
     train_records, val_records = stratified_split(records, cfg.val_fraction, seed=cfg.train.seed)
     run = training.RunDirectory(cfg.out)
-    if training.is_chief(training.get_strategy(cfg.train.strategy)):
+    job = training.TrainingJob(run, cfg.train, resume=resume)
+    if job.chief:
         run.write_config(config_to_dict(cfg))
     prep = Preprocessing(method=cfg.preprocessing, fov_crop=True, size=cfg.image_size)
     cache = PreprocessedCache(cfg.cache_dir or None)
-    problems = []
-    state = run.read_state() if resume else None
-    start = int(state["epoch"]) if state else 0
     train_ds, steps, kept = classification_dataset(
         train_records,
         cfg.image_size,
-        training.global_batch_size(cfg.train),
+        job.batch_size,
         preprocessing=prep,
         augment=cfg.augment,
         seed=cfg.train.seed,
-        start_epoch=start,
+        start_epoch=job.start_epoch(),
         epochs=cfg.train.epochs,
         cache=cache,
         on_bad=cfg.on_bad,
-        problems=problems,
+        problems=job.problems,
     )
     val_images, val_labels, val_kept = evaluation_arrays(
-        val_records, cfg.image_size, prep, cache, cfg.on_bad, problems
+        val_records, cfg.image_size, prep, cache, cfg.on_bad, job.problems
     )
     labels = np.array([r.label for r in kept])
     echo(
@@ -117,12 +115,12 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
             l2=cfg.l2,
         )
 
-    model, _ = training.fit(
+    model = job.fit(
         make_model,
         train_ds,
         (val_images.astype(np.float32), val_labels.astype(np.float32)[:, None]),
         config=cfg.train,
-        run_dir=run,
+        metadata=metadata,
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
@@ -130,22 +128,22 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
             keras.metrics.Recall(name="recall"),
             keras.metrics.Precision(name="precision"),
         ],
-        metadata=metadata,
-        resume=resume,
         steps_per_epoch=steps,
         class_weight=class_weight,
     )
+
+    job.finish()  # skipped.csv; the classifier's validation is the report below
+    if job.interrupted:
+        return {}  # stopped before its end by a callback: no final model (fit said how to resume)
     prob = model.predict(val_images.astype(np.float32), batch_size=cfg.train.batch_size, verbose=0)
     prob = np.asarray(prob, np.float64).reshape(-1)
     report = metrics.binary_classification_report(val_labels, prob, threshold=cfg.threshold)
-    if not training.is_chief(training.get_strategy(cfg.train.strategy)):
+    if not job.chief:
         return report  # only the chief of a multi-worker run writes the run directory
     metrics.save_roc_curve(
         val_labels, prob, Path(run.path) / "roc_curve.png", title="Validation ROC"
     )
     run.update_metrics({"validation": report})
-    if problems:
-        io.write_skipped(run.path, problems)
     cm = report["confusion_matrix"]
     echo(
         f"validation ({report['n']} images): accuracy {report['accuracy']:.3f}, "

@@ -1,7 +1,7 @@
 """Training of Dual2Net with the dual-sampling modulated (DSM) Dice loss (`rmib segment --model dual2net`).
 
 The model and its loss are in `rmib.methods.dual2net.model`; this module feeds it the
-way the paper does and runs it through `rmib.training.fit`:
+way the paper does and runs it through `rmib.training.TrainingJob`:
 
 - Data: every photograph is preprocessed once (`cfg.preprocessing`; with
   `[dual2net] fov_crop` first cropped to its field of view, the paper's DDR
@@ -42,8 +42,8 @@ import sys
 
 import numpy as np
 
-from rmib import io, training
-from rmib.data.pipeline import PreprocessedCache, Preprocessing, load_examples
+from rmib import training
+from rmib.data.pipeline import Preprocessing
 from rmib.errors import RmibError
 from rmib.methods.dual2net.data import (
     PAPER_AUGMENT,
@@ -182,21 +182,13 @@ def _say(message: str, verbose) -> None:
         print(f"rmib: dual2net: {message}", file=sys.stderr, flush=True)
 
 
-def _start_epoch(run, resume: bool) -> int:
-    last = run.checkpoint_path("last")
-    if not (resume and last.is_file()):
-        return 0
-    state = training.read_run_metadata(last).get("checkpoint") or run.read_state() or {}
-    return int(state.get("epoch", 0))
-
-
 def train(
     cfg: SegmentConfig, train_records, val_records, run, resume: bool = False, *, verbose=1
 ) -> dict:
     """Train Dual2Net (or a single-branch ablation, `[dual2net] variant`) in `run`.
 
     Resizes every photograph to `[dual2net] image_size`, trains with the DSM
-    Dice loss through `rmib.training.fit` (checkpoints, resume, history with
+    Dice loss through `rmib.training.TrainingJob` (checkpoints, resume, history with
     the loss terms and "dsm_alpha"), validates every `val_every` epochs on the
     held-out whole photographs at full resolution, and saves `model.keras`:
     the inference model (image -> mean of the branches, without the aux heads)
@@ -222,30 +214,27 @@ def train(
         RmibError: no readable training image, settings Dual2Net cannot honour,
             and the errors of `rmib.training.fit`.
     """
-    from rmib.evaluation import WholeImageValidation
     from rmib.methods.encoders import encoder_factory
 
-    run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
-    resolve_config(cfg, has_validation=bool(val_records))  # refuse what it cannot honour, early
+    # Refuse what it cannot honour, early; the job runs in the resolved batch size.
+    early, _ = resolve_config(cfg, has_validation=bool(val_records))
     build_encoder, encoder_info, _ = encoder_factory(cfg)
     d2 = cfg.dual2net
     prep = preprocessing_of(cfg)
-    problems: list = []
+    job = training.TrainingJob(run, early.train, resume=resume, verbose=verbose)
+    run = job.run
     train_set = load_resized(
-        train_records, prep, cfg.lesion, d2.image_size, cfg.cache_dir, cfg.on_bad, problems
+        train_records, prep, cfg.lesion, d2.image_size, cfg.cache_dir, cfg.on_bad, job.problems
     )
     if not len(train_set):
         raise RmibError("no training image could be read")
-    cache = PreprocessedCache(cfg.cache_dir or None)
-    val_examples, _ = load_examples(val_records, prep, cfg.lesion, cache, cfg.on_bad, problems)
+    val_examples = job.load_examples(val_records, prep, cfg.lesion, cfg.cache_dir, cfg.on_bad)
     cfg, notes = resolve_config(cfg, has_validation=bool(val_examples))
     for note in notes:
         _say(note, verbose)
     # Only the chief of a multi-worker run writes the run directory itself; the
     # others keep their model where the runner put their checkpoints.
-    strategy = training.get_strategy(cfg.train.strategy)
-    chief = training.is_chief(strategy)
-    if chief:
+    if job.chief:
         run.write_config(cfg)  # as resolved, paper defaults included
 
     metadata = {
@@ -269,52 +258,44 @@ def train(
     steps = steps_per_epoch(cfg, len(train_set))
     train_ds = training_dataset(
         train_set,
-        training.global_batch_size(cfg.train, strategy),  # --batch-size is per replica
+        job.batch_size,  # --batch-size is per replica
         steps,
         dual=d2.variant == "dual-dsm",
         pos_fraction=d2.pos_fraction,
         augment=cfg.augment,
         seed=cfg.train.seed,
-        start_epoch=_start_epoch(run, resume),
+        start_epoch=job.start_epoch(),
         epochs=cfg.train.epochs,
     )
-    validation = []
-    if val_examples:
-        validation.append(
-            WholeImageValidation(
-                val_examples,
-                lambda model: Dual2NetSegmenter(model, metadata),
-                every=cfg.val_every,
-                epochs=cfg.train.epochs,
-            )
-        )
-    model, _ = training.fit(
+
+    def inference_network(model):
+        # model.keras holds image -> mean of the branches, without the aux heads.
+        network = model.inference_model(name=model.name)
+        job.own_run.write_metadata({"parameters": int(network.count_params())})
+        return network
+
+    job.fit(
         lambda: build_model(cfg, build_encoder),
         train_ds,
-        None,
         config=cfg.train,
-        run_dir=run,
-        loss=None,
         metadata=metadata,
-        resume=resume,
-        validation_callbacks=validation,
+        validation=job.validation(
+            val_examples,
+            lambda model: Dual2NetSegmenter(model, metadata),
+            every=cfg.val_every,
+            epochs=cfg.train.epochs,
+        ),
+        final_model=inference_network,
+        loss=None,
         extra_callbacks=[DSMAlphaSchedule(cfg.train.epochs)],
         steps_per_epoch=steps,
-        save_final=False,
-        verbose=verbose,
     )
-    run = training.worker_run_directory(run, strategy)
-    state = run.read_state() or {}
-    if not training.run_finished(state, cfg.train):
-        return {}  # stopped early by a callback: no final model yet (fit said how to resume)
-
-    network = model.inference_model(name=model.name)
-    run.write_metadata({"parameters": int(network.count_params())})
-    run.save_model(network, run.model_path, run.read_metadata())
-    result = {}
-    if val_examples:
-        segmenter = Dual2NetSegmenter(network, run.read_metadata())
-        result = evaluate_with_regions(segmenter, val_examples)
-    if problems and chief:
-        io.write_skipped(run.path, problems)
-    return result
+    if not val_examples:
+        return job.finish()
+    # The region scores are not among the validation callback's metrics.
+    return job.finish(
+        lambda network: evaluate_with_regions(
+            Dual2NetSegmenter(network, job.own_run.read_metadata()), val_examples
+        ),
+        reuse_validation=False,
+    )

@@ -9,10 +9,7 @@ the training runner.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io as _io
-import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -384,41 +381,3 @@ def build_global_arrays(
         plain.result() if plain is not None else None,
         np.asarray(grades, np.int32),
     )
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-def write_json(path: Path, data) -> None:
-    with io.atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with io.atomic_write(path, "w", encoding="utf-8", newline="") as f:
-        f.write(buffer.getvalue())
-
-
-def write_skipped(out: Path, problems) -> None:
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["file", "reason"])
-    writer.writerows(problems)
-    with io.atomic_write(Path(out) / "skipped.csv", "w", encoding="utf-8", newline="") as f:
-        f.write(buffer.getvalue())

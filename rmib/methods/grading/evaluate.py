@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmib import metrics
+from rmib import io, metrics
 from rmib.choices import EVALUATION_SPLITS
 from rmib.data import readers
 from rmib.errors import RmibError
@@ -25,9 +25,6 @@ from rmib.methods.grading.data import (
     read_masks,
     roots_text,
     with_progress,
-    write_json,
-    write_rows,
-    write_skipped,
 )
 from rmib.methods.grading.grader import Grader
 from rmib.methods.grading.lesion_map import predict_lesion_map
@@ -261,13 +258,13 @@ def evaluate_grader(
                         title=f"Referable DR, {name}",
                     )
             result["image"] = image_level
-            write_rows(out / "per_image.csv", rows)
+            io.write_csv(out / "per_image.csv", rows)
     else:
         echo(f"no graded image{where}: image-level metrics skipped")
 
     if problems:
-        write_skipped(out, problems)
-    write_json(out / "metrics.json", result)
+        io.write_skipped(out, problems)
+    io.write_json(out / "metrics.json", result)
     return result
 
 

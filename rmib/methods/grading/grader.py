@@ -19,7 +19,7 @@ from rmib import io, report
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.errors import RmibError
 from rmib.methods.grading.config import PHASES, TASK
-from rmib.methods.grading.data import guarded, with_progress, write_rows, write_skipped
+from rmib.methods.grading.data import guarded, with_progress
 from rmib.methods.grading.grid import grid_positions
 from rmib.methods.grading.lesion_map import MAX_WEIGHT, LesionMap, global_input, predict_lesion_map
 from rmib.methods.grading.patches import PATCH_CLASSES
@@ -217,8 +217,8 @@ def predict_images(
         probs = ", ".join(f"{g}: {p:.3f}" for g, p in enumerate(result.probs))
         echo(f"{Path(path).name}: grade {result.grade} ({probs})")
     if problems:
-        write_skipped(out, problems)
+        io.write_skipped(out, problems)
         if not rows:
             raise RmibError(f"no image could be read; see {out / 'skipped.csv'}")
-    write_rows(out / "predictions.csv", rows)
+    io.write_csv(out / "predictions.csv", rows)
     return rows

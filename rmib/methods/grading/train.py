@@ -27,6 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from rmib import io
 from rmib.config import TrainConfig
 from rmib.data.pipeline import stratified_split
 from rmib.errors import RmibError
@@ -39,7 +40,6 @@ from rmib.methods.grading.data import (
     no_grades_error,
     no_masks_error,
     read_grading_data,
-    write_skipped,
 )
 from rmib.methods.grading.nets import build_grading_global_net, build_grading_local_net
 from rmib.methods.grading.patches import PATCH_CLASSES
@@ -325,7 +325,7 @@ def train_grader(
     training.global_phases(data.graded, local_net)
     shutil.rmtree(training.work, ignore_errors=True)
     if training.problems:
-        write_skipped(run.path, training.problems)
+        io.write_skipped(run.path, training.problems)
         training.summary["skipped_files"] = len(training.problems)
     run.update_metrics({"data": training.summary})
     return training.summary

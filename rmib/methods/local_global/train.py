@@ -6,10 +6,11 @@
     fusion  the fusion module only, everything before it frozen (10 epochs, 2e-4)
     joint   everything unfrozen (60 epochs, 1e-4)
 
-Each phase is one `rmib.training.fit` call with its own files in the run
-directory (`history_<phase>.csv`, `checkpoints/last_<phase>.keras` ...), so a
-resumed run skips the finished phases and continues the one it was in. The
-next phase starts from the best weights of the previous ones, moved by their
+Each phase is one `rmib.training.TrainingJob.fit` call with its own files in
+the run directory (`history_<phase>.csv`, `checkpoints/last_<phase>.keras` ...),
+so a resumed run skips the finished phases and continues the one it was in;
+`--time-limit` is for the four phases together (a limit reached in an earlier
+phase ends the run with that phase's net as `model.keras`). The next phase starts from the best weights of the previous ones, moved by their
 place in the model (`copy_matching_weights`). The last phase writes `model.keras`; the run's
 metadata "network" says whether it is the fused model or, for a run of
 ["global"] or ["local"] alone (the paper's ablation), a single net, and
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import math
 
-from rmib import io, training
+from rmib import training
 from rmib.data.pipeline import (
     PreprocessedCache,
     Preprocessing,
@@ -135,9 +136,16 @@ def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict, encoders=None):
     return {"global": global_net, "local": local_net}.get(phase, fused)
 
 
-def _start_epoch(run, phase, resume) -> int:
-    state = run.read_state(phase) if resume else None
-    return int(state.get("epoch", 0)) if state else 0
+def _consumer(phases, index: int):
+    """The phase whose model is built from the weights of `phases[index]` (None: none).
+
+    GlobalNet and LocalNet pass theirs to the first fused phase after them, and
+    "fusion" to "joint"; a phase after it that has started holds them already.
+    """
+    for later in phases[index + 1 :]:
+        if NETWORK_OF_PHASE[later] == "fused":
+            return later
+    return None
 
 
 def _steps(cfg: SegmentConfig, phase: str, n_images: int) -> int:
@@ -235,7 +243,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     """Train the fused local-global U-Net of Yan et al. (ISBI 2019) in its phases.
 
     Runs the phases of `cfg.local_global.phases` in order, each one
-    `rmib.training.fit` call in `run` (phase files, resumable), validating
+    `rmib.training.TrainingJob.fit` call in `run` (phase files, resumable), validating
     every `cfg.val_every` epochs on the held-out whole photographs as
     `rmib predict` would (`rmib.evaluation.WholeImageValidation`). The last
     phase writes `model.keras` with the run's metadata (task "segment",
@@ -252,83 +260,67 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume: bool = Fa
     Returns:
         Validation metrics of the final model over the held-out whole
         photographs ("aupr" pooled and streaming, and the pixel metrics at
-        0.5, as `rmib.evaluation.evaluate_examples`); {} without validation images.
+        0.5, as `rmib.evaluation.evaluate_examples`); {} without validation
+        images or when a callback stopped a phase before its end.
 
     Raises:
         RmibError: no readable training image, sizes the U-Nets cannot take,
             a bad encoder (`encoder_setup`), a run directory that already
             holds a run without `resume`, and the errors of `rmib.training.fit`.
     """
-    from rmib.evaluation import WholeImageValidation, evaluate_examples
+    from rmib.evaluation import evaluate_examples
 
-    run = run if isinstance(run, training.RunDirectory) else training.RunDirectory(run)
     lg = cfg.local_global
+    job = training.TrainingJob(run, cfg.train, resume=resume, phases=lg.phases)
+    run = job.run
     encoders = encoder_setup(cfg)
     sizes = resolve_sizes(cfg)
     cache = PreprocessedCache(cfg.cache_dir or None)
-    problems: list = []
-    train_photos = load_photographs(train_records, cfg, sizes.global_size, cache, problems)
-    val_photos = load_photographs(val_records, cfg, sizes.global_size, cache, problems)
+    train_photos = load_photographs(train_records, cfg, sizes.global_size, cache, job.problems)
+    val_photos = load_photographs(val_records, cfg, sizes.global_size, cache, job.problems)
     if not train_photos.examples:
         raise RmibError("no training image could be read")
     centre_crop = train_photos.cropped > 0
     # Only the chief of a multi-worker run writes the run directory itself.
-    chief = training.is_chief(training.get_strategy(cfg.train.strategy))
-    if chief and not run.config_path.exists():
+    if job.chief and not run.config_path.exists():
         run.write_config(cfg)
 
     trained: dict = {}
-    model = None
     for index, phase in enumerate(lg.phases):
-        later = lg.phases[index + 1 :]
-        if resume and any(run.checkpoint_path("last", p).is_file() for p in later):
-            continue  # finished, and a later phase already holds what it passed on
+        consumer = _consumer(lg.phases, index)
+        if resume and consumer and run.checkpoint_path("last", consumer).is_file():
+            continue  # finished, and the phase built from its weights already started
         network = NETWORK_OF_PHASE[phase]
         metadata = run_metadata(
             cfg, sizes, network, centre_crop, train_records, val_records, encoders
         )
         phase_cfg = phase_config(cfg, phase, validate=bool(val_photos.examples))
         steps = _steps(cfg, phase, len(train_photos.examples))
-        start = _start_epoch(run, phase, resume)
+        start = job.start_epoch(phase)
         train_ds = _train_data(phase, train_photos, sizes, cfg, steps, start, phase_cfg.epochs)
-        callbacks = []
-        if val_photos.examples:
-            callbacks.append(
-                WholeImageValidation(
-                    val_photos.examples,
-                    lambda m, metadata=metadata: LocalGlobalSegmenter(m, metadata),
-                    every=cfg.val_every,
-                    epochs=phase_cfg.epochs,
-                )
-            )
-        model, _ = training.fit(
+        trained[phase] = job.fit(
             _phase_model_builder(phase, sizes, lg.lambda_l2, trained, encoders),
             train_ds,
-            None,
             config=phase_cfg,
-            run_dir=run,
             metadata=metadata,
             phase=phase,
-            resume=resume,
-            validation_callbacks=callbacks,
+            validation=job.validation(
+                val_photos.examples,
+                lambda m, metadata=metadata: LocalGlobalSegmenter(m, metadata),
+                every=cfg.val_every,
+                epochs=phase_cfg.epochs,
+            ),
             steps_per_epoch=steps,
-            save_final=phase == lg.phases[-1],
             **_compile_arguments(phase, cfg),
         )
-        trained[phase] = model
+        final_metadata = metadata  # the network of the phase the run ends with
+        if not job.running:
+            break
 
-    result = {}
-    if val_photos.examples:
-        metadata = run_metadata(
-            cfg,
-            sizes,
-            NETWORK_OF_PHASE[lg.phases[-1]],
-            centre_crop,
-            train_records,
-            val_records,
-            encoders,
+    if not val_photos.examples:
+        return job.finish()
+    return job.finish(
+        lambda model: evaluate_examples(
+            LocalGlobalSegmenter(model, final_metadata), val_photos.examples
         )
-        result = evaluate_examples(LocalGlobalSegmenter(model, metadata), val_photos.examples)
-    if problems and chief:
-        io.write_skipped(run.path, problems)
-    return result
+    )

@@ -20,8 +20,10 @@ from rmib.errors import RmibError
 from rmib.training import (
     RunDirectory,
     apply_precision,
+    callbacks,
     class_weights_from_labels,
     cpu_supports_bfloat16,
+    devices,
     fit,
     get_strategy,
     load_model,
@@ -29,6 +31,7 @@ from rmib.training import (
     model_metadata,
     read_run_metadata,
     resolve_precision,
+    runner,
     schedule_callbacks,
     set_seed,
 )
@@ -148,13 +151,13 @@ def test_auto_precision_on_this_machine():
 
 
 def test_precision_resolution_mocked(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "CPUINFO", write_cpuinfo(tmp_path, "avx2 avx512_bf16"))
-    monkeypatch.setattr(training, "visible_gpus", lambda: ["GPU:0"])
+    monkeypatch.setattr(devices, "CPUINFO", write_cpuinfo(tmp_path, "avx2 avx512_bf16"))
+    monkeypatch.setattr(devices, "visible_gpus", lambda: ["GPU:0"])
     assert resolve_precision("auto") == "mixed_float16"
     assert resolve_precision("mixed_float16") == "mixed_float16"
-    monkeypatch.setattr(training, "visible_gpus", lambda: [])
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [])
     assert resolve_precision("auto") == "mixed_bfloat16"
-    monkeypatch.setattr(training, "CPUINFO", write_cpuinfo(tmp_path, "avx2 avx512f fma"))
+    monkeypatch.setattr(devices, "CPUINFO", write_cpuinfo(tmp_path, "avx2 avx512f fma"))
     assert resolve_precision("auto") == "float32"
     assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
     assert resolve_precision("float32") == "float32"
@@ -190,21 +193,21 @@ def test_model_with_low_precision_outputs_is_refused():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))  # bfloat16 output
     with pytest.raises(ValueError, match="bfloat16.*dtype='float32'"):
-        training._check_float32_outputs(model)
+        runner._check_float32_outputs(model)
 
 
 # --------------------------------------------------------------------------- strategy
 
 
 def test_strategies(monkeypatch):
-    assert set(STRATEGIES) - {"auto"} == set(training._STRATEGY_BUILDERS)
+    assert set(STRATEGIES) - {"auto"} == set(devices._STRATEGY_BUILDERS)
     assert get_strategy("auto") is tf.distribute.get_strategy()  # no GPU here
     assert get_strategy("default") is tf.distribute.get_strategy()
     assert isinstance(get_strategy("mirrored"), tf.distribute.MirroredStrategy)
-    monkeypatch.setattr(training, "visible_gpus", lambda: ["GPU:0", "GPU:1"])
-    assert training._auto_strategy() == "mirrored"
-    monkeypatch.setattr(training, "visible_gpus", lambda: ["GPU:0"])
-    assert training._auto_strategy() == "default"
+    monkeypatch.setattr(devices, "visible_gpus", lambda: ["GPU:0", "GPU:1"])
+    assert devices._auto_strategy() == "mirrored"
+    monkeypatch.setattr(devices, "visible_gpus", lambda: ["GPU:0"])
+    assert devices._auto_strategy() == "default"
     with pytest.raises(RmibError, match="unknown strategy 'tpu9'.*auto, default, mirrored"):
         get_strategy("tpu9")
 
@@ -401,7 +404,7 @@ def test_time_limit_stops_when_another_epoch_would_not_fit(tmp_path, monkeypatch
     # Limit 1 minute, epochs of 25 s: after epoch 1, 25 + 25 (mean) = 50 <= 60 goes on;
     # after epoch 2, 50 + 25 = 75 > 60 stops. Worked by hand.
     clock = _FakeClock()
-    monkeypatch.setattr(training.time, "monotonic", clock)
+    monkeypatch.setattr(callbacks.time, "monotonic", clock)
     cfg = config(epochs=10, monitor="loss", time_limit=1.0)
     spend = _SpendSeconds(clock, [25.0] * 10)
     _, history = run_fit(tmp_path / "run", cfg, val_data=None, validation_callbacks=[spend])
@@ -430,7 +433,7 @@ def test_time_limit_stops_when_another_epoch_would_not_fit(tmp_path, monkeypatch
 
 def test_time_limit_never_stops_a_run_without_one(tmp_path, monkeypatch):
     clock = _FakeClock()
-    monkeypatch.setattr(training.time, "monotonic", clock)
+    monkeypatch.setattr(callbacks.time, "monotonic", clock)
     spend = _SpendSeconds(clock, [3600.0] * 3)
     cfg = config(epochs=3, monitor="loss")
     _, history = run_fit(tmp_path / "run", cfg, val_data=None, validation_callbacks=[spend])
@@ -662,7 +665,7 @@ def test_batch_size_is_per_replica(tmp_path, monkeypatch):
     assert training.global_batch_size(cfg) == 4  # one replica here
     assert training.global_batch_size(cfg, _Replicas(3)) == 12
     # fit batches arrays by the global batch: 32 examples, 2 x 4 per step, 4 steps.
-    monkeypatch.setattr(training, "get_strategy", lambda name: _Replicas(2))
+    monkeypatch.setattr(runner, "get_strategy", lambda name: _Replicas(2))
     run_fit(tmp_path / "run", cfg, metrics=None)
     assert RunDirectory(tmp_path / "run").read_state()["iterations"] == N // 8
 

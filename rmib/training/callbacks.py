@@ -1,0 +1,338 @@
+"""The optimizer, the learning-rate schedules and the callbacks `rmib.training.fit` runs.
+
+`make_optimizer` (Adam or SGD, decoupled or PyTorch's coupled weight decay,
+polynomial decay), `schedule_callbacks` (`_ReduceLROnPlateau`, whose counters
+survive a resume), and the per-epoch machinery of every run: the non-finite
+loss guard, the time limit (`_TimeLimit`) and `_RunCheckpoint` (history row,
+best and last checkpoints, state, early stopping).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import numpy as np
+
+from rmib.config import TrainConfig
+from rmib.errors import RmibError
+from rmib.training.run_dir import RunDirectory
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class _CoupledWeightDecay:
+    """Adds weight_decay * w to every gradient before the optimizer's update (L2 coupled
+    into the gradient, as PyTorch's SGD and Adam `weight_decay`)."""
+
+    def __init__(self, *args, coupled_weight_decay=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coupled_weight_decay = float(coupled_weight_decay)
+
+    def update_step(self, gradient, variable, learning_rate):
+        decay = keras.ops.cast(self.coupled_weight_decay, variable.dtype)
+        gradient = keras.ops.add(gradient, keras.ops.multiply(decay, variable))
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "coupled_weight_decay": self.coupled_weight_decay}
+
+
+@keras.saving.register_keras_serializable(package="rmib")
+class CoupledDecaySGD(_CoupledWeightDecay, keras.optimizers.SGD):
+    """`keras.optimizers.SGD` with PyTorch's coupled weight decay.
+
+    Each step uses g + coupled_weight_decay * w as the gradient, so with momentum
+    m and learning rate lr: v <- m * v - lr * (g + wd * w); w <- w + v (Keras'
+    momentum form; PyTorch's buf <- m * buf + g', w <- w - lr * buf is the same
+    for a constant lr).
+
+    Args:
+        coupled_weight_decay: the factor wd (5e-4 in Dual2Net's paper).
+        *args, **kwargs: the arguments of `keras.optimizers.SGD` (leave its
+            decoupled `weight_decay` unset).
+    """
+
+
+@keras.saving.register_keras_serializable(package="rmib")
+class CoupledDecayAdam(_CoupledWeightDecay, keras.optimizers.Adam):
+    """`keras.optimizers.Adam` with coupled weight decay (L2 in the gradient, as
+    PyTorch's `Adam(weight_decay=...)`); see `CoupledDecaySGD`."""
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int | None = None):
+    """The optimizer and learning-rate schedule of a `TrainConfig`.
+
+    Adam, or SGD with `cfg.momentum`; `cfg.weight_decay` > 0 adds weight decay,
+    Keras' decoupled form or, with `weight_decay_mode` "coupled", wd * w added to
+    the gradient (`CoupledDecaySGD`, `CoupledDecayAdam`). "poly" decays the rate polynomially (power
+    `cfg.poly_power`) to 0 over `cfg.epochs * steps_per_epoch` steps;
+    "plateau" keeps it constant here and `schedule_callbacks` cuts it. Under
+    the mixed_float16 policy the optimizer is wrapped in a LossScaleOptimizer
+    (Keras' compile then leaves it as is).
+
+    Raises:
+        RmibError: "poly" without a known number of steps per epoch.
+    """
+    learning_rate = cfg.learning_rate
+    if cfg.lr_schedule == "poly":
+        if not steps_per_epoch:
+            raise RmibError(
+                "the poly learning-rate schedule needs the number of steps per epoch, and the "
+                "training data does not tell it (an infinite dataset?); set steps_per_epoch"
+            )
+        learning_rate = keras.optimizers.schedules.PolynomialDecay(
+            initial_learning_rate=cfg.learning_rate,
+            decay_steps=cfg.epochs * int(steps_per_epoch),
+            end_learning_rate=0.0,
+            power=cfg.poly_power,
+        )
+    coupled = cfg.weight_decay > 0 and cfg.weight_decay_mode == "coupled"
+    decay = {"coupled_weight_decay": cfg.weight_decay} if coupled else {}
+    if not coupled:
+        decay["weight_decay"] = cfg.weight_decay or None
+    if cfg.optimizer == "adam":
+        adam = CoupledDecayAdam if coupled else keras.optimizers.Adam
+        optimizer = adam(learning_rate=learning_rate, **decay)
+    elif cfg.optimizer == "sgd":
+        sgd = CoupledDecaySGD if coupled else keras.optimizers.SGD
+        optimizer = sgd(learning_rate=learning_rate, momentum=cfg.momentum, **decay)
+    else:  # TrainConfig validates the name; this guards hand-made objects
+        raise RmibError(f"unknown optimizer {cfg.optimizer!r}; valid values are: adam, sgd")
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+class _ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose counters survive a resume (saved in the checkpoint state)."""
+
+    def __init__(self, *args, initial_state: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.initial_state:
+            if self.initial_state.get("best") is not None:
+                self.best = float(self.initial_state["best"])
+            self.wait = int(self.initial_state.get("wait", 0))
+            self.cooldown_counter = int(self.initial_state.get("cooldown_counter", 0))
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A NaN monitor is a value not computed this epoch (whole-image validation
+        # every N epochs): it is no plateau, so it neither waits nor cuts the rate.
+        value = (logs or {}).get(self.monitor)
+        if value is not None and not math.isfinite(float(np.asarray(value))):
+            return
+        super().on_epoch_end(epoch, logs)
+
+    def get_state(self) -> dict:
+        # None until a validated epoch was seen (Keras sets it at the first one).
+        best = float("nan") if self.best is None else float(self.best)
+        return {
+            "best": best if math.isfinite(best) else None,
+            "wait": int(self.wait),
+            "cooldown_counter": int(self.cooldown_counter),
+        }
+
+
+def schedule_callbacks(cfg: TrainConfig, initial_state: dict | None = None) -> list:
+    """The callbacks a learning-rate schedule needs: ReduceLROnPlateau for "plateau"."""
+    if cfg.lr_schedule != "plateau":
+        return []
+    return [
+        _ReduceLROnPlateau(
+            monitor=cfg.monitor,
+            factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience,
+            mode=cfg.resolved_monitor_mode,
+            min_delta=0.0,
+            verbose=0,
+            initial_state=initial_state,
+        )
+    ]
+
+
+def current_learning_rate(optimizer) -> float:
+    """The learning rate the optimizer applies at its current iteration."""
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+# --------------------------------------------------------------------------- fit's callbacks
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, epoch: int, batch: int | None, value: float):
+        super().__init__(epoch, batch, value)
+        self.epoch, self.batch, self.value = epoch, batch, value
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises as soon as a batch's loss is NaN or infinite, before anything saves it."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None:
+            value = float(np.asarray(loss))
+            if not math.isfinite(value):
+                raise _NonFiniteLoss(self.epoch + 1, batch + 1, value)
+
+
+class _TimeLimit(keras.callbacks.Callback):
+    """Stops training when another epoch would not fit in `config.time_limit` minutes.
+
+    Counts the wall-clock time of `fit` (validation included) on top of what
+    earlier invocations of this phase spent (`previous`, from the state) and
+    the run's other phases (`earlier`: the limit is for the whole run). At the
+    end of each epoch it sets `model.stop_training` when the time spent plus
+    the mean epoch so far exceeds the limit; it runs before the validation
+    callbacks, so they see that the epoch is the last and validate it.
+    """
+
+    def __init__(self, limit_minutes: float, previous: float = 0.0, earlier: float = 0.0):
+        super().__init__()
+        self.limit = 60.0 * float(limit_minutes)
+        self.previous = float(previous)
+        self.earlier = float(earlier)
+        self.reached = False
+        self.durations: list[float] = []
+        self.start = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds of the run so far, earlier invocations included."""
+        return self.previous + time.monotonic() - self.start
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+        self.epoch_end = self.start
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self.durations.append(now - self.epoch_end)
+        self.epoch_end = now
+        mean = sum(self.durations) / len(self.durations)
+        if self.limit > 0 and self.earlier + self.seconds + mean > self.limit:
+            self.reached = True
+            self.model.stop_training = True
+
+
+class _RunCheckpoint(keras.callbacks.Callback):
+    """At each epoch end: history row, best and last checkpoints, state, early stopping.
+
+    `last.keras` carries the new state inside it, so it is the commit point of
+    an epoch; `state.json` mirrors it for people and tools.
+    """
+
+    def __init__(
+        self,
+        run: RunDirectory,
+        cfg: TrainConfig,
+        phase,
+        state,
+        history,
+        metadata,
+        plateau,
+        clock: _TimeLimit | None = None,
+    ):
+        super().__init__()
+        self.run, self.cfg, self.phase = run, cfg, phase
+        self.state, self.history, self.metadata = state, history, metadata
+        self.plateau = plateau
+        self.clock = clock
+        self.mode = cfg.resolved_monitor_mode
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_learning_rate = current_learning_rate(self.model.optimizer)
+
+    def _improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        best = self.state.get("best")
+        if best is None:
+            return True
+        return value < best if self.mode == "min" else value > best
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(np.asarray(v)) for k, v in (logs or {}).items() if np.size(v) == 1}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise _NonFiniteLoss(epoch + 1, None, loss)
+        if self.cfg.monitor not in logs:
+            raise RmibError(
+                f"monitor {self.cfg.monitor!r} is not among the values logged by training: "
+                f"{', '.join(sorted(logs))}; set monitor to one of them"
+            )
+        done = epoch + 1
+        logs["learning_rate"] = self.epoch_learning_rate  # the rate the epoch started with
+        self.history[:] = [row for row in self.history if row["epoch"] < done]
+        self.history.append({"epoch": done, **logs})
+        self.run.write_history(self.history, self.phase)
+
+        value = logs[self.cfg.monitor]
+        improved = self._improved(value)
+        if improved:
+            self.state.update(best=value, best_epoch=done)
+        patience = self.cfg.early_stopping_patience
+        # A NaN monitor is a value not computed this epoch (e.g. whole-image
+        # validation every N epochs): it never stops a run before it is measured.
+        stop = (
+            patience > 0
+            and math.isfinite(value)
+            and done - self.state.get("best_epoch", 0) >= patience
+        )
+        self.state.update(
+            epoch=done,
+            monitor=self.cfg.monitor,
+            mode=self.mode,
+            early_stopped=stop,
+            train_seconds=round(self.clock.seconds, 3) if self.clock else None,
+            time_limited=bool(self.clock and self.clock.reached),
+            time_limit=self.cfg.time_limit,
+            iterations=int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)),
+            plateau=self.plateau.get_state() if self.plateau else None,
+            seed_generators=_seed_generator_states(self.model),
+        )
+        checkpoint = {**self.metadata, "checkpoint": dict(self.state)}
+        if improved:
+            self.run.save_model(
+                self.model, self.run.checkpoint_path("best", self.phase), checkpoint
+            )
+        self.run.save_model(self.model, self.run.checkpoint_path("last", self.phase), checkpoint)
+        self.run.write_state(self.state, self.phase)
+        if stop:
+            self.model.stop_training = True
+
+
+def _seed_generators(model) -> list:
+    return [v for v in model.variables if v.name == "seed_generator_state"]
+
+
+def _seed_generator_states(model) -> list[list[int]]:
+    """The (seed, counter) of every random layer (Dropout ...), in model order.
+
+    Keras saves no seed-generator state in `.keras` files, and a reloaded
+    layer draws a fresh seed; without these a resumed run would drop other
+    units than an uninterrupted one (tests/integration/test_crash_safety.py).
+    """
+    return [
+        [int(x) for x in np.asarray(keras.ops.convert_to_numpy(v))] for v in _seed_generators(model)
+    ]
+
+
+def _restore_seed_generators(model, states, path) -> None:
+    if states is None:  # a checkpoint written before rmib saved them
+        return
+    variables = _seed_generators(model)
+    if len(states) != len(variables):
+        raise RmibError(
+            f"{path}: the checkpoint holds {len(states)} random-generator states but the "
+            f"model has {len(variables)} random layers; it does not belong to this model"
+        )
+    for variable, value in zip(variables, states, strict=True):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
