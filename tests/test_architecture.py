@@ -19,9 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rmib"
 MAX_LINES = 550  # "about 500"
 
-# Modules that may import every method: the table, the CLI, the demo and the
-# application-level commands built on the table.
-APPLICATION = ("rmib.tasks", "rmib.cli", "rmib.demo", "rmib.predict", "rmib.__main__")
+# Modules that may import every method: the table, the CLI, the demo, the
+# application-level commands built on the table, the public re-exports of
+# DESIGN.md (`rmib.grading`) and the lazy registration of custom Keras objects
+# (it imports the table on Keras' first look-up of an rmib class).
+APPLICATION = (
+    "rmib.tasks",
+    "rmib.cli",
+    "rmib.demo",
+    "rmib.predict",
+    "rmib.__main__",
+    "rmib.grading",
+    "rmib.registration",
+)
 # Shared by the segmenters, inside rmib.methods but no method's own.
 METHODS_SHARED = (
     "rmib.methods.segment_config",
