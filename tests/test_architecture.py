@@ -20,9 +20,8 @@ PACKAGE = ROOT / "rmib"
 MAX_LINES = 550  # "about 500"
 
 # Modules that may import every method: the table, the CLI, the demo, the
-# application-level commands built on the table, the public re-exports of
-# DESIGN.md (`rmib.grading`) and the lazy registration of custom Keras objects
-# (it imports the table on Keras' first look-up of an rmib class).
+# application-level commands built on the table and the public re-exports of
+# DESIGN.md (`rmib.grading`).
 APPLICATION = (
     "rmib.tasks",
     "rmib.cli",
@@ -30,8 +29,10 @@ APPLICATION = (
     "rmib.predict",
     "rmib.__main__",
     "rmib.grading",
-    "rmib.registration",
 )
+# The one bridge: the lazy registration of custom Keras objects imports the table
+# on Keras' first look-up of an rmib class (`load_model` may ask it to).
+BRIDGES = ("rmib.registration",)
 # Shared by the segmenters, inside rmib.methods but no method's own.
 METHODS_SHARED = (
     "rmib.methods.segment_config",
@@ -122,6 +123,8 @@ def test_infrastructure_imports_no_method_table_or_cli():
     offences = []
     for module, path in MODULES.items():
         if _is_application(module) or module.startswith("rmib.methods") or module == "rmib":
+            continue
+        if module in BRIDGES:
             continue
         for target in _imports(path, nested=True):
             if target.startswith("rmib.methods") or _is_application(target):
