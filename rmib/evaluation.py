@@ -1,8 +1,9 @@
-"""THE whole-image evaluation: pooled AUPR and pixel metrics of a Segmenter over photographs.
+"""THE whole-image evaluation: pooled AUPR, pixel and region scores of a Segmenter over photographs.
 
-Validation during training (`WholeImageValidation`), the final validation of a
-run and `rmib evaluate` score photographs the same way: predicted whole as in
-production, pooled over every pixel (streaming AUPR), thresholded pixel counts.
+Validation during training (`WholeImageValidation`), the final validation of
+every method's run and `rmib evaluate` score photographs the same way
+(`evaluate_examples`, `WholeImageScores`): predicted whole as in production,
+pooled over every pixel (streaming AUPR), thresholded pixel counts, region F.
 """
 
 from __future__ import annotations
@@ -82,15 +83,67 @@ def final_validation(run, phase, callback, evaluate):
     return evaluate()
 
 
-def evaluate_examples(segmenter, examples, threshold=0.5, fov_only=False):
-    """AUPR (pooled, streaming) and pixel metrics at `threshold` over whole images."""
-    aupr = metrics.StreamingAUPR()
-    totals = np.zeros(4, np.int64)
+class WholeImageScores:
+    """The scores of whole photographs, pooled over every pixel of every photograph.
+
+    "aupr" (`metrics.StreamingAUPR`: average precision, the IDRiD challenge's
+    AUPR) and the pixel metrics of ``prob >= threshold`` (counts summed over
+    the photographs); with `regions`, also "aupr_11pt_trapezoid" (the Dual2Net
+    authors' AUPR) and "region_f_score" {sigma: F} (`metrics.RegionScore` at
+    `metrics.REGION_SIGMAS`). With `fov_only`, AUPR and pixel counts see only
+    the field of view (region scores always see the whole photograph).
+    """
+
+    def __init__(self, threshold: float = 0.5, fov_only: bool = False, regions: bool = False):
+        self.threshold = threshold
+        self.fov_only = fov_only
+        self.aupr = metrics.StreamingAUPR()
+        self.regions = metrics.RegionScore(metrics.REGION_SIGMAS) if regions else None
+        self.totals = np.zeros(4, np.int64)  # tp, fp, fn, tn
+
+    def add(self, truth: np.ndarray, prob: np.ndarray, fov: np.ndarray | None = None):
+        """Add one photograph; returns (its thresholded map, its confusion counts)."""
+        region = fov if self.fov_only else None
+        self.aupr.update(truth, prob, mask=region)
+        pred = prob >= self.threshold
+        counts = metrics.confusion_counts(pred, truth, mask=region)
+        self.totals += np.asarray(counts, np.int64)
+        if self.regions is not None:
+            self.regions.update(pred, truth)
+        return pred, counts
+
+    def result(self) -> dict:
+        result = {"aupr": self.aupr.result()}
+        if self.regions is not None:
+            result["aupr_11pt_trapezoid"] = self.aupr.aupr_11pt_trapezoid()
+        result.update(metrics.pixel_metrics(*(int(t) for t in self.totals)))
+        if self.regions is not None:
+            sigmas = metrics.REGION_SIGMAS
+            result["region_f_score"] = {str(s): self.regions.f_score(s) for s in sigmas}
+        return result
+
+
+def score_examples(segmenter, examples, scores: WholeImageScores, each=None) -> WholeImageScores:
+    """Predict every example whole, as in production, and add it to `scores`.
+
+    Args:
+        segmenter: a `rmib.inference.segmenter.Segmenter`.
+        examples: preprocessed `Example`s (image, mask, fov, name).
+        scores: the `WholeImageScores` to add to (returned).
+        each: called as ``each(example, prob, pred, counts)`` after each photograph
+            (`rmib evaluate` writes its per-image rows and overlays there).
+    """
     for example in examples:
         truth = np.asarray(example.mask)
         fov = np.asarray(example.fov)
         prob = segmenter.predict_prepared(np.asarray(example.image), fov)
-        region = fov if fov_only else None
-        aupr.update(truth, prob, mask=region)
-        totals += np.asarray(metrics.confusion_counts(prob >= threshold, truth, mask=region))
-    return {"aupr": aupr.result(), **metrics.pixel_metrics(*totals)}
+        pred, counts = scores.add(truth, prob, fov)
+        if each is not None:
+            each(example, prob, pred, counts)
+    return scores
+
+
+def evaluate_examples(segmenter, examples, threshold=0.5, fov_only=False, regions=False) -> dict:
+    """The `WholeImageScores` of `examples` predicted whole by `segmenter` (`score_examples`)."""
+    scores = WholeImageScores(threshold, fov_only, regions)
+    return score_examples(segmenter, examples, scores).result()

@@ -10,10 +10,10 @@ import click
 import numpy as np
 
 from rmib import io, metrics, report
-from rmib.choices import REGION_SIGMAS
 from rmib.data import readers
 from rmib.data.pipeline import PreprocessedCache, whole_images
 from rmib.errors import BadInputError, RmibError
+from rmib.evaluation import WholeImageScores, score_examples
 
 # What `predict_files` writes for each photograph, after its output stem.
 OUTPUT_SUFFIXES = ("_prob.png", "_mask.png", "_overlay.png")
@@ -233,52 +233,41 @@ def evaluate_dataset(
     records = evaluation_records(data_roots, lesion, split=split, names=names, on_bad=on_bad)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    aupr = metrics.StreamingAUPR()
-    regions = metrics.RegionScore(REGION_SIGMAS)
-    totals = np.zeros(4, np.int64)  # tp, fp, fn, tn
     rows, problems = [], []
     cache = PreprocessedCache(cache_dir)
     examples = whole_images(records, lesion, segmenter.preprocessing, cache, on_bad, problems)
+
+    def each(example, prob, pred, counts):
+        truth = np.asarray(example.mask)
+        row = {"image": example.name, "lesion_pixels": int(truth.sum())}
+        single = metrics.StreamingAUPR()
+        single.update(truth, prob, mask=np.asarray(example.fov) if fov_only else None)
+        row["aupr"] = single.result() if truth.any() else float("nan")
+        row.update(metrics.pixel_metrics(*counts))
+        rows.append(row)
+        if overlays:
+            io.write_image(
+                out / "overlays" / f"{example.name}_compare.png", report.comparison_map(pred, truth)
+            )
+
     with click.progressbar(
         examples, length=len(records), label="Evaluating", file=click.get_text_stream("stderr")
     ) as bar:
-        for example in bar:
-            truth = np.asarray(example.mask)
-            fov = np.asarray(example.fov)
-            prob = segmenter.predict_prepared(np.asarray(example.image), fov)
-            region = fov if fov_only else None
-            aupr.update(truth, prob, mask=region)
-            pred = prob >= threshold
-            counts = metrics.confusion_counts(pred, truth, mask=region)
-            totals += np.asarray(counts, np.int64)
-            regions.update(pred, truth)
-            single = metrics.StreamingAUPR()
-            single.update(truth, prob, mask=region)
-            row = {"image": example.name, "lesion_pixels": int(truth.sum())}
-            row["aupr"] = single.result() if truth.any() else float("nan")
-            row.update(metrics.pixel_metrics(*counts))
-            rows.append(row)
-            if overlays:
-                io.write_image(
-                    out / "overlays" / f"{example.name}_compare.png",
-                    report.comparison_map(pred, truth),
-                )
+        scores = WholeImageScores(threshold, fov_only, regions=True)
+        score_examples(segmenter, bar, scores, each=each)
     if not rows:
         raise RmibError("no image could be evaluated")
+    # "aupr_11pt_trapezoid" is the Dual2Net authors' AUPR, to compare with their figures.
     result = {
         "lesion": lesion,
         "images": len(rows),
         "threshold": threshold,
         "fov_only": fov_only,
-        "aupr": aupr.result(),
-        # The Dual2Net authors' AUPR, to compare with their published figures.
-        "aupr_11pt_trapezoid": aupr.aupr_11pt_trapezoid(),
-        **metrics.pixel_metrics(*totals),
-        "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
+        **scores.result(),
     }
     io.write_json(out / "metrics.json", result)
     io.write_csv(out / "per_image.csv", rows)
-    metrics.save_pr_curve_from_stream(aupr, out / "pr_curve.png", title=f"{lesion} PR curve")
+    metrics.save_pr_curve_from_stream(scores.aupr, out / "pr_curve.png", title=f"{lesion} PR curve")
     if problems:
         io.write_skipped(out, problems)
     return result

@@ -9,7 +9,13 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from rmib.data.pipeline import Example
-from rmib.evaluation import WholeImageValidation, final_validation
+from rmib.evaluation import (
+    WholeImageScores,
+    WholeImageValidation,
+    evaluate_examples,
+    final_validation,
+    score_examples,
+)
 
 
 class _Segmenter:
@@ -89,3 +95,45 @@ def test_final_validation_reuses_the_epoch_whose_weights_the_run_ended_with(
     callback.results = {3: {"aupr": 0.3}, 5: {"aupr": 0.5}}
     result = final_validation(_Run(training), phase, callback, lambda: {"aupr": -1.0})
     assert result["aupr"] == (-1.0 if reused is None else reused / 10)
+
+
+class _ByName:
+    """A segmenter whose probability map depends on the photograph (by its name)."""
+
+    def __init__(self, probs):
+        self.probs = probs
+
+    def predict_prepared(self, image, fov=None):
+        return self.probs[int(image[0, 0, 0])]
+
+
+def test_whole_image_scores_pool_every_pixel_of_every_photograph():
+    # Two photographs: AUPR over the pooled pixels (scikit-learn), pixel counts summed
+    # and worked out by hand from the thresholded maps, the FOV restricting both.
+    rng = np.random.default_rng(3)
+    masks = [(rng.random((6, 7)) < 0.3).astype(np.uint8) for _ in range(2)]
+    probs = [rng.random((6, 7)).astype(np.float32) for _ in range(2)]
+    fovs = [np.ones((6, 7), np.uint8), np.pad(np.ones((4, 5), np.uint8), 1)]
+    examples = [
+        Example(f"p{i}", np.full((6, 7, 3), i, np.uint8), masks[i], fovs[i]) for i in range(2)
+    ]
+    seen = []
+    scores = WholeImageScores(threshold=0.5, fov_only=True, regions=True)
+    score_examples(_ByName(probs), examples, scores, each=lambda e, *rest: seen.append(e.name))
+    result = scores.result()
+    assert seen == ["p0", "p1"]
+    inside = [f.astype(bool) for f in fovs]
+    truth = np.concatenate([m[f] for m, f in zip(masks, inside, strict=True)])
+    prob = np.concatenate([p[f] for p, f in zip(probs, inside, strict=True)])
+    assert result["aupr"] == pytest.approx(average_precision_score(truth, prob), abs=1e-4)
+    pred = prob >= 0.5
+    tp, fp = int((pred & (truth == 1)).sum()), int((pred & (truth == 0)).sum())
+    fn = int((~pred & (truth == 1)).sum())
+    assert result["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert result["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert set(result["region_f_score"]) == {"0.2", "0.35", "0.5", "0.65", "0.8"}
+    assert "aupr_11pt_trapezoid" in result
+    # Validation's scores: the same numbers without the region scores.
+    plain = evaluate_examples(_ByName(probs), examples, fov_only=True)
+    assert plain["aupr"] == result["aupr"] and plain["f1"] == result["f1"]
+    assert "region_f_score" not in plain and "aupr_11pt_trapezoid" not in plain

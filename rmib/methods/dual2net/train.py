@@ -40,11 +40,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import numpy as np
-
 from rmib import training
 from rmib.data.pipeline import Preprocessing
 from rmib.errors import RmibError
+from rmib.evaluation import evaluate_examples
 from rmib.methods.dual2net.data import (
     PAPER_AUGMENT,
     load_resized,
@@ -55,13 +54,6 @@ from rmib.methods.dual2net.loss import DSMAlphaSchedule
 from rmib.methods.dual2net.model import SIZE_MULTIPLE, build_dual2net
 from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
 from rmib.methods.segment_config import SegmentConfig
-from rmib.metrics import (
-    REGION_SIGMAS,
-    RegionScore,
-    StreamingAUPR,
-    confusion_counts,
-    pixel_metrics,
-)
 
 # The loss of each `[dual2net] variant` (rmib.methods.dual2net.model.LOSS_VARIANTS).
 VARIANT_LOSS = {"dual-dsm": "dsm", "single-dice": "dice", "single-bce": "bce"}
@@ -151,30 +143,12 @@ def build_model(cfg: SegmentConfig, build_encoder=None):
 
 
 def evaluate_with_regions(segmenter, examples, threshold=0.5) -> dict:
-    """Whole-image validation metrics, computed as `rmib evaluate` does.
+    """Whole-image validation metrics with the region scores, as `rmib evaluate` gives them.
 
-    "aupr" (all pixels of all images pooled, `StreamingAUPR`), "aupr_11pt_trapezoid"
-    (the authors' AUPR, `rmib.metrics.aupr_11pt_trapezoid`), the pixel
-    metrics of `prob >= threshold` ("f1", "iou", "sensitivity", "ppv", ...,
-    counts summed over the images) and "region_f_score" {sigma: F} at sigma
-    0.2 ... 0.8 (`RegionScore`, counts summed over the images).
+    `rmib.evaluation.evaluate_examples` with ``regions=True``: pooled AUPR, the
+    authors' 11-threshold AUPR, pixel metrics and region F at sigma 0.2 ... 0.8.
     """
-    aupr = StreamingAUPR()
-    regions = RegionScore(REGION_SIGMAS)
-    totals = np.zeros(4, np.int64)
-    for example in examples:
-        truth = np.asarray(example.mask)
-        prob = segmenter.predict_prepared(np.asarray(example.image), np.asarray(example.fov))
-        pred = prob >= threshold
-        aupr.update(truth, prob)
-        totals += np.asarray(confusion_counts(pred, truth), np.int64)
-        regions.update(pred, truth)
-    return {
-        "aupr": aupr.result(),
-        "aupr_11pt_trapezoid": aupr.aupr_11pt_trapezoid(),
-        **pixel_metrics(*(int(t) for t in totals)),
-        "region_f_score": {str(s): regions.f_score(s) for s in REGION_SIGMAS},
-    }
+    return evaluate_examples(segmenter, examples, threshold=threshold, regions=True)
 
 
 def _say(message: str, verbose) -> None:
