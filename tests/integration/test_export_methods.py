@@ -381,7 +381,7 @@ def test_an_unknown_segmentation_model_is_one_error_line(tmp_path):
 
 
 def _readme_preprocess():
-    from tests.test_export import _readme_serving_code
+    from tests.integration.test_export import _readme_serving_code
 
     namespace = {}
     exec(compile(_readme_serving_code(), "README.md", "exec"), namespace)
