@@ -44,13 +44,14 @@ def cli():
 
 
 def _register():
-    from rmib.cli import data, export, grade, models
+    from rmib.cli import data, export, grade, models, recipes
 
     cli.add_command(data.data)
     for command in (models.pretrain, models.segment, models.predict, models.evaluate):
         cli.add_command(command)
     cli.add_command(grade.grade)
     cli.add_command(export.export)
+    cli.add_command(recipes.recipes)
 
 
 _register()

@@ -9,6 +9,7 @@ import click
 from rmib import choices
 from rmib.cli.options import (
     OUT_DIR,
+    RECIPE_FILE,
     early_stopping_option,
     max_pixels_option,
     on_bad_option,
@@ -52,8 +53,8 @@ def grade():
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
-    help="A TOML recipe (e.g. grading/idrid_yang2017.toml); flags override it.",
+    type=RECIPE_FILE,
+    help="A TOML recipe file or name (e.g. idrid_yang2017; `rmib recipes`); flags override it.",
 )
 @click.option("--image-size", type=int, help="Side the photograph is padded and resized to [800].")
 @click.option("--patch-size", type=int, help="Grid patch side h in pixels [64].")

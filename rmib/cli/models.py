@@ -10,6 +10,7 @@ import click
 from rmib import choices
 from rmib.cli.options import (
     OUT_DIR,
+    RECIPE_FILE,
     TILE_SIDE,
     batch_size_option,
     early_stopping_option,
@@ -56,8 +57,8 @@ def train_options(func):
         click.option(
             "--config",
             "config_path",
-            type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
-            help="A TOML recipe; flags override its values.",
+            type=RECIPE_FILE,
+            help="A TOML recipe file or a recipe name (`rmib recipes`); flags override it.",
         ),
     ]
     for option in reversed(options):

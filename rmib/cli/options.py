@@ -114,3 +114,30 @@ def start_cluster_strategy(name: str) -> None:
         from rmib import training
 
         training.get_strategy(name)
+
+
+class RecipeFile(click.ParamType):
+    """`--config`: a TOML file, or the name of a shipped recipe ("vgg16_cbam"; `rmib recipes`)."""
+
+    name = "FILE|RECIPE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, pathlib.Path):
+            return value
+        path = pathlib.Path(value)
+        if path.is_file():
+            return path
+        if path.exists():
+            self.fail(f"{value!r} is a folder: expected a TOML file or a recipe name", param, ctx)
+        if len(path.parts) > 2:
+            self.fail(f"file {value!r} does not exist", param, ctx)
+        from rmib.errors import RmibError
+        from rmib.recipes import find_recipe
+
+        try:
+            return find_recipe(value)
+        except RmibError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+RECIPE_FILE = RecipeFile()
