@@ -44,9 +44,10 @@ def cli():
 
 
 def _register():
-    from rmib.cli import data, export, grade, models, recipes
+    from rmib.cli import data, export, grade, models, recipes, unpack
 
     cli.add_command(data.data)
+    data.data.add_command(unpack.unpack_idrid)
     for command in (models.pretrain, models.segment, models.predict, models.evaluate):
         cli.add_command(command)
     cli.add_command(grade.grade)

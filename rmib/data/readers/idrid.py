@@ -23,15 +23,15 @@ from rmib.data.readers.common import (
 )
 from rmib.data.readers.tables import label_rows, match_labels
 
-_IDRID_A = r"^(a\.? ?)?segmentation$"
-_IDRID_B = r"^(b\.? ?)?disease grading$"
+IDRID_SEGMENTATION_PART = r"^(a\.? ?)?segmentation$"
+IDRID_GRADING_PART = r"^(b\.? ?)?disease grading$"
 
 
 def find_parts(root):
     parts = []
-    if child_dir_matching(root, _IDRID_A):
+    if child_dir_matching(root, IDRID_SEGMENTATION_PART):
         parts.append("idrid-segmentation")
-    if child_dir_matching(root, _IDRID_B):
+    if child_dir_matching(root, IDRID_GRADING_PART):
         parts.append("idrid-grading")
     return parts
 
@@ -39,7 +39,7 @@ def find_parts(root):
 def read(root, parts, bad):
     records, lesions = [], ()
     if "idrid-segmentation" in parts:
-        part = child_dir_matching(root, _IDRID_A)
+        part = child_dir_matching(root, IDRID_SEGMENTATION_PART)
         originals = child_dir_matching(part, r"original images|^(\d+\.? ?)?images$")
         truths = child_dir_matching(part, r"ground ?truth")
         if originals is None:
@@ -58,7 +58,7 @@ def read(root, parts, bad):
         records += segmentation_records(groups, mask_folder_of, MASK_TYPES, bad)
         lesions = MASK_TYPES
     if "idrid-grading" in parts:
-        records += _read_idrid_grading(child_dir_matching(root, _IDRID_B), bad)
+        records += _read_idrid_grading(child_dir_matching(root, IDRID_GRADING_PART), bad)
     return records, lesions
 
 
