@@ -3,12 +3,19 @@
 Run `python colab/make_notebooks.py` after editing this file; the notebooks are
 generated, never edited by hand, so they stay reproducible. Every notebook:
 
-- installs rmib only on Colab (`RMIB_REPO_URL`, or a wheel / source folder on
-  Google Drive in `RMIB_DRIVE_PATH`); elsewhere it uses the installed package
-  and never touches the network;
-- reads the user's data from `DATA_DIR` (a Drive path on Colab) or, on Colab
-  only, downloads and unpacks the archive at `DATA_URL`; with neither it
-  writes the built-in synthetic dataset (`rmib.data.synthetic.write_dataset`);
+- starts with `RMIB_REPO_URL`, the repository it installs rmib from on Colab
+  (setup.cfg's `url`, else the placeholder `PLACEHOLDER_URL` that the README
+  explains), or a wheel / source folder on Google Drive in `RMIB_DRIVE_PATH`;
+  elsewhere it uses the installed package and never touches the network;
+- says what to do when Colab gave it no GPU;
+- reads the user's data from `DATA_DIR` (a Drive path on Colab), or unpacks
+  the IDRiD archives downloaded from its official page (`IDRID_ARCHIVES`, with
+  `rmib.data.archives.unpack_idrid`), or, on Colab only, downloads and unpacks
+  the archive at `DATA_URL`; with none it writes the built-in synthetic
+  dataset (`rmib.data.synthetic.write_dataset`);
+- keeps its runs and the preprocessed-image cache (`cache_dir`) in `WORK_DIR`,
+  on Drive on Colab, and after a disconnect resumes an interrupted run from its
+  last checkpoint (a finished run is reused, never deleted);
 - trains with `rmib.training.resolve_precision(PRECISION)` (mixed_float16 on a GPU);
 - shows its plots inline (training history, ROC/PR curves, overlays);
 - keeps every size in the cell tagged `parameters` (tests inject tiny ones)
@@ -17,12 +24,30 @@ generated, never edited by hand, so they stay reproducible. Every notebook:
 
 from __future__ import annotations
 
+import configparser
 import textwrap
 from pathlib import Path
 
 import nbformat
 
 HERE = Path(__file__).resolve().parent
+PLACEHOLDER_URL = "https://github.com/YOUR-GITHUB-USER/rmib"
+"""Where the repository lives, until setup.cfg names it (`url` under [metadata])."""
+IDRID_PAGE = "https://idrid.grand-challenge.org/Data/"
+
+
+def repository_url() -> str:
+    """setup.cfg's `url` (a GitHub repository), else PLACEHOLDER_URL."""
+    parser = configparser.ConfigParser()
+    parser.read(HERE.parent / "setup.cfg", encoding="utf-8")
+    url = parser.get("metadata", "url", fallback="").strip().removesuffix(".git").rstrip("/")
+    return url or PLACEHOLDER_URL
+
+
+def colab_link(name: str) -> str:
+    """The "Open in Colab" address of notebook `name` on the repository's main branch."""
+    repository = repository_url().split("github.com/", 1)[-1]
+    return f"https://colab.research.google.com/github/{repository}/blob/main/colab/{name}"
 
 
 def code(source: str, tags=()) -> nbformat.NotebookNode:
@@ -40,12 +65,16 @@ def md(source: str) -> nbformat.NotebookNode:
 
 COMMON_PARAMETERS = """
 # --- where rmib comes from (Colab only; ignored elsewhere) ---------------------------
-RMIB_REPO_URL = "https://github.com/YOUR-USER/rmib.git"  # set to your fork / the project repo
+RMIB_REPO_URL = "{repo_url}"  # the repository (or your fork) to install rmib from
 RMIB_DRIVE_PATH = ""  # or a wheel / source folder on Drive, e.g. "/content/drive/MyDrive/rmib"
 # --- your data ------------------------------------------------------------------------
 DATA_DIR = ""  # a dataset folder, e.g. "/content/drive/MyDrive/IDRiD" (layout auto-detected)
-DATA_URL = ""  # or a .zip / .tar.gz to download (Colab only); neither = synthetic data
-WORK_DIR = "rmib-colab"  # runs and outputs; "/content/drive/MyDrive/rmib-runs" keeps them
+IDRID_ARCHIVES = []  # or the .zip files of IDRiD's page (linked above), copied to Drive:
+# ["/content/drive/MyDrive/A. Segmentation.zip", "/content/drive/MyDrive/B. Disease Grading.zip"]
+DATA_URL = ""  # or a .zip / .tar.gz to download (Colab only); none of them = synthetic data
+WORK_DIR = ""  # runs, cache, outputs; "" = /content/drive/MyDrive/rmib-runs on Colab
+# (kept across disconnects: a run is resumed from its last checkpoint), ./rmib-colab elsewhere
+CACHE_DIR = ""  # preprocessed photographs (memory-mapped); "" = WORK_DIR/cache
 # --- synthetic data (used when no data is given) -------------------------------------
 SYNTHETIC_LAYOUT = "idrid"
 SYNTHETIC_COUNT = {count}
@@ -66,10 +95,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 IN_COLAB = "google.colab" in sys.modules
-WORK = Path(WORK_DIR).expanduser().resolve()
+WORK = Path(WORK_DIR or ("/content/drive/MyDrive/rmib-runs" if IN_COLAB else "rmib-colab"))
+WORK = WORK.expanduser().resolve()
+CACHE = Path(CACHE_DIR).expanduser().resolve() if CACHE_DIR else WORK / "cache"
 
 if IN_COLAB:
-    if any(str(p).startswith("/content/drive") for p in (RMIB_DRIVE_PATH, DATA_DIR, WORK)):
+    on_drive = (RMIB_DRIVE_PATH, DATA_DIR, WORK, CACHE, *IDRID_ARCHIVES)
+    if any(str(p).startswith("/content/drive") for p in on_drive):
         from google.colab import drive
 
         drive.mount("/content/drive")
@@ -77,8 +109,13 @@ if IN_COLAB:
         import rmib  # noqa: F401  (already installed in this runtime)
     except ImportError:
         source = RMIB_DRIVE_PATH or f"git+{RMIB_REPO_URL}"
-        if "YOUR-USER" in source:
-            raise RuntimeError("set RMIB_REPO_URL (or RMIB_DRIVE_PATH) in the parameters cell")
+        if "YOUR-GITHUB-USER" in source:
+            raise RuntimeError(
+                "set RMIB_REPO_URL (the rmib repository or your fork) or RMIB_DRIVE_PATH "
+                "in the parameters cell"
+            )
+        # setup.cfg gives version ranges, so Colab's own TensorFlow, Keras and NumPy
+        # stay when they are in range (the pins of requirements.lock are for `make`).
         subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", source])
         print("rmib installed; if pip replaced TensorFlow, use Runtime > Restart session "
               "and run the notebook again")
@@ -100,6 +137,13 @@ PRECISION_CELL = """
 GPUS = training.visible_gpus()
 PRECISION = training.resolve_precision(PRECISION)
 print(f"GPUs: {[g.name for g in GPUS] or 'none'}; precision: {PRECISION}")
+if IN_COLAB and not GPUS:
+    print(
+        "No GPU is attached to this Colab session, so the default sizes below would take "
+        "hours on its CPU. Runtime > Change runtime type > Hardware accelerator: a GPU "
+        "(e.g. T4) > Save, then Runtime > Run all: runs already in WORK_DIR on Drive are "
+        "resumed. If Colab has no GPU for you now, set smaller sizes and epochs and go on."
+    )
 if RUN_EAGERLY:
     import warnings
 
@@ -118,11 +162,20 @@ def unpack(archive, dest):
 
 
 def get_data(layout=SYNTHETIC_LAYOUT, count=SYNTHETIC_COUNT, size=SYNTHETIC_SIZE):
-    \"\"\"DATA_DIR, else DATA_URL downloaded (Colab only), else the synthetic dataset.\"\"\"
+    \"\"\"DATA_DIR, else IDRID_ARCHIVES unpacked, else DATA_URL downloaded (Colab only),
+    else the synthetic dataset.\"\"\"
     if DATA_DIR:
         root = Path(DATA_DIR).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"DATA_DIR {root} is not a folder")
+        return root
+    if IDRID_ARCHIVES:
+        # IDRiD's official page (a login) gives "A. Segmentation.zip" and "B. Disease
+        # Grading.zip"; unpacked once into WORK_DIR (a re-run skips what is there).
+        from rmib.data.archives import unpack_idrid
+
+        root = WORK / "data" / "IDRiD"
+        unpack_idrid(IDRID_ARCHIVES, root)
         return root
     if DATA_URL:
         if not IN_COLAB:
@@ -196,6 +249,22 @@ def show_images(paths_or_arrays, titles=None, ncols=3, size=4):
     plt.show()
 
 
+def train_or_resume(run_dir, train, result_key="validation", done_file="model.keras"):
+    \"\"\"Train in `run_dir` on Drive; after a disconnect, run the notebook again: an
+    interrupted run continues from its last checkpoint, a finished one is reused.
+    (Delete a run, or give it another name, to train it again.)\"\"\"
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if (run_dir / done_file).is_file() and result_key in metrics:
+        print(f"{run_dir}: finished earlier, reused")
+        return metrics[result_key]
+    resume = run_dir.is_dir() and any(run_dir.rglob("*.keras"))
+    if resume:
+        print(f"{run_dir}: resuming from its last checkpoint")
+    return train(resume=resume)
+
+
 def finite(value):
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -215,19 +284,25 @@ def header(title: str, text: str) -> nbformat.NotebookNode:
 
         {text}
 
-        **On Colab**: Runtime > Change runtime type > GPU, then set `RMIB_REPO_URL` (or
-        `RMIB_DRIVE_PATH`) and your data (`DATA_DIR` on Drive, or `DATA_URL`) in the
-        parameters cell and run all. With no data the notebook uses rmib's synthetic
-        fundus photographs (exact lesion masks), so it runs end to end anywhere.
-        Outside Colab nothing is installed or downloaded.
+        **On Colab**: Runtime > Change runtime type > GPU, then check `RMIB_REPO_URL` (or
+        set `RMIB_DRIVE_PATH`) and give your data in the parameters cell (`DATA_DIR` on
+        Drive; or `IDRID_ARCHIVES`, the .zip files of [IDRiD's page]({IDRID_PAGE}), which
+        needs a login, copied to Drive; or `DATA_URL`) and run all. Runs and the cache
+        go to `WORK_DIR` on Drive: after a disconnect, run all again and each run
+        continues from its last checkpoint. With no data the notebook uses rmib's
+        synthetic fundus photographs (exact lesion masks), so it runs end to end
+        anywhere. Outside Colab nothing is installed or downloaded.
         """
     )
 
 
 def standard_cells(parameters: str, count: int, size: int) -> list:
     return [
-        code(COMMON_PARAMETERS.format(count=count, size=size) + textwrap.dedent(parameters),
-             tags=["parameters"]),
+        code(
+            COMMON_PARAMETERS.format(count=count, size=size, repo_url=repository_url() + ".git")
+            + textwrap.dedent(parameters),
+            tags=["parameters"],
+        ),
         md("## Setup: install (Colab only), imports, precision"),
         code(SETUP),
         code(PRECISION_CELL),
@@ -241,7 +316,7 @@ PRETRAIN_IF_NEEDED = """
 from rmib import PretrainConfig, run_pretrain
 
 
-def pretrain(out):
+def pretrain(out, resume=False):
     cfg = load_config(
         PretrainConfig,
         None,
@@ -252,6 +327,7 @@ def pretrain(out):
             "image_size": IMAGE_SIZE,
             "val_fraction": 0.25,
             "augment": "free",
+            "cache_dir": str(CACHE),
             "out": str(out),
             "train.epochs": PRETRAIN_EPOCHS,
             "train.batch_size": BATCH_SIZE,
@@ -262,7 +338,7 @@ def pretrain(out):
             "train.tensorboard": False,
         },
     )
-    return run_pretrain(cfg)
+    return run_pretrain(cfg, resume=resume)
 """
 
 SEGMENT_EVALUATE = """
@@ -335,11 +411,7 @@ def nb_pretrain():
         code(
             """
             PRETRAIN_RUN = WORK / "runs" / "pretrain"
-            if PRETRAIN_RUN.exists():
-                import shutil
-
-                shutil.rmtree(PRETRAIN_RUN)  # this notebook always trains afresh
-            result = pretrain(PRETRAIN_RUN)
+            result = train_or_resume(PRETRAIN_RUN, lambda resume: pretrain(PRETRAIN_RUN, resume))
             """
         ),
         md("## Training history and validation ROC"),
@@ -373,7 +445,7 @@ def nb_segment():
     LESION = "EX"  # EX, HE, MA or SE
     PATCH_SIZE = 160  # multiple of 32
     PATCHES_PER_EPOCH = 512
-    PREDICT_TILE = 512
+    PREDICT_TILE = "auto"  # auto: the fewest tiles of at most 1024 px over the field of view
     EPOCHS = 10
     BATCH_SIZE = 8
     STEPS_PER_EPOCH = None
@@ -384,7 +456,9 @@ def nb_segment():
             "2. Segment a lesion with the transferred encoder (stage 2)",
             "The frozen encoder of notebook 1's classifier under a U-Net decoder "
             "(`rmib.run_segment`), then whole-photograph predictions by "
-            "overlapping tiles, overlays and an evaluation on the held-out split.",
+            "overlapping tiles (`PREDICT_TILE = \"auto\"`: the fewest tiles of at most "
+            "1024x1024 px covering the field of view, blended across a 64-px halo), "
+            "overlays and an evaluation on the held-out split.",
         ),
         *standard_cells(params, count=40, size=512),
         md("## The stage-1 encoder"),
@@ -392,22 +466,19 @@ def nb_segment():
         code(
             """
             ENCODER_RUN = Path(PRETRAIN_RUN) if PRETRAIN_RUN else WORK / "runs" / "pretrain"
-            if not (ENCODER_RUN / "rmib.json").is_file():
-                print(f"no stage-1 run at {ENCODER_RUN}: pretraining one first")
-                pretrain(ENCODER_RUN)
+            if not (ENCODER_RUN / "model.keras").is_file():
+                print(f"no finished stage-1 run at {ENCODER_RUN}: pretraining one first")
+                train_or_resume(ENCODER_RUN, lambda resume: pretrain(ENCODER_RUN, resume))
             print(json.loads((ENCODER_RUN / "metrics.json").read_text()).get("validation"))
             """
         ),
         md("## Train the segmenter"),
         code(
             """
-            import shutil
-
             from rmib import run_segment
             from rmib import SegmentConfig
 
             SEG_RUN = WORK / "runs" / f"segment-{LESION.lower()}"
-            shutil.rmtree(SEG_RUN, ignore_errors=True)
             seg_cfg = load_config(
                 SegmentConfig,
                 None,
@@ -419,6 +490,7 @@ def nb_segment():
                     "patches_per_epoch": PATCHES_PER_EPOCH,
                     "predict_tile": PREDICT_TILE,
                     "val_fraction": 0.2,
+                    "cache_dir": str(CACHE),
                     "out": str(SEG_RUN),
                     "train.epochs": EPOCHS,
                     "train.batch_size": BATCH_SIZE,
@@ -428,7 +500,7 @@ def nb_segment():
                     "train.tensorboard": False,
                 },
             )
-            validation = run_segment(seg_cfg)
+            validation = train_or_resume(SEG_RUN, lambda resume: run_segment(seg_cfg, resume))
             plot_history(SEG_RUN, LESION)
             """
         ),
@@ -476,13 +548,10 @@ def nb_local_global():
         md("## Train the four phases"),
         code(
             """
-            import shutil
-
             from rmib import run_segment
             from rmib import SegmentConfig
 
             SEG_RUN = WORK / "runs" / f"local-global-{LESION.lower()}"
-            shutil.rmtree(SEG_RUN, ignore_errors=True)
             seg_cfg = load_config(
                 SegmentConfig,
                 None,
@@ -493,6 +562,7 @@ def nb_local_global():
                     "patch_size": PATCH_SIZE,
                     "augment": AUGMENT,
                     "val_fraction": 0.2,
+                    "cache_dir": str(CACHE),
                     "out": str(SEG_RUN),
                     "local_global.global_size": GLOBAL_SIZE,
                     "local_global.base_filters": BASE_FILTERS,
@@ -506,7 +576,7 @@ def nb_local_global():
                     "train.tensorboard": False,
                 },
             )
-            validation = run_segment(seg_cfg)
+            validation = train_or_resume(SEG_RUN, lambda resume: run_segment(seg_cfg, resume))
             plot_history(SEG_RUN, LESION)
             """
         ),
@@ -531,10 +601,10 @@ def nb_local_global():
 
 def nb_dual2net():
     params = """
-    # --- Dual2Net: two branches at two resolutions with deep supervision ------------------
+    # --- Dual2Net: two branches, one resized photograph, the DSM Dice loss ---------------
     LESION = "EX"
     ENCODER = "vgg16"  # or a stage-1 run directory (notebook 1), e.g. "rmib-colab/runs/pretrain"
-    IMAGE_SIZE = [960, 1440]  # [low, high] resolution of the two branches
+    IMAGE_SIZE = [960, 1440]  # [height, width] the whole photograph is resized to (IDRiD)
     HEAD_FILTERS = 512
     VARIANT = "dual-dsm"
     EPOCHS = 10
@@ -545,21 +615,24 @@ def nb_dual2net():
     return [
         header(
             "4. Dual2Net",
-            "Two encoder branches see the photograph at two resolutions; deep supervision "
-            "(DSM) trains both (`SegmentConfig(model=\"dual2net\")`, settings under "
-            "`dual2net.*`). The saved model averages the branches.",
+            "Two branches share one encoder (only its last block and the heads are "
+            "separate) and both see the whole photograph resized to `IMAGE_SIZE` "
+            "([height, width]: 960x1440 for IDRiD, 1024x1024 for DDR). The dual-sampling "
+            "modulated (DSM) Dice loss trains one branch on Dice over all pixels (large "
+            "lesions) and the other on Dice over a re-balanced sample of lesion and "
+            "background pixels (small lesions), weighted alpha = 1 - (epoch/epochs)^2 "
+            "(large lesions first), plus 0.4 x the auxiliary heads' Dice "
+            "(`SegmentConfig(model=\"dual2net\")`, settings under `dual2net.*`). "
+            "The saved model averages the two branches.",
         ),
         *standard_cells(params, count=40, size=1024),
         md("## Train"),
         code(
             """
-            import shutil
-
             from rmib import run_segment
             from rmib import SegmentConfig
 
             SEG_RUN = WORK / "runs" / f"dual2net-{LESION.lower()}"
-            shutil.rmtree(SEG_RUN, ignore_errors=True)
             seg_cfg = load_config(
                 SegmentConfig,
                 None,
@@ -569,6 +642,7 @@ def nb_dual2net():
                     "lesion": LESION,
                     "encoder": ENCODER,
                     "val_fraction": 0.2,
+                    "cache_dir": str(CACHE),
                     "out": str(SEG_RUN),
                     "dual2net.image_size": list(IMAGE_SIZE),
                     "dual2net.head_filters": HEAD_FILTERS,
@@ -581,7 +655,7 @@ def nb_dual2net():
                     "train.tensorboard": False,
                 },
             )
-            validation = run_segment(seg_cfg)
+            validation = train_or_resume(SEG_RUN, lambda resume: run_segment(seg_cfg, resume))
             plot_history(SEG_RUN, LESION)
             """
         ),
@@ -630,14 +704,11 @@ def nb_grading():
         md("## Train the local and global nets"),
         code(
             """
-            import shutil
-
             from rmib import GradeConfig, load_grader, train_grader
             from rmib.methods.grading.evaluate import evaluate_grader
             from rmib.methods.grading.grader import predict_images
 
             GRADE_RUN = WORK / "runs" / "grade"
-            shutil.rmtree(GRADE_RUN, ignore_errors=True)
             grade_cfg = load_config(
                 GradeConfig,
                 None,
@@ -649,6 +720,7 @@ def nb_grading():
                     "global_size": GLOBAL_SIZE,
                     "grades": GRADES,
                     "baseline": BASELINE,
+                    "cache_dir": str(CACHE),
                     "local_train.epochs": LOCAL_EPOCHS,
                     "local_train.batch_size": LOCAL_BATCH_SIZE,
                     "local_train.precision": PRECISION,
@@ -661,7 +733,14 @@ def nb_grading():
                     "train.tensorboard": False,
                 },
             )
-            trained = train_grader(grade_cfg, GRADE_RUN, verbose=2 if IN_COLAB else 0)
+            trained = train_or_resume(
+                GRADE_RUN,
+                lambda resume: train_grader(
+                    grade_cfg, GRADE_RUN, resume=resume, verbose=2 if IN_COLAB else 0
+                ),
+                result_key="data",
+                done_file="metrics.json",
+            )
             print(trained)
             plot_history(GRADE_RUN, "grade")
             """
@@ -719,7 +798,7 @@ def nb_export():
     LESION = "EX"
     PATCH_SIZE = 160
     PATCHES_PER_EPOCH = 512
-    PREDICT_TILE = 512
+    PREDICT_TILE = "auto"  # auto: the fewest tiles of at most 1024 px over the field of view
     EPOCHS = 5
     BATCH_SIZE = 8
     STEPS_PER_EPOCH = None
@@ -737,17 +816,18 @@ def nb_export():
         code(
             """
             SEG_RUN = Path(SEG_RUN) if SEG_RUN else WORK / "runs" / f"segment-{LESION.lower()}"
-            if not (SEG_RUN / "rmib.json").is_file():
+            if not (SEG_RUN / "model.keras").is_file():
                 from rmib import run_segment
                 from rmib import SegmentConfig
 
-                print(f"no segment run at {SEG_RUN}: training a small one first")
-                run_segment(load_config(SegmentConfig, None, {
+                print(f"no finished segment run at {SEG_RUN}: training a small one first")
+                seg_cfg = load_config(SegmentConfig, None, {
                     "data": [str(DATA_ROOT)],
                     "lesion": LESION,
                     "patch_size": PATCH_SIZE,
                     "patches_per_epoch": PATCHES_PER_EPOCH,
                     "predict_tile": PREDICT_TILE,
+                    "cache_dir": str(CACHE),
                     "out": str(SEG_RUN),
                     "train.epochs": EPOCHS,
                     "train.batch_size": BATCH_SIZE,
@@ -755,7 +835,8 @@ def nb_export():
                     "train.precision": PRECISION,
                     "train.seed": SEED,
                     "train.tensorboard": False,
-                }))
+                })
+                train_or_resume(SEG_RUN, lambda resume: run_segment(seg_cfg, resume))
             print(json.loads((SEG_RUN / "rmib.json").read_text())["model"], SEG_RUN)
             """
         ),
@@ -845,6 +926,8 @@ NOTEBOOKS = {
 def build(name: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = NOTEBOOKS[name]()
+    title, rest = nb.cells[0].source.split("\n", 1)
+    nb.cells[0].source = f"{title}\n\n[Open in Colab]({colab_link(name)})\n{rest}"
     nb.metadata.update(
         {
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
