@@ -99,7 +99,7 @@ def test_the_wheel_carries_the_recipes_and_finds_them_installed(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("rmib", "pretrain", "segment", "grading"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in"):
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
         shutil.copy2(ROOT / name, src / name)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
