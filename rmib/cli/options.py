@@ -122,8 +122,6 @@ class RecipeFile(click.ParamType):
     name = "FILE|RECIPE"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, pathlib.Path):
-            return value
         path = pathlib.Path(value)
         if path.is_file():
             return path
