@@ -501,6 +501,22 @@ def test_a_stride_32_encoder_model_is_rebuilt_at_stride_8_with_its_weights():
         Dual2NetConfig(output_stride=4)
 
 
+def test_the_branches_copies_of_cbam_start_as_the_encoders():
+    from rmib.models import CBAM, build_backbone
+
+    encoder = build_backbone("vgg16", cbam=True, cbam_init="woo", model_name="backbone")
+    model = build_dual2net(encoder, head_filters=8)
+    for branch in model.branches:
+        copy = branch.get_layer("block5_cbam")
+        assert isinstance(copy, CBAM) and copy.init == "woo"
+        np.testing.assert_array_equal(
+            np.asarray(copy.spatial_conv.kernel),
+            np.asarray(encoder.get_layer("block5_cbam").spatial_conv.kernel),
+        )
+    plain = build_dual2net("vgg16", cbam=True, loss="dice", head_filters=8)
+    assert plain.branches[0].get_layer("block5_cbam").init == "identity"
+
+
 def test_image_size_must_be_two_multiples_of_32():
     assert Dual2NetConfig(image_size=[64, 96]).image_size == [64, 96]
     for bad in ([960, 1000], [960], [0, 64]):
