@@ -370,6 +370,22 @@ def test_pyramid_pooling_bins_use_one_group_norm_per_image():
     np.testing.assert_allclose(np.asarray(layer(x[1:], training=True)), y[1:], atol=1e-5)
 
 
+def test_a_model_saved_with_batch_norm_bins_is_refused_with_a_reason(tmp_path, monkeypatch):
+    """Dual2Net files saved before the bins used GroupNorm (batch norm there) do not load."""
+
+    class BatchNormalization(keras.layers.BatchNormalization):  # the old bins' layer
+        def __init__(self, groups=None, **kwargs):
+            super().__init__(**kwargs)
+
+    inputs = keras.Input((6, 6, 4))
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.layers, "GroupNormalization", BatchNormalization)
+        old = keras.Model(inputs, PyramidPooling(bins=(1, 2), filters=2, name="ppm")(inputs))
+    old.save(tmp_path / "old.keras")
+    with pytest.raises(RmibError, match=r"old\.keras: cannot load the model: .*bin1_gn.*CHANGELOG"):
+        training.load_model(tmp_path / "old.keras")
+
+
 def test_pyramid_pooling_keeps_its_input_and_round_trips():
     layer = PyramidPooling(bins=(1, 2), filters=3)
     x = np.random.default_rng(6).normal(size=(1, 5, 7, 4)).astype(np.float32)
