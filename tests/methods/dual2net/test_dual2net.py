@@ -559,6 +559,14 @@ def test_recipes_load(name, size, fov_crop, epochs):
     # As the paper: dilated ResNet50 at stride 8, weight decay coupled as PyTorch's SGD.
     assert cfg.encoder == "resnet50" and cfg.dual2net.output_stride == 8
     assert cfg.train.weight_decay_mode == "coupled"
+    # Section 4.2: momentum 0.9, poly 0.9, batch 2, ImageNet; PSPNet's head, aux 0.4; N1/N 0.5.
+    assert (cfg.train.momentum, cfg.train.lr_schedule, cfg.train.poly_power) == (0.9, "poly", 0.9)
+    assert cfg.train.batch_size == 2 and cfg.weights == "imagenet"
+    assert (cfg.dual2net.head, cfg.dual2net.aux_weight, cfg.dual2net.pos_fraction) == (
+        "ppm",
+        0.4,
+        0.5,
+    )
     if "ablation" in name:
         for variant in ("single-bce", "single-dice"):
             other = load_config(SegmentConfig, path, {"dual2net.variant": variant})
