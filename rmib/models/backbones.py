@@ -241,6 +241,11 @@ def backbone_name(model):
     return f"{base}_cbam" if has_cbam else base
 
 
+def cbam_init_of(model):
+    """The `init` of a backbone's (first) CBAM module; "identity" when it has none."""
+    return next((layer.init for layer in model.layers if isinstance(layer, CBAM)), "identity")
+
+
 def _conv_stride(model, layer_name):
     return int(model.get_layer(layer_name).strides[0])
 
@@ -278,14 +283,13 @@ def rebuild_at_output_stride(model, stride, model_name=None):
     if output_stride(model) == stride:
         return model
     full_name = backbone_name(model)
-    cbam_layers = [layer for layer in model.layers if isinstance(layer, CBAM)]
     rebuilt = build_backbone(
         full_name.removesuffix("_cbam"),
-        cbam=bool(cbam_layers),
+        cbam=full_name.endswith("_cbam"),
         input_shape=tuple(model.input.shape[1:]),
         model_name=model_name or model.name,
         output_stride=stride,
-        cbam_init=cbam_layers[0].init if cbam_layers else "identity",
+        cbam_init=cbam_init_of(model),
     )
     for layer in rebuilt.layers:
         if layer.weights:

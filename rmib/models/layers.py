@@ -32,34 +32,47 @@ class CBAM(keras.layers.Layer):
     which is not CBAM). Computation follows the layer's dtype policy (e.g. bfloat16
     under "mixed_bfloat16"); variables stay float32.
 
-    Initialisation. Each gate multiplies the signal by a sigmoid, so a module whose
-    logits start near 0 halves every feature twice (Mc ~ Ms ~ 0.5): a quarter of the
-    signal per module. VGG16 stacks five modules and ResNet50 sixteen, so an untrained
-    encoder with CBAM loses its deep features (the P4 tap of a from-scratch VGG16-CBAM
-    had a standard deviation of ~1e-3, and a frozen stage-1 encoder built on it gave a
+    Initialisation (docs/CBAM.md has the whole story). Each gate multiplies the
+    signal by a sigmoid, so a module whose logits start near 0 halves every
+    feature twice (Mc ~ Ms ~ 0.5): a quarter of the signal per module. VGG16
+    stacks five modules and ResNet50 sixteen, so an untrained encoder with CBAM
+    loses its deep features (the P4 tap of a from-scratch VGG16-CBAM had a
+    standard deviation of ~1e-3, and a frozen stage-1 encoder built on it gave a
     validation AUPR of 0.002 on synthetic exudates; CHANGELOG.md, second session).
-    rmib's default, `init="identity"`, therefore starts every module as a
-    near-identity gate: the two layers that produce attention logits (the MLP's
-    output layer and the 7x7 convolution) have zero kernels and a positive bias, so
-    Mc = sigmoid(2 * gate_bias / 2) = sigmoid(gate_bias) and Ms = sigmoid(gate_bias)
-    (0.95 each for the default 3, 0.91 for the module) whatever the input, and
-    attention is learned from there; the MLP's hidden layer keeps Keras' default
-    (Glorot-uniform kernel, zero bias). `init="woo"` is the reference start for
-    comparisons: every kernel Keras' default (Glorot-uniform, for the two Dense
-    layers and the 7x7 convolution) and every bias zero, so the gates start input-
-    dependent around 0.5. Woo et al.'s PyTorch code differs from "woo" in the
-    distribution only: its `nn.Linear` and `nn.Conv2d` keep PyTorch's default
-    kaiming-uniform kernels (a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    about 1/sqrt(3) of Glorot-uniform's range for square layers) with biases drawn
-    from the same range, its 7x7 convolution has no bias and is followed by batch
-    norm. Both starts give the same architecture and weight shapes; trained or
-    loaded weights replace either.
+
+    - `init="identity"` (rmib's default) starts every module as a near-identity
+      gate: the two layers that produce attention logits (the MLP's output layer
+      and the kxk convolution) have zero kernels and a positive bias, gate_bias / 2
+      for the MLP's output (the MLP runs twice, once per descriptor) and gate_bias
+      for the convolution, so Mc = sigmoid(gate_bias) and Ms = sigmoid(gate_bias)
+      whatever the input (0.95 each for the default 3, 0.91 for the module), and
+      attention is learned from there. The MLP's hidden layer keeps Keras' default
+      (Glorot-uniform kernel, zero bias).
+    - `init="woo"` is the reference start, for comparisons: every kernel Keras'
+      default, Glorot-uniform (both Dense layers and the kxk convolution), every
+      bias zero, no gate bias (`gate_bias` is ignored): Mc = sigmoid(MLP(avg) +
+      MLP(max)) and Ms = sigmoid(conv(...)) of the raw attention logits, both
+      input-dependent around 0.5.
+
+    How "woo" differs from Woo et al.'s PyTorch code (Jongchan/attention-module,
+    MODELS/cbam.py, initialised by ResidualNet in MODELS/model_resnet.py): the
+    MLP's `nn.Linear` kernels keep PyTorch's default kaiming-uniform (a=sqrt(5),
+    i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)): for a square layer 1/sqrt(3) of
+    Glorot-uniform's limit); its biases exist and start at zero as here
+    (ResidualNet zeroes every bias; a bare `CBAM` module would draw them from the
+    kernel's range). The 7x7 convolution has no bias and is followed by batch norm
+    whose scale ResidualNet sets to 0, so the reference spatial gate starts at
+    exactly sigmoid(0) = 0.5 at every pixel (its kaiming-normal kernel only acts
+    once that scale moves), where "woo"'s Glorot kernel makes it input-dependent
+    from the start; rmib's convolution carries a bias instead of the batch norm
+    (the form a conv + BN takes once folded). Both starts give the same
+    architecture and weight shapes; trained or loaded weights replace either.
 
     Args:
         ratio: channel reduction ratio r of the MLP's hidden layer.
         kernel_size: side k of the spatial attention convolution (odd).
         gate_bias: with `init="identity"`, the starting logit of both gates
-            (sigmoid(3) = 0.95); ignored by "woo", whose biases start at zero.
+            (sigmoid(3) = 0.95 each); ignored by "woo", whose biases start at zero.
         init: "identity" (near-identity gate, the default) or "woo" (Keras'
             default kernels, zero biases: the reference start), see above.
         **kwargs: standard `keras.layers.Layer` arguments (name, dtype, ...).

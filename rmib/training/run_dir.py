@@ -179,7 +179,14 @@ def load_model(path, unsafe: bool = False, compile: bool = False):
                 "while loading it; load it only if you trust where it came from, with "
                 "--unsafe-load"
             ) from None
-        raise RmibError(f"{file}: cannot load the model: {first_line(exc)}") from None
+        reason = first_line(exc)
+        if "could not be loaded" in reason:
+            # Keras found layers whose saved weights do not fit: another architecture.
+            reason = (
+                f"{reason.rstrip(':')}; its layers differ from this rmib version's "
+                "(CHANGELOG.md lists the changes older files do not survive): retrain it"
+            )
+        raise RmibError(f"{file}: cannot load the model: {reason}") from None
     except Exception as exc:  # Keras raises many types for corrupt archives
         raise RmibError(
             f"{file}: not a readable .keras model ({type(exc).__name__}: {first_line(exc)})"

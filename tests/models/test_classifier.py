@@ -127,3 +127,18 @@ def test_cbam_init_is_a_classifier_option_kept_by_save_and_load(tmp_path):
     assert len(modules) == 5 and {m.init for m in modules} == {"woo"}
     with pytest.raises(RmibError, match="cbam_init"):
         load_config(PretrainConfig, None, {"cbam_init": "kaiming"})
+
+
+def test_rmib_pretrain_passes_cbam_init_to_the_config(tmp_path, monkeypatch):
+    import rmib.tasks
+    from tests.conftest import invoke
+
+    seen = []
+    monkeypatch.setattr(rmib.tasks, "run_pretrain", lambda cfg, resume=False: seen.append(cfg))
+    (tmp_path / "data").mkdir()
+    base = ["pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run", "--cbam"]
+    assert invoke([*base, "--cbam-init", "woo"]).exit_code == 0
+    assert invoke(base).exit_code == 0
+    assert [cfg.cbam_init for cfg in seen] == ["woo", "identity"]
+    result = invoke([*base, "--cbam-init", "kaiming"])
+    assert result.exit_code == 2 and "identity" in result.output and "woo" in result.output

@@ -279,6 +279,54 @@ def test_cbam_woo_init_has_keras_default_kernels_and_zero_biases(tmp_path):
     assert keras.saving.load_model(path).get_layer("cbam").init == "woo"
 
 
+def test_cbam_woo_gates_are_the_sigmoid_of_the_raw_attention():
+    """init="woo": no gate bias, so each gate is the sigmoid of the raw attention logit.
+
+    Worked by hand with the woo layer's own zero biases and kernels set to small
+    numbers: C = 2, ratio 2 (one hidden unit), a 1x1 spatial convolution; the input
+    has two pixels, f = [1, 0] and [3, 2].
+    Channel: avg = [2, 1], max = [3, 2]; hidden = relu(v @ [1, 1]) = 3 and 5;
+    MLP(avg) + MLP(max) = 3 * [1, -1] + 5 * [1, -1] = [8, -8]: Mc = sigmoid([8, -8]).
+    Spatial, kernel [1, 0] on [mean_c, max_c]: z = mean_c(f * Mc), per pixel
+    sigmoid(8) / 2 and (3 sigmoid(8) + 2 sigmoid(-8)) / 2; Ms = sigmoid(z).
+    With init="identity" the same kernels give other gates: its biases
+    (gate_bias / 2 twice, gate_bias) shift both logits by 3.
+    """
+    f = np.array([[[[1.0, 0.0], [3.0, 2.0]]]], np.float32)  # (1, 1, 2, 2)
+    mc = _sigmoid(np.array([8.0, -8.0]))
+    refined = f[0, 0] * mc
+    ms = _sigmoid(refined.mean(axis=-1))
+    want = refined * ms[:, None]
+
+    def with_hand_kernels(init):
+        layer = CBAM(ratio=2, kernel_size=1, init=init)
+        layer.build((None, None, None, 2))
+        layer.mlp_hidden.kernel.assign(np.array([[1.0], [1.0]], np.float32))
+        layer.mlp_output.kernel.assign(np.array([[1.0, -1.0]], np.float32))
+        layer.spatial_conv.kernel.assign(np.array([1.0, 0.0], np.float32).reshape(1, 1, 2, 1))
+        return np.array(layer(f))[0, 0]
+
+    np.testing.assert_allclose(with_hand_kernels("woo"), want, rtol=1e-5, atol=1e-7)
+    identity = with_hand_kernels("identity")
+    mc3 = _sigmoid(np.array([8.0 + 3.0, -8.0 + 3.0]))
+    refined3 = f[0, 0] * mc3
+    np.testing.assert_allclose(
+        identity, refined3 * _sigmoid(refined3.mean(axis=-1) + 3.0)[:, None], rtol=1e-5
+    )
+    assert np.abs(identity - want).max() > 0.01
+
+    # As initialised (random Glorot kernels, zero biases), the layer is CBAM on its own
+    # weights with no bias, and its gates depend on the input: not the identity start's
+    # constant sigmoid(3)^2 = 0.907.
+    x = np.random.default_rng(3).normal(0, 1, (2, 5, 4, 16)).astype("float32")
+    layer = CBAM(ratio=4, kernel_size=3, init="woo")
+    out = np.array(layer(x))
+    w = [np.array(v) for v in layer.weights]
+    np.testing.assert_allclose(out, cbam_reference(x, *w), rtol=1e-4, atol=1e-6)
+    gate = out / x
+    assert gate.std() > 0.01 and abs(gate.mean() - 0.25) < 0.15
+
+
 def test_cbam_rejects_an_unknown_init():
     with pytest.raises(ValueError, match="init must be one of identity, woo, got 'kaiming'"):
         CBAM(init="kaiming")

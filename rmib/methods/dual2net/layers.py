@@ -104,7 +104,8 @@ class PyramidPooling(keras.layers.Layer):
     One group normalises each image's b x b x filters values on their own, as the
     Dual2Net authors' PPM does: batch norm there would see, per branch, a batch of
     2 images, i.e. two values per channel in the 1x1 bin, in training, and switch
-    to moving statistics at inference.
+    to moving statistics at inference. (Their bins end at the GroupNorm; rmib keeps
+    PSPNet's ReLU after it.)
 
     Args:
         bins: the pyramid's bin counts ((1, 2, 3, 6) in PSPNet).

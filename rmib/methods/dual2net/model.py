@@ -71,6 +71,7 @@ from rmib.models.backbones import (
     RESNET_DILATIONS,
     backbone_name,
     build_backbone,
+    cbam_init_of,
     rebuild_at_output_stride,
     tap_strides,
 )
@@ -106,11 +107,15 @@ PAPER_OUTPUT_STRIDE = {"resnet50": 8, "vgg16": 32}
 _DECODER_FILTERS = (256, 128, 64, 32)
 
 
-def _last_block(x, base, cbam, dilation):
+def _last_block(x, base, cbam_init, dilation):
+    """The encoder's last block; `cbam_init` is its CBAM modules' init, None without CBAM."""
+    cbam = cbam_init is not None
     if base == "resnet50":
-        return resnet_bottleneck(x, 512, 1, False, cbam, "conv5_block3", dilation=dilation)
+        return resnet_bottleneck(
+            x, 512, 1, False, cbam, "conv5_block3", dilation=dilation, cbam_init=cbam_init
+        )
     x = keras.layers.Conv2D(512, 3, activation="relu", padding="same", name="block5_conv3")(x)
-    return CBAM(name="block5_cbam")(x) if cbam else x
+    return CBAM(init=cbam_init, name="block5_cbam")(x) if cbam else x
 
 
 def _conv_bn_relu(x, filters, kernel, name):
@@ -138,13 +143,13 @@ def _decoder_block(x, skip, filters, factor, name):
 
 
 def _build_branch(
-    layout, base, cbam, head, channels, strides, dilation, head_filters, dropout, name
+    layout, base, cbam_init, head, channels, strides, dilation, head_filters, dropout, name
 ):
     """One branch: the encoder's last block + the head, trunk features -> probabilities."""
     inputs = {
         "features": keras.Input((None, None, channels["features"]), name="features"),
     }
-    x = _last_block(inputs["features"], base, cbam, dilation)
+    x = _last_block(inputs["features"], base, cbam_init, dilation)
     stride = strides[layout.feature_tap]
     if head == "ppm":
         x = PyramidPooling(PPM_BINS, name="ppm")(x)
@@ -425,7 +430,8 @@ def build_dual2net(
             encoder, cbam=cbam, weights=weights, model_name="backbone", output_stride=stride
         )
     full_name = backbone_name(encoder)
-    has_cbam = full_name.endswith("_cbam")
+    # The branches' copies of CBAM start as the encoder's (their weights are copied anyway).
+    branch_cbam = cbam_init_of(encoder) if full_name.endswith("_cbam") else None
     layout = _LAYOUTS[base]
     strides = tap_strides(encoder)
     dilation = RESNET_DILATIONS[backbone_output_stride(encoder)].get(5, 1)
@@ -439,7 +445,7 @@ def build_dual2net(
         branch = _build_branch(
             layout,
             base,
-            has_cbam,
+            branch_cbam,
             head,
             channels,
             strides,

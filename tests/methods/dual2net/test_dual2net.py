@@ -370,6 +370,22 @@ def test_pyramid_pooling_bins_use_one_group_norm_per_image():
     np.testing.assert_allclose(np.asarray(layer(x[1:], training=True)), y[1:], atol=1e-5)
 
 
+def test_a_model_saved_with_batch_norm_bins_is_refused_with_a_reason(tmp_path, monkeypatch):
+    """Dual2Net files saved before the bins used GroupNorm (batch norm there) do not load."""
+
+    class BatchNormalization(keras.layers.BatchNormalization):  # the old bins' layer
+        def __init__(self, groups=None, **kwargs):
+            super().__init__(**kwargs)
+
+    inputs = keras.Input((6, 6, 4))
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.layers, "GroupNormalization", BatchNormalization)
+        old = keras.Model(inputs, PyramidPooling(bins=(1, 2), filters=2, name="ppm")(inputs))
+    old.save(tmp_path / "old.keras")
+    with pytest.raises(RmibError, match=r"old\.keras: cannot load the model: .*bin1_gn.*CHANGELOG"):
+        training.load_model(tmp_path / "old.keras")
+
+
 def test_pyramid_pooling_keeps_its_input_and_round_trips():
     layer = PyramidPooling(bins=(1, 2), filters=3)
     x = np.random.default_rng(6).normal(size=(1, 5, 7, 4)).astype(np.float32)
@@ -501,6 +517,22 @@ def test_a_stride_32_encoder_model_is_rebuilt_at_stride_8_with_its_weights():
         Dual2NetConfig(output_stride=4)
 
 
+def test_the_branches_copies_of_cbam_start_as_the_encoders():
+    from rmib.models import CBAM, build_backbone
+
+    encoder = build_backbone("vgg16", cbam=True, cbam_init="woo", model_name="backbone")
+    model = build_dual2net(encoder, head_filters=8)
+    for branch in model.branches:
+        copy = branch.get_layer("block5_cbam")
+        assert isinstance(copy, CBAM) and copy.init == "woo"
+        np.testing.assert_array_equal(
+            np.asarray(copy.spatial_conv.kernel),
+            np.asarray(encoder.get_layer("block5_cbam").spatial_conv.kernel),
+        )
+    plain = build_dual2net("vgg16", cbam=True, loss="dice", head_filters=8)
+    assert plain.branches[0].get_layer("block5_cbam").init == "identity"
+
+
 def test_image_size_must_be_two_multiples_of_32():
     assert Dual2NetConfig(image_size=[64, 96]).image_size == [64, 96]
     for bad in ([960, 1000], [960], [0, 64]):
@@ -527,6 +559,14 @@ def test_recipes_load(name, size, fov_crop, epochs):
     # As the paper: dilated ResNet50 at stride 8, weight decay coupled as PyTorch's SGD.
     assert cfg.encoder == "resnet50" and cfg.dual2net.output_stride == 8
     assert cfg.train.weight_decay_mode == "coupled"
+    # Section 4.2: momentum 0.9, poly 0.9, batch 2, ImageNet; PSPNet's head, aux 0.4; N1/N 0.5.
+    assert (cfg.train.momentum, cfg.train.lr_schedule, cfg.train.poly_power) == (0.9, "poly", 0.9)
+    assert cfg.train.batch_size == 2 and cfg.weights == "imagenet"
+    assert (cfg.dual2net.head, cfg.dual2net.aux_weight, cfg.dual2net.pos_fraction) == (
+        "ppm",
+        0.4,
+        0.5,
+    )
     if "ablation" in name:
         for variant in ("single-bce", "single-dice"):
             other = load_config(SegmentConfig, path, {"dual2net.variant": variant})
