@@ -18,15 +18,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m rmib.demo --out demo-output
 
+# Tests run in PYTEST_WORKERS processes (pytest-xdist; CI machines have 2 cores).
+# --dist loadgroup keeps a test file on one worker (its module fixtures train once) and
+# every file using the session's trained runs together (tests/conftest.py).
+# `pytest tests/some_test.py` alone, without -n, runs in this one process as before.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+
 # Every test, the integration and slow ones included.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-all: test
 
 # The developers' loop: everything but the integration and slow tests.
 quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration and not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not integration and not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out benchmarks/BENCHMARKS.md
