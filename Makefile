@@ -19,11 +19,13 @@ demo: $(STAMP)
 	$(BIN)/python -m rmib.demo --out demo-output
 
 # Tests run in PYTEST_WORKERS processes (pytest-xdist; CI machines have 2 cores).
-# --dist loadgroup keeps a test file on one worker (its module fixtures train once) and
-# every file using the session's trained runs together (tests/conftest.py).
+# --dist loadfile keeps a test file on one worker, so its module fixtures (tiny trained
+# models) are built once; a session fixture is built at most once per worker.
+# (loadgroup would also keep the users of the session's trained runs together, but with
+# pytest 9.2 it silently stops grouping: pytest-dev/pytest-xdist#1386.)
 # `pytest tests/some_test.py` alone, without -n, runs in this one process as before.
 PYTEST_WORKERS ?= 2
-XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 # Every test, the integration and slow ones included.
 test: $(STAMP)

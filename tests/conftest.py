@@ -35,28 +35,6 @@ def synthetic_idrid(tmp_path_factory):
     return synthetic.write_dataset(tmp_path_factory.mktemp("idrid"), "idrid", 10, 128, seed=2)
 
 
-# The session's trained runs (below): the tests that use them share one pytest-xdist
-# worker, so `make test` / `make quick` (`-n 2 --dist loadgroup`) train each run once.
-TRAINED_RUNS = frozenset({"pretrain_run", "segment_run", "pretrain_run_bf16", "segment_run_bf16"})
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup`: a test file is one work unit (its module fixtures are built
-    once), and every file using a trained run of this session joins one group."""
-    if config.getoption("dist", default="no") != "loadgroup":
-        return
-    files = {}
-    for item in items:
-        uses_runs = bool(TRAINED_RUNS & set(getattr(item, "fixturenames", ())))
-        files[item.path] = files.get(item.path, False) or uses_runs
-    for item in items:
-        if any(item.iter_markers("xdist_group")):
-            continue
-        group = "trained_runs" if files[item.path] else item.path.relative_to(PROJECT_ROOT)
-        item.add_marker(pytest.mark.xdist_group(str(group)))
-
-
 EPOCH_SECONDS = 60.0  # what an epoch costs on `fake_clock`
 
 
