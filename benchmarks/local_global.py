@@ -24,6 +24,18 @@ from __future__ import annotations
 import statistics
 import time
 
+from benchmarks.common import (
+    NOISE_NOTE,
+    fmt,
+    load_average,
+    peak_for,
+    peak_line,
+    percent,
+    photograph,
+    run_line,
+    table,
+)
+
 LESIONS = ("EX", "HE", "SE", "MA")
 TIMED_LESION = "EX"  # GlobalNet depth 6, LocalNet depth 3: the most GlobalNet per tile
 TARGET_OVERHEAD = 1.3
@@ -193,13 +205,12 @@ def local_global_prediction(settings, peak: dict, progress=None) -> dict:
     import keras
     import numpy as np
 
-    from benchmarks.run import _load, _percent, _photograph, peak_for
     from rmib.methods.local_global.model import default_depths
 
     sizes = _sizes(settings)
     depths = default_depths(TIMED_LESION)
     repeats = max(1, min(2, settings.timed_steps))
-    image, source = _photograph(settings.photo_shape, settings.quick)
+    image, source = photograph(settings.photo_shape, settings.quick)
     rows: list = []
     flops = None
 
@@ -231,7 +242,7 @@ def local_global_prediction(settings, peak: dict, progress=None) -> dict:
         for segmenter in segmenters.values():
             segmenter.predict(warmup)  # traces the prediction functions
         counts.update(dict.fromkeys(counts, 0))
-        load = _load()
+        load = load_average()
         seconds = {"local": [], "fused": []}
         for _ in range(repeats):
             for name in ("local", "fused"):
@@ -258,7 +269,7 @@ def local_global_prediction(settings, peak: dict, progress=None) -> dict:
                     "global_passes": per_photo["global_passes"] if name == "fused" else 0,
                     "photo_tflop": done[name] / 1e12,
                     "gflops": achieved,
-                    "peak_percent": _percent(achieved, peak_for(peak, precision)),
+                    "peak_percent": percent(achieved, peak_for(peak, precision)),
                     "time_ratio": medians[name] / medians["local"],
                     "flop_ratio": done[name] / done["local"],
                     "load": load,
@@ -281,8 +292,6 @@ def local_global_prediction(settings, peak: dict, progress=None) -> dict:
 
 def render_local_global(result: dict, machine: dict, settings) -> str:
     """The Markdown section of `local_global_prediction`."""
-    from benchmarks.run import NOISE_NOTE, _fmt, _peak_line, _run_line, _table
-
     s = result["settings"]
     height, width = s["photo_shape"]
     labels = {"local": "LocalNet alone", "fused": "fused local-global"}
@@ -293,14 +302,14 @@ def render_local_global(result: dict, machine: dict, settings) -> str:
                 labels[row["model"]],
                 row["precision"],
                 row["tiles"],
-                _fmt(row["global_passes"], 0) if row["model"] == "fused" else "-",
-                _fmt(row["seconds"], 2),
+                fmt(row["global_passes"], 0) if row["model"] == "fused" else "-",
+                fmt(row["seconds"], 2),
                 f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}",
-                _fmt(row["photo_tflop"], 3),
-                _fmt(row["gflops"]),
-                _fmt(row["peak_percent"]),
-                _fmt(row["time_ratio"], 2),
-                _fmt(row["flop_ratio"], 2),
+                fmt(row["photo_tflop"], 3),
+                fmt(row["gflops"]),
+                fmt(row["peak_percent"]),
+                fmt(row["time_ratio"], 2),
+                fmt(row["flop_ratio"], 2),
                 row["load"],
             ]
         )
@@ -316,7 +325,7 @@ def render_local_global(result: dict, machine: dict, settings) -> str:
         )
     parts = [
         "## local_global_prediction",
-        _run_line(machine, settings),
+        run_line(machine, settings),
         f"Whole-photograph prediction ({width}x{height}, {result['source']}) with the fused "
         f"local-global U-Net of Yan et al. (ISBI 2019) and with LocalNet alone, both through "
         "`rmib.methods.local_global.segmenter.LocalGlobalSegmenter` as `rmib predict` runs them (CLAHE, "
@@ -331,7 +340,7 @@ def render_local_global(result: dict, machine: dict, settings) -> str:
         "tile FLOPs (LocalNet's trunk + the fusion head for the fused model, LocalNet with "
         "its 1x1 head alone) + GlobalNet's trunk per pass; % of peak against the peak of the "
         "same precision. Ratios are against LocalNet alone in the same precision.",
-        _table(
+        table(
             [
                 "model",
                 "precision",
@@ -362,7 +371,7 @@ def render_local_global(result: dict, machine: dict, settings) -> str:
             f"{paper[0]['tiles']} tiles, the full grid), base width {p['base_filters']} "
             f"doubling up to {p['max_filters']}; depths per lesion from Yan et al. section "
             "2.1. Fused = GlobalNet's trunk once + tiles x (LocalNet's trunk + fusion head).",
-            _table(
+            table(
                 [
                     "lesion",
                     "depths (global, local)",
@@ -377,18 +386,18 @@ def render_local_global(result: dict, machine: dict, settings) -> str:
                     [
                         row["lesion"],
                         f"{row['depths']['global']}, {row['depths']['local']}",
-                        _fmt(row["global_gflop"], 2),
-                        _fmt(row["fused_tile_gflop"], 2),
-                        _fmt(row["local_tile_gflop"], 2),
-                        _fmt(row["fused_photo_tflop"], 2),
-                        _fmt(row["local_photo_tflop"], 2),
-                        _fmt(row["flop_ratio"], 3),
+                        fmt(row["global_gflop"], 2),
+                        fmt(row["fused_tile_gflop"], 2),
+                        fmt(row["local_tile_gflop"], 2),
+                        fmt(row["fused_photo_tflop"], 2),
+                        fmt(row["local_photo_tflop"], 2),
+                        fmt(row["flop_ratio"], 3),
                     ]
                     for row in paper
                 ],
             ),
         ]
-    parts += [_peak_line(result), NOISE_NOTE]
+    parts += [peak_line(result), NOISE_NOTE]
     return "\n\n".join(parts)
 
 

@@ -35,13 +35,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import (
+    NOISE_NOTE,
+    fmt,
+    load_average,
+    peak_for,
+    peak_line,
+    percent,
+    run_line,
+    table,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -185,40 +194,6 @@ def child_run(job: dict) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (released again for the workers)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _environment(tf_config: dict | None) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _failure(failed) -> str:
-    return "\n".join(
-        f"benchmark child failed (exit {process.returncode}):\n{_tail(log)}"
-        for process, log in failed
-    )
-
-
 def run_processes(jobs: list[tuple[dict, dict | None]], tmp: Path, timeout: float):
     """Start one child per (job, TF_CONFIG) at once; wait for all of them.
 
@@ -230,41 +205,18 @@ def run_processes(jobs: list[tuple[dict, dict | None]], tmp: Path, timeout: floa
         RuntimeError: a child failed or ran out of time (the others are
             stopped: a lone worker would wait for its peer forever).
     """
-    processes = []
-    start = time.perf_counter()
-    try:
-        for index, (job, tf_config) in enumerate(jobs):
-            result_path, log = tmp / f"result_{index}.json", tmp / f"log_{index}.txt"
-            command = [sys.executable, "-m", "benchmarks.multiworker", "--child", json.dumps(job)]
-            command += ["--result", str(result_path)]
-            with open(log, "w") as handle:
-                process = subprocess.Popen(
-                    command,
-                    cwd=PROJECT_ROOT,
-                    env=_environment(tf_config),
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                )
-            processes.append((process, result_path, log))
-        # poll() every child each round (any() would stop at the first running one).
-        while None in [p.poll() for p, _, _ in processes]:
-            failed = [(p, log) for p, _, log in processes if p.returncode not in (None, 0)]
-            if failed:
-                raise RuntimeError(_failure(failed))
-            if time.perf_counter() - start > timeout:
-                tails = "\n".join(_tail(log) for _, _, log in processes)
-                raise RuntimeError(f"benchmark children still running after {timeout} s:\n{tails}")
-            time.sleep(0.2)
-        seconds = time.perf_counter() - start
-        failed = [(p, log) for p, _, log in processes if p.returncode != 0]
-        if failed:
-            raise RuntimeError(_failure(failed))
-        return [json.loads(path.read_text()) for _, path, _ in processes], seconds
-    finally:
-        for process, _, _ in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
+    from rmib.training.local_cluster import run_workers, worker_environment
+
+    commands, environments, logs, result_paths = [], [], [], []
+    for index, (job, tf_config) in enumerate(jobs):
+        result_path = tmp / f"result_{index}.json"
+        command = [sys.executable, "-m", "benchmarks.multiworker", "--child", json.dumps(job)]
+        commands.append([*command, "--result", str(result_path)])
+        environments.append(worker_environment(tf_config))
+        logs.append(tmp / f"log_{index}.txt")
+        result_paths.append(result_path)
+    seconds = run_workers(commands, environments, logs, timeout, cwd=PROJECT_ROOT)
+    return [json.loads(path.read_text()) for path in result_paths], seconds
 
 
 def _row(mode: str, results: list[dict], seconds: float, load: str, job: dict) -> dict:
@@ -312,7 +264,7 @@ def multiworker_throughput(settings, peak: dict, progress=None) -> dict:
         "ratio": two-worker images/s / single-process images/s (None until
         both ran), "overhead_seconds": step-time difference, "pending"}.
     """
-    from benchmarks.run import _load, _percent, peak_for
+    from rmib.training.local_cluster import local_cluster
 
     job = job_for(settings)
     timeout = TIMEOUT["quick" if settings.quick else "full"]
@@ -336,7 +288,7 @@ def multiworker_throughput(settings, peak: dict, progress=None) -> dict:
         if forward_flops:
             achieved = 3 * forward_flops * row["global_batch"] / row["step_seconds"] / 1e9
             row["gflops"] = achieved
-            row["peak_percent"] = _percent(achieved, peak_for(peak, "float32"))
+            row["peak_percent"] = percent(achieved, peak_for(peak, "float32"))
         else:
             row["gflops"] = row["peak_percent"] = None
         rows.append(row)
@@ -352,7 +304,7 @@ def multiworker_throughput(settings, peak: dict, progress=None) -> dict:
         single_dir = tmp / "single"
         single_dir.mkdir()
         single_job = {**job, "strategy": "default", "run_dir": str(single_dir / "run")}
-        load = _load()
+        load = load_average()
         (single,), seconds = run_processes(
             [({**single_job, "flops": True}, None)], single_dir, timeout
         )
@@ -370,16 +322,9 @@ def multiworker_throughput(settings, peak: dict, progress=None) -> dict:
         # (b) two worker processes on 127.0.0.1, MultiWorkerMirroredStrategy.
         multi_dir = tmp / "multi"
         multi_dir.mkdir()
-        addresses = [f"127.0.0.1:{port}" for port in free_ports(WORKERS)]
-        jobs = []
-        for index in range(WORKERS):
-            tf_config = {
-                "cluster": {"worker": addresses},
-                "task": {"type": "worker", "index": index},
-            }
-            worker_job = {**job, "strategy": "multiworker", "run_dir": str(multi_dir / "run")}
-            jobs.append((worker_job, tf_config))
-        load = _load()
+        worker_job = {**job, "strategy": "multiworker", "run_dir": str(multi_dir / "run")}
+        jobs = [(worker_job, tf_config) for tf_config in local_cluster(WORKERS)]
+        load = load_average()
         results, seconds = run_processes(jobs, multi_dir, timeout)
         if [r["replicas"] for r in results] != [WORKERS] * WORKERS:
             raise RuntimeError(f"the workers formed no {WORKERS}-replica cluster: {results}")
@@ -394,8 +339,6 @@ def multiworker_throughput(settings, peak: dict, progress=None) -> dict:
 
 def render_multiworker(result: dict, machine: dict, settings) -> str:
     """The Markdown section of `multiworker_throughput`."""
-    from benchmarks.run import NOISE_NOTE, _fmt, _peak_line, _run_line, _table
-
     s = result["settings"]
     m = result["model"]
     labels = {
@@ -411,14 +354,14 @@ def render_multiworker(result: dict, machine: dict, settings) -> str:
                 f"{row['processes']} x {row['replicas'] // row['processes']}",
                 row["global_batch"],
                 row["per_replica_batch"],
-                _fmt(row["images_per_second"], 3),
-                _fmt(row["step_seconds"], 3),
+                fmt(row["images_per_second"], 3),
+                fmt(row["step_seconds"], 3),
                 f"{row['step_spread'][0]:.3f}-{row['step_spread'][1]:.3f}",
                 ", ".join(f"{x:.3f}" for x in row["worker_step_seconds"]),
-                _fmt(row["gflops"]),
-                _fmt(row["peak_percent"]),
-                _fmt(row["fit_seconds"], 1),
-                _fmt(row["process_seconds"], 1),
+                fmt(row["gflops"]),
+                fmt(row["peak_percent"]),
+                fmt(row["fit_seconds"], 1),
+                fmt(row["process_seconds"], 1),
                 row["load"],
             ]
         )
@@ -442,7 +385,7 @@ def render_multiworker(result: dict, machine: dict, settings) -> str:
     params = f"{m['params']:,}" if m.get("params") else "n/a"
     parts = [
         "## multiworker_throughput",
-        _run_line(machine, settings),
+        run_line(machine, settings),
         f"One training job, {m['label']} at {size}x{size} px (float32, Adam at "
         f"{LEARNING_RATE:g}, binary cross-entropy, the pretrain metrics accuracy, AUC, "
         f"recall and precision; random images), through `rmib.training.fit` with a **global "
@@ -459,7 +402,7 @@ def render_multiworker(result: dict, machine: dict, settings) -> str:
         "time. Fit wall = the `rmib.training.fit` call (model build, tracing, steps, "
         "end-of-epoch checkpoints; the slower worker); process wall = launch to exit of all "
         "processes (imports, cluster start-up included).",
-        _table(header, rows),
+        table(header, rows),
     ]
     if result.get("ratio") is not None:
         single, multi = result["rows"][0], result["rows"][1]
@@ -485,7 +428,7 @@ def render_multiworker(result: dict, machine: dict, settings) -> str:
         "bytes), not with the image size, so its share of a step should be smaller at "
         "`rmib pretrain`'s 480 px than here (not measured)."
     )
-    parts += [_peak_line(result), NOISE_NOTE]
+    parts += [peak_line(result), NOISE_NOTE]
     return "\n\n".join(parts)
 
 

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import fmt, load_average, run_line, table
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 IDRID = SHARED_DATA / "idrid-sample"
@@ -120,13 +122,6 @@ seed = 0
     return path
 
 
-def _load() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def _read(run: Path) -> tuple[dict, dict]:
     metrics = json.loads((run / "metrics.json").read_text())
     state = json.loads((run / "checkpoints" / "state.json").read_text())
@@ -159,7 +154,7 @@ def idrid_transfer(settings, peak, progress=None) -> dict:
             ],
             work / "synth.log",
         )  # fmt: skip
-        load = _load()
+        load = load_average()
         seconds = _rmib(
             [
                 "pretrain", "--data", synth, "--data", EYEPACS,
@@ -184,7 +179,7 @@ def idrid_transfer(settings, peak, progress=None) -> dict:
         out = work / f"ex-{label}"
         if out.exists():
             shutil.rmtree(out)
-        load = _load()
+        load = load_average()
         seconds = _rmib(
             [
                 "segment", "--config", recipe, "--data", IDRID,
@@ -219,13 +214,11 @@ def idrid_transfer(settings, peak, progress=None) -> dict:
 
 def render_idrid_transfer(result: dict, machine: dict, settings) -> str:
     """The Markdown section of `idrid_transfer`."""
-    from benchmarks.run import _fmt, _run_line, _table
-
     title = "## idrid_transfer: transferred vs from-scratch encoder on real IDRiD photographs\n\n"
     if "skipped" in result:
         return title + f"Skipped: {result['skipped']}.\n"
     s = result["sizes"]
-    lines = [title, _run_line(machine, settings), ""]
+    lines = [title, run_line(machine, settings), ""]
     lines.append(
         "Hard exudates (EX), VGG16-CBAM encoder-decoder, trained on IDRiD_01..07 of "
         f"`../shared/data/idrid-sample` ({s['patches_per_epoch']} lesion-aware "
@@ -245,8 +238,8 @@ def render_idrid_transfer(result: dict, machine: dict, settings) -> str:
         lines.append("")
         lines.append(
             f"Stage 1: {stage1['seconds']:.0f} s; on its validation split "
-            f"({stage1.get('n')} photographs) accuracy {_fmt(stage1.get('accuracy'), 3)}, "
-            f"ROC AUC {_fmt(stage1.get('roc_auc'), 3)} (load {stage1['load']})."
+            f"({stage1.get('n')} photographs) accuracy {fmt(stage1.get('accuracy'), 3)}, "
+            f"ROC AUC {fmt(stage1.get('roc_auc'), 3)} (load {stage1['load']})."
         )
     rows = []
     for row in result["rows"]:
@@ -255,22 +248,22 @@ def render_idrid_transfer(result: dict, machine: dict, settings) -> str:
                 {"transferred": "stage-1 VGG16-CBAM, frozen", "scratch": "VGG16-CBAM from scratch"}[
                     row["encoder"]
                 ],
-                _fmt(row["train_seconds"], 0),
+                fmt(row["train_seconds"], 0),
                 row["epochs"],
                 row["patches_seen"],
-                _fmt(row["val_aupr"], 3),
-                _fmt(row["val_f1"], 3),
-                _fmt(row["val_iou"], 3),
-                _fmt(row["val_sensitivity"], 3),
-                _fmt(row["val_ppv"], 3),
-                _fmt(row["process_seconds"], 0),
+                fmt(row["val_aupr"], 3),
+                fmt(row["val_f1"], 3),
+                fmt(row["val_iou"], 3),
+                fmt(row["val_sensitivity"], 3),
+                fmt(row["val_ppv"], 3),
+                fmt(row["process_seconds"], 0),
                 row["load"],
             ]
         )
     if rows:
         lines.append("")
         lines.append(
-            _table(
+            table(
                 [
                     "encoder",
                     "training s",
@@ -350,7 +343,7 @@ def tile_aupr(settings, peak, progress=None) -> dict:
             # Evaluated by an earlier call with the same flags and model: reused.
             seconds, load = (json.loads(record.read_text())[k] for k in ("seconds", "load"))
         else:
-            load = _load()
+            load = load_average()
             seconds = _rmib(
                 [
                     "evaluate", run, "--data", IDRID,
@@ -380,16 +373,14 @@ def tile_aupr(settings, peak, progress=None) -> dict:
 
 def render_tile_aupr(result: dict, machine: dict, settings) -> str:
     """The Markdown section of `tile_aupr`."""
-    from benchmarks.run import _fmt, _run_line, _table
-
     title = "## tile_aupr: validation AUPR with large tiles vs training-size tiles\n\n"
     if "skipped" in result:
         return title + f"Skipped: {result['skipped']}.\n"
     training = result.get("training", {})
-    lines = [title, _run_line(machine, settings), ""]
+    lines = [title, run_line(machine, settings), ""]
     lines.append(
         "One hard-exudate segmenter (VGG16-CBAM encoder-decoder from scratch, idrid_transfer's "
-        f"recipe: {training.get('epochs')} epochs, {_fmt(training.get('train_seconds'), 0)} s "
+        f"recipe: {training.get('epochs')} epochs, {fmt(training.get('train_seconds'), 0)} s "
         "of training on IDRiD_01..07) evaluated with `rmib evaluate --names IDRiD_08 ... "
         "--no-overlays` on the whole validation photographs IDRiD_08..10 at full resolution "
         "(pixels of the three pooled), float32, each tiling in a fresh process. Only the "
@@ -401,10 +392,10 @@ def render_tile_aupr(result: dict, machine: dict, settings) -> str:
         [
             row["tiling"],
             f"`{row['args']}`",
-            _fmt(row["aupr"], 4),
-            _fmt(row["f1"], 4),
-            _fmt(row["iou"], 4),
-            _fmt(row["seconds"], 0),
+            fmt(row["aupr"], 4),
+            fmt(row["f1"], 4),
+            fmt(row["iou"], 4),
+            fmt(row["seconds"], 0),
             row["load"],
         ]
         for row in result["rows"]
@@ -412,7 +403,7 @@ def render_tile_aupr(result: dict, machine: dict, settings) -> str:
     if rows:
         lines += [
             "",
-            _table(
+            table(
                 ["tiling", "flags", "val AUPR", "F1 @0.5", "IoU @0.5", "process s", "load"],
                 rows,
             ),

@@ -34,6 +34,17 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import (
+    NOISE_NOTE,
+    fmt,
+    load_average,
+    peak_for,
+    peak_line,
+    percent,
+    photograph,
+    run_line,
+    table,
+)
 from benchmarks.idrid_real import idrid_real, render_idrid_real
 from benchmarks.local_global import local_global_prediction, render_local_global
 from benchmarks.multiworker import multiworker_throughput, render_multiworker
@@ -42,10 +53,6 @@ from benchmarks.real_data import idrid_transfer, render_idrid_transfer, render_t
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_PHOTO = (
-    PROJECT_ROOT.parent
-    / "shared/data/idrid-sample/A. Segmentation/1. Original Images/a. Training Set/IDRiD_03.jpg"
-)
 PRECISIONS = ("float32", "mixed_bfloat16")
 # name -> (label, builder arguments); "keras_*" are plain keras.applications models.
 PRETRAIN_MODELS = {
@@ -63,12 +70,6 @@ KERAS_TWIN = {
     "resnet50": "keras_resnet50",
     "resnet50_cbam": "keras_resnet50",
 }
-NOISE_NOTE = (
-    "Measured on a CPU shared with other running jobs: absolute numbers are noisy "
-    "(see the load averages); compare the ratios measured side by side. A % of peak "
-    "above 100 only means the peak was measured at a busier moment than the row. "
-    "**Regenerate on a quiet machine with `make bench` before quoting these numbers.**"
-)
 
 
 @dataclasses.dataclass
@@ -151,10 +152,6 @@ def machine_description() -> dict:
     }
 
 
-def _load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 # --------------------------------------------------------------------------- peak
 
 
@@ -213,13 +210,8 @@ def measure_peak(settings: Settings) -> dict:
                 result[name][dtype] = None
         values = [result[n][dtype] for n in ("conv", "matmul") if result[n][dtype]]
         result["peak"][dtype] = max(values) if values else None
-    result["load"] = _load()
+    result["load"] = load_average()
     return result
-
-
-def peak_for(peak: dict, precision: str) -> float | None:
-    """The peak that bounds a Keras dtype policy: bfloat16 for mixed_bfloat16."""
-    return peak["peak"]["bfloat16" if "bfloat16" in precision else "float32"]
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -325,7 +317,7 @@ def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
                     keras.mixed_precision.set_global_policy("float32")
                 flops.setdefault(name, model_flops(model, shape))
                 steps[name, precision] = _compiled_for_training(model, settings)
-        load = _load()
+        load = load_average()
         for step in steps.values():
             for _ in range(settings.warmup_steps):
                 step()
@@ -345,7 +337,7 @@ def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
                     "step_spread": (min(times), max(times)),
                     "images_per_second": settings.batch_size / median,
                     "gflops": achieved,
-                    "peak_percent": _percent(achieved, peak_for(peak, precision)),
+                    "peak_percent": percent(achieved, peak_for(peak, precision)),
                     "load": load,
                 }
             )
@@ -360,10 +352,6 @@ def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
             progress(result(f"{n} {p}" for n, p in runs if (n, p) not in done))
     keras.backend.clear_session()
     return result()
-
-
-def _percent(value, reference):
-    return None if not reference else 100.0 * value / reference
 
 
 # --------------------------------------------------------------------------- tiled prediction
@@ -394,25 +382,6 @@ def _rss_high_water_mark() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _photograph(shape, quick: bool):
-    """The IDRiD sample photograph resized to `shape` (H, W), else a synthetic one."""
-    import cv2
-
-    from rmib import io
-    from rmib.data import synthetic
-
-    if not quick and SAMPLE_PHOTO.is_file():
-        image = io.read_image(SAMPLE_PHOTO)
-        source = f"IDRiD sample {SAMPLE_PHOTO.name}"
-    else:
-        image, _, _ = synthetic.synthesize_fundus(tuple(shape), seed=0, grade=3)
-        source = "synthetic fundus"
-    if image.shape[:2] != tuple(shape):
-        image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-        source += f" resized to {shape[1]}x{shape[0]}"
-    return image, source
 
 
 def child_tiled(job: dict) -> dict:
@@ -486,7 +455,7 @@ def child_tiled(job: dict) -> dict:
     # built and warmed up (import and tracing peaks are not the photograph's).
     baseline = _rss_bytes()
     reset = _reset_rss_high_water_mark()
-    image, source = _photograph(job["shape"], job.get("quick", False))
+    image, source = photograph(job["shape"], job.get("quick", False))
     start = time.perf_counter()
     prob = predict(image)
     seconds = time.perf_counter() - start
@@ -543,7 +512,7 @@ def tiled_prediction(settings: Settings, peak: dict, progress=None) -> dict:
             "tile": tile,
             "quick": settings.quick,
         }
-        load = _load()
+        load = load_average()
         result = _run_child(job)
         pixels = shape[0] * shape[1]
         flops_per_pixel = result["tile_flops"] / tile**2
@@ -568,7 +537,7 @@ def tiled_prediction(settings: Settings, peak: dict, progress=None) -> dict:
                 "overhead": result["pixels"] / pixels,
                 "vs_ideal": result["seconds"] / ideal_seconds,
                 "gflops": achieved,
-                "peak_percent": _percent(achieved, peak_for(peak, precision)),
+                "peak_percent": percent(achieved, peak_for(peak, precision)),
                 "peak_rss_mb": result["peak_rss"] / 2**20,
                 "prediction_peak_rss_mb": prediction_peak / 2**20,
                 "growth_mb": growth / 2**20,
@@ -610,27 +579,6 @@ DEFAULT_BENCHMARKS = [name for name in BENCHMARKS if name not in ON_REQUEST]
 # --------------------------------------------------------------------------- Markdown
 
 
-def _fmt(value, digits=1) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _run_line(machine: dict, settings: Settings) -> str:
-    kind = "QUICK smoke-test sizes, not a benchmark" if settings.quick else "sizes as stated"
-    return (
-        f"_Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores), "
-        f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}; {kind}; "
-        f"load average at start {'/'.join(f'{x:.1f}' for x in machine['load'])}._"
-    )
-
-
 def render_peak(peak: dict, machine: dict, settings: Settings) -> str:
     batch, height, width, channels = settings.conv_shape
     size = settings.matmul_size
@@ -641,36 +589,21 @@ def render_peak(peak: dict, machine: dict, settings: Settings) -> str:
     ):
         f32, bf16 = peak[name]["float32"], peak[name]["bfloat16"]
         ratio = bf16 / f32 if f32 and bf16 else None
-        rows.append([label, _fmt(f32), _fmt(bf16), _fmt(ratio, 2)])
+        rows.append([label, fmt(f32), fmt(bf16), fmt(ratio, 2)])
     f32, bf16 = peak["peak"]["float32"], peak["peak"]["bfloat16"]
-    rows.append(["**peak** (max of the two)", _fmt(f32), _fmt(bf16), _fmt(bf16 / f32, 2)])
+    rows.append(["**peak** (max of the two)", fmt(f32), fmt(bf16), fmt(bf16 / f32, 2)])
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["flags"].items())
     return "\n\n".join(
         [
             "## Machine peak",
-            _run_line(machine, settings),
+            run_line(machine, settings),
             f"CPU flags: {flags}. GPUs visible: {machine['gpus']}. "
             f"`--precision auto` resolves to **{machine['auto_precision']}** here.",
-            _table(["kernel", "float32 GFLOP/s", "bfloat16 GFLOP/s", "bf16 / fp32"], rows),
+            table(["kernel", "float32 GFLOP/s", "bfloat16 GFLOP/s", "bf16 / fp32"], rows),
             f"Best of {settings.peak_repeats} timed calls after one warm-up call. "
             f"Load average after: {peak['load']}.",
         ]
     )
-
-
-def _peak_line(result: dict) -> str:
-    used = result["peak_used"]
-    text = (
-        f"Peak of the same run: float32 {_fmt(used['float32'])} GFLOP/s, "
-        f"bfloat16 {_fmt(used['bfloat16'])} GFLOP/s."
-    )
-    if result.get("pending"):
-        text += (
-            " **Partial run**: still to be measured when this was written: "
-            + "; ".join(result["pending"])
-            + "."
-        )
-    return text
 
 
 def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
@@ -689,14 +622,14 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
             [
                 PRETRAIN_MODELS[row["model"]][0],
                 row["precision"],
-                _fmt(row["forward_gflop"]),
-                _fmt(row["step_seconds"], 2),
+                fmt(row["forward_gflop"]),
+                fmt(row["step_seconds"], 2),
                 f"{row['step_spread'][0]:.2f}-{row['step_spread'][1]:.2f}",
-                _fmt(row["images_per_second"], 3),
-                _fmt(row["gflops"]),
-                _fmt(row["peak_percent"]),
-                _fmt(row["images_per_second"] / base["images_per_second"], 2) if base else "n/a",
-                _fmt(row["images_per_second"] / twin["images_per_second"], 2) if twin else "-",
+                fmt(row["images_per_second"], 3),
+                fmt(row["gflops"]),
+                fmt(row["peak_percent"]),
+                fmt(row["images_per_second"] / base["images_per_second"], 2) if base else "n/a",
+                fmt(row["images_per_second"] / twin["images_per_second"], 2) if twin else "-",
                 row["load"],
             ]
         )
@@ -716,7 +649,7 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
     return "\n\n".join(
         [
             title,
-            _run_line(machine, settings),
+            run_line(machine, settings),
             f"Training steps (`train_on_batch`, Adam, binary cross-entropy, compiled as "
             f"`rmib.training` compiles) at {s['image_size']} px, batch {s['batch_size']}, "
             f"random images; {s['warmup_steps']} warm-up steps excluded, median of "
@@ -727,8 +660,8 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
             "% of peak is against the peak of the same precision (bfloat16 for "
             'mixed_bfloat16). "vs keras.applications" divides by the plain '
             "keras.applications model (weights=None, same head) in the same precision.",
-            _table(header, rows),
-            _peak_line(result),
+            table(header, rows),
+            peak_line(result),
             f"`--precision auto` picks **{result['auto_precision']}** on this machine "
             f"(native bfloat16 CPU support: {'yes' if result['cpu_bfloat16'] else 'no'}).",
             NOISE_NOTE,
@@ -753,13 +686,13 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
                 row["precision"],
                 f"{width}x{height}",
                 row["tiles"],
-                _fmt(row["seconds"]),
-                _fmt(row["photo_tflop"], 2),
-                _fmt(row["overhead"], 2),
-                _fmt(row["gflops"]),
-                _fmt(row["peak_percent"]),
-                _fmt(row.get("vs_ideal"), 2),
-                _fmt(row["peak_rss_mb"], 0),
+                fmt(row["seconds"]),
+                fmt(row["photo_tflop"], 2),
+                fmt(row["overhead"], 2),
+                fmt(row["gflops"]),
+                fmt(row["peak_percent"]),
+                fmt(row.get("vs_ideal"), 2),
+                fmt(row["peak_rss_mb"], 0),
                 row["load"],
             ]
         )
@@ -768,11 +701,11 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
                 [
                     "auto" if mode == "auto" else f"fixed {row['tile']}",
                     f"{width}x{height}",
-                    _fmt(height * width / 1e6, 1),
-                    _fmt(row["prediction_peak_rss_mb"], 0),
-                    _fmt(row["growth_mb"], 0),
-                    _fmt(FULL_SIZE_BYTES_PER_PIXEL * height * width / 2**20, 0),
-                    _fmt(row["beyond_mb"], 0),
+                    fmt(height * width / 1e6, 1),
+                    fmt(row["prediction_peak_rss_mb"], 0),
+                    fmt(row["growth_mb"], 0),
+                    fmt(FULL_SIZE_BYTES_PER_PIXEL * height * width / 2**20, 0),
+                    fmt(row["beyond_mb"], 0),
                 ]
             )
     header = [
@@ -792,7 +725,7 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
     sources = sorted({row["source"] for row in result["rows"]})
     parts = [
         "## tiled_prediction",
-        _run_line(machine, settings),
+        run_line(machine, settings),
         "Whole-photograph prediction with the VGG16-CBAM encoder-decoder "
         '(`build_encoder_decoder("vgg16", cbam=True)`, built under the precision policy) '
         "through `rmib.methods.encoder_decoder.segmenter.TiledSegmenter` (CLAHE, FOV mask), each run in a fresh "
@@ -807,11 +740,11 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
         "outside the field of view skipped) / photograph pixels; GFLOP/s counts the "
         "FLOPs actually run; **x ideal** = seconds / (model FLOPs for the whole photograph / "
         "the best peak measured in this run, "
-        f"{_fmt(result.get('best_peak'))} GFLOP/s) — the issue's target is 1.2. "
+        f"{fmt(result.get('best_peak'))} GFLOP/s) — the issue's target is 1.2. "
         "The authors' approach (same model in float32, same CLAHE) "
         "predicts every patch of a non-overlapping grid, one `model.predict` call each.",
-        _table(header, rows),
-        _peak_line(result),
+        table(header, rows),
+        peak_line(result),
     ]
     if memory:
         parts += [
@@ -823,7 +756,7 @@ def render_tiled(result: dict, machine: dict, settings: Settings) -> str:
             "the photograph and its preprocessed copy, uint8 RGB; the FOV mask, uint8; the "
             "float32 output map). With tiling, what is left should not grow with the "
             "photograph.",
-            _table(
+            table(
                 [
                     "tiles",
                     "photograph",

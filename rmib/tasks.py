@@ -19,6 +19,7 @@ import numpy as np
 from rmib import export, training
 from rmib.config import config_to_dict
 from rmib.errors import RmibError
+from rmib.inference.options import TilingOptions
 from rmib.methods.classifier import export as classifier_export
 from rmib.methods.classifier import train as classifier_train
 from rmib.methods.classifier.config import PretrainConfig
@@ -152,6 +153,7 @@ def load_segmenter(
     model_path,
     *,
     unsafe=False,
+    tiling: TilingOptions | None = None,
     tile=None,
     overlap=None,
     batch_size=None,
@@ -165,8 +167,9 @@ def load_segmenter(
     Args:
         model_path: run directory or `.keras` file.
         unsafe: allow models that need Keras unsafe deserialization (Lambda layers).
-        tile, overlap, batch_size, halo, max_tile: tiling overrides ("auto" or a side;
-            see `TiledSegmenter`).
+        tiling: how to tile (`rmib.inference.TilingOptions`); None: the run's own tiling.
+        tile, overlap, batch_size, halo, max_tile: the same one by one ("auto" or
+            a side; see `TiledSegmenter`); they override `tiling`.
         precision: the policy to predict in: "float32" (the default, as
             `rmib predict`), "mixed_bfloat16" or "mixed_float16" (see
             `rmib.training.devices.resolve_predict_precision` for "auto"); None: the
@@ -174,7 +177,7 @@ def load_segmenter(
         **overrides: metadata overrides (e.g. lesion="HE").
 
     Raises:
-        RmibError: the file is not an rmib segmentation model.
+        RmibError: the file is not an rmib segmentation model, or a bad tiling option.
     """
     model = training.load_model(model_path, unsafe=unsafe)
     if precision is not None:
@@ -192,42 +195,42 @@ def load_segmenter(
             f"{model_path}: unknown segmentation model type {model_type!r} "
             f"(known: {', '.join(SEGMENT_METHODS)})"
         )
-    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
-
-
-def _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile):
-    cls = SEGMENT_METHODS[model_type].segmenter
-    if halo is None and max_tile is None:
-        return cls(model, metadata, tile=tile, overlap=overlap, batch_size=batch_size)
-    if cls is not TiledSegmenter:
-        raise RmibError(
-            f"--halo and --max-tile apply to encoder-decoder models, not to {model_type}"
-        )
-    return cls(
-        model,
-        metadata,
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        halo=halo,
-        max_tile=max_tile,
-    )
+    given = dict(tile=tile, overlap=overlap, batch_size=batch_size, halo=halo, max_tile=max_tile)
+    return make_segmenter(model, metadata, tiling=tiling, **given)
 
 
 def make_segmenter(
-    model, metadata, *, tile=None, overlap=None, batch_size=None, halo=None, max_tile=None
+    model,
+    metadata,
+    *,
+    tiling: TilingOptions | None = None,
+    tile=None,
+    overlap=None,
+    batch_size=None,
+    halo=None,
+    max_tile=None,
 ):
     """The Segmenter of an already loaded model and its run metadata (as `load_segmenter`).
 
     Raises:
         RmibError: metadata of an unknown segmentation model type, or a bad tile.
     """
+    tiling = TilingOptions.of(
+        tiling, tile=tile, overlap=overlap, batch_size=batch_size, halo=halo, max_tile=max_tile
+    )
     model_type = dict(metadata or {}).get("model", "encoder-decoder")
     if model_type not in SEGMENT_METHODS:
         raise RmibError(
             f"unknown segmentation model type {model_type!r} (known: {', '.join(SEGMENT_METHODS)})"
         )
-    return _construct(model_type, model, metadata, tile, overlap, batch_size, halo, max_tile)
+    cls = SEGMENT_METHODS[model_type].segmenter
+    if cls is TiledSegmenter:
+        return cls(model, metadata, tiling=tiling)
+    if tiling.auto_only:
+        raise RmibError(
+            f"--halo and --max-tile apply to encoder-decoder models, not to {model_type}"
+        )
+    return cls(model, metadata, tiling.tile, tiling.overlap, tiling.batch_size)
 
 
 def method_of_run(run_metadata: dict) -> Method:

@@ -35,6 +35,38 @@ def synthetic_idrid(tmp_path_factory):
     return synthetic.write_dataset(tmp_path_factory.mktemp("idrid"), "idrid", 10, 128, seed=2)
 
 
+EPOCH_SECONDS = 60.0  # what an epoch costs on `fake_clock`
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """`time.monotonic` of the time limit, advanced by EPOCH_SECONDS at the start of every
+    epoch: time-limit tests count epochs, not wall-clock seconds."""
+    import types
+
+    from rmib.training import callbacks
+
+    clock = types.SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        clock.now += EPOCH_SECONDS
+
+    monkeypatch.setattr(callbacks._TimeLimit, "on_epoch_begin", on_epoch_begin)
+    return clock
+
+
+@pytest.fixture
+def eager():
+    """Run tf.functions eagerly: tracing the train steps of every phase takes far longer
+    than running a few tiny steps eagerly on a busy CPU."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(False)
+
+
 def invoke(args):
     """Run the rmib CLI in-process; return the click Result."""
     from click.testing import CliRunner

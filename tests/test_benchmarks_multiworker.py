@@ -13,6 +13,7 @@ import types
 import pytest
 
 from benchmarks import multiworker, run
+from rmib.training import local_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,11 +105,10 @@ def test_render_states_both_runs_the_ratio_and_what_it_means():
 
 def test_a_failing_child_is_an_error_with_its_log_and_stops_the_others(tmp_path, monkeypatch):
     # Worker 1 fails at once (unknown strategy); worker 0 would wait for it forever.
-    addresses = [f"127.0.0.1:{port}" for port in multiworker.free_ports(2)]
-    jobs = []
-    for index, strategy in enumerate(("multiworker", "no_such_strategy")):
-        tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-        jobs.append(({**JOB, "strategy": strategy, "run_dir": str(tmp_path / "run")}, tf_config))
+    strategies = ("multiworker", "no_such_strategy")
+    cluster = zip(local_cluster.local_cluster(2), strategies, strict=True)
+    run_dir = str(tmp_path / "run")
+    jobs = [({**JOB, "strategy": strategy, "run_dir": run_dir}, tf) for tf, strategy in cluster]
     # A clock that never moves: the timeout can never fire, so the only way out of the
     # wait (before pytest-timeout fails the test) is noticing worker 1's exit while
     # worker 0 still waits for its peer.
@@ -116,9 +116,9 @@ def test_a_failing_child_is_an_error_with_its_log_and_stops_the_others(tmp_path,
     clock = types.SimpleNamespace(
         perf_counter=lambda: 0.0, sleep=lambda s: sleeps.append(s) or time.sleep(s)
     )
-    monkeypatch.setattr(multiworker, "time", clock)
+    monkeypatch.setattr(local_cluster, "time", clock)
     with pytest.raises(RuntimeError, match="no_such_strategy") as error:
         multiworker.run_processes(jobs, tmp_path, timeout=90)
-    assert "benchmark child failed (exit 1)" in str(error.value)
+    assert "worker process failed (exit 1)" in str(error.value)
     assert "still running" not in str(error.value)
     assert sleeps  # it did poll while worker 0 was running

@@ -96,9 +96,10 @@ def grade():
 def train_command(data, out, config_path, resume, **flags):
     """Train the local net on mask-labelled patches, then the global net on weighted lesion maps.
 
-    --precision, --seed, --strategy, --early-stopping and --time-limit apply to
-    every phase (local net, global net, non-weighted baseline): each phase
-    stops after the last epoch that fits in --time-limit minutes.
+    --precision, --seed, --strategy and --early-stopping apply to every phase
+    (local net, global net, non-weighted baseline); --time-limit is the whole
+    run's: the run stops after the last epoch that fits, and the phases after
+    it wait for a --resume with a longer limit.
     """
     from rmib.config import load_config
     from rmib.tasks import GradeConfig, train_grader

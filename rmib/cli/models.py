@@ -387,25 +387,19 @@ def _model_options(func):
 def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load, precision):
     """The Segmenter of MODEL with the options of `_model_options` (threshold aside)."""
     from rmib import training
-    from rmib.errors import RmibError
+    from rmib.inference import TilingOptions
     from rmib.tasks import load_segmenter
     from rmib.training.devices import resolve_predict_precision
 
-    if overlap is not None and not 0.0 <= overlap < 1.0:
-        raise RmibError(f"--overlap must be in [0, 1), got {overlap}")
+    # TilingOptions checks --overlap before the model is loaded.
+    tiling = TilingOptions(
+        tile=tile, overlap=overlap, batch_size=batch_size, halo=halo, max_tile=max_tile
+    )
     trained = training.read_run_metadata(model).get("precision")
     resolved, reason = resolve_predict_precision(precision, trained)
     click.echo(f"precision {resolved}: {reason}")
     return load_segmenter(
-        model,
-        unsafe=unsafe_load,
-        tile=tile,
-        overlap=overlap,
-        batch_size=batch_size,
-        halo=halo,
-        max_tile=max_tile,
-        lesion=lesion,
-        precision=resolved,
+        model, unsafe=unsafe_load, tiling=tiling, lesion=lesion, precision=resolved
     )
 
 

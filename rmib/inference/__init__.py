@@ -1,6 +1,8 @@
-"""Whole-photograph inference: the tiling (`tiling`) and the Segmenter base class (`segmenter`)."""
+"""Whole-photograph inference: the tiling (`tiling`), its options (`options`) and the Segmenter
+base class (`segmenter`)."""
 
+from rmib.inference.options import TilingOptions
 from rmib.inference.tiling import *  # noqa: F403
 from rmib.inference.tiling import __all__ as _tiling_all
 
-__all__ = list(_tiling_all)
+__all__ = ["TilingOptions", *_tiling_all]

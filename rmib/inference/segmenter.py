@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from rmib.data import fundus
 from rmib.data.pipeline import Preprocessing, preprocess_array
+from rmib.inference.options import TilingOptions
 
 AUTO_TILE = "auto"
 DEFAULT_HALO = 64
@@ -29,11 +30,14 @@ class Segmenter:
         model: the trained Keras model.
         metadata: the run's rmib.json dict (lesion, preprocessing, sizes ...).
         tile, overlap, batch_size: tiling parameters (subclasses that tile).
+        tiling: the same as a `TilingOptions` (the arguments above override it).
     """
 
     model_type = "base"
 
-    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
+    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None, *, tiling=None):
+        tiling = TilingOptions.of(tiling, tile=tile, overlap=overlap, batch_size=batch_size)
+        tile, overlap, batch_size = tiling.tile, tiling.overlap, tiling.batch_size
         self.model = model
         self.metadata = dict(metadata or {})
         self.lesion = self.metadata.get("lesion")

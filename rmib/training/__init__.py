@@ -2,6 +2,7 @@
 
     runner.py       fit: precision, strategy, seed, compile, resume, train, final model
     distributed.py  fit's loop under MultiWorkerMirroredStrategy (strategy.run)
+    local_cluster.py  a multi-worker cluster on 127.0.0.1 (its TF_CONFIGs, its processes)
     devices.py      precision (training and prediction) and distribution strategies
     run_dir.py      the run directory, metadata inside .keras files, loading models
     callbacks.py    optimizer, learning-rate schedules, checkpoints, early stopping, time limit

@@ -143,9 +143,11 @@ class TrainingJob:
             final_model: model -> the network `model.keras` holds, when it is
                 not the trained model itself (`finish` then saves it).
             **fit_arguments: the other arguments of `rmib.training.fit`
-                (loss, metrics, steps_per_epoch, extra_callbacks ...).
+                (loss, metrics, steps_per_epoch, extra_callbacks ...); `save_final`
+                defaults to the end of the last phase when there is no `final_model`.
         """
         last = phase == self.phases[-1]
+        save_final = fit_arguments.pop("save_final", last and final_model is None)
         spent = self.seconds_before(phase)
         before = checkpoint_state(self.own_run, phase)
         if (
@@ -167,7 +169,7 @@ class TrainingJob:
             phase=phase,
             resume=self.resume,
             validation_callbacks=[validation] if validation is not None else [],
-            save_final=last and final_model is None,
+            save_final=save_final,
             time_spent=spent,
             verbose=self.verbose,
             **fit_arguments,
@@ -180,12 +182,27 @@ class TrainingJob:
             self.interrupted = True
         elif not last and _time_limited(state, config):
             # The next epoch would not fit, even if this phase happens to be complete.
-            self.stopped = True
-            self._say(
-                f"the time limit of {config.time_limit:g} min ended the run in phase {phase}; "
-                "its model is the run's model (continue with --resume and a longer --time-limit)"
-            )
+            self._stop_in(phase, config)
         return model
+
+    def loaded(self, phase, model) -> None:
+        """Take `model` as the finished `phase`'s without fitting it again.
+
+        For a method that loads its finished phases itself (the grader, which
+        then skips building their data): the run stops there, as `fit` would
+        stop it, when the time limit ended that phase before the last one.
+        """
+        self.model, self.phase = model, phase
+        state = checkpoint_state(self.own_run, phase)
+        if phase != self.phases[-1] and _time_limited(state, self.config):
+            self._stop_in(phase, self.config)
+
+    def _stop_in(self, phase, config: TrainConfig) -> None:
+        self.stopped = True
+        self._say(
+            f"the time limit of {config.time_limit:g} min ended the run in phase {phase}; "
+            "its model is the run's model (continue with --resume and a longer --time-limit)"
+        )
 
     def finish(self, validate: Callable | None = None, *, reuse_validation: bool = True) -> dict:
         """End the run: the final model, the final validation, `skipped.csv`.

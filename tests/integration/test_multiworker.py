@@ -10,9 +10,6 @@ workers against 4 in the single process.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -20,10 +17,11 @@ import numpy as np
 import pytest
 
 from rmib.errors import RmibError
+from rmib.training.local_cluster import local_cluster, run_workers, worker_environment
 
 pytestmark = pytest.mark.timeout(600)
 
-WORKER_TIMEOUT = 300  # seconds per process
+WORKER_TIMEOUT = 300  # seconds for the three processes together
 
 WORKER = textwrap.dedent(
     """
@@ -82,62 +80,19 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def environment(tf_config=None) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    return env
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """({worker index: result}, single-process result)."""
     tmp = tmp_path_factory.mktemp("multiworker")
     script = tmp / "worker.py"
     script.write_text(WORKER)
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        command = [sys.executable, str(script), str(tmp / "run"), str(tmp / f"w{index}.json"),
-                   "multi"]  # fmt: skip
-        processes.append(
-            subprocess.Popen(
-                command,
-                env=environment(tf_config),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    single = subprocess.run(
-        [sys.executable, str(script), str(tmp / "single"), str(tmp / "single.json"), "single"],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=WORKER_TIMEOUT,
-    )
-    try:
-        for process in processes:
-            _, stderr = process.communicate(timeout=WORKER_TIMEOUT)
-            assert process.returncode == 0, stderr[-3000:]
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait(timeout=30)
-    assert single.returncode == 0, single.stderr[-3000:]
+    # Two workers of one cluster and the single process, all at once.
+    runs = [(tmp / "run", tmp / f"w{i}.json", "multi") for i in range(2)]
+    runs.append((tmp / "single", tmp / "single.json", "single"))
+    commands = [[sys.executable, str(script), str(d), str(r), mode] for d, r, mode in runs]
+    environments = [worker_environment(c) for c in local_cluster(2)] + [worker_environment()]
+    logs = [tmp / f"log{i}.txt" for i in range(len(commands))]
+    run_workers(commands, environments, logs, WORKER_TIMEOUT)
     loaded = {i: json.loads((tmp / f"w{i}.json").read_text()) for i in range(2)}
     return loaded, json.loads((tmp / "single.json").read_text()), tmp
 

@@ -14,10 +14,7 @@ every epoch end), training loss and whole-image validation values.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(600)
 
-WORKER_TIMEOUT = 300  # seconds per process
+WORKER_TIMEOUT = 300  # seconds for both workers
 EPOCHS = 2
 RECIPE = """\
 [train]
@@ -39,21 +36,11 @@ max_filters = 16
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory) -> Path:
     """The run directory both workers trained into."""
     from rmib.data import synthetic
+    from rmib.training.local_cluster import local_cluster, run_workers, worker_environment
 
     tmp = tmp_path_factory.mktemp("multiworker-segment")
     # IDRiD_01-03 have EX, 04-06 not; 07-08 form the test split.
@@ -68,27 +55,10 @@ def cluster_run(tmp_path_factory) -> Path:
         "--batch-size", "1", "--precision", "float32", "--seed", "0",
         "--strategy", "multiworker", "--out", str(out),
     ]  # fmt: skip
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    processes, logs = [], []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-        env["TF_CONFIG"] = json.dumps(tf_config)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        log = tmp / f"worker{index}.log"
-        with open(log, "wb") as output:
-            processes.append(
-                subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-            )
-        logs.append(log)
-    try:
-        for process, log in zip(processes, logs, strict=True):
-            process.wait(timeout=WORKER_TIMEOUT)
-            assert process.returncode == 0, log.read_text()[-3000:]
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait(timeout=30)
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    environments = [worker_environment(c, OMP_NUM_THREADS=threads) for c in local_cluster(2)]
+    logs = [tmp / f"worker{index}.log" for index in range(2)]
+    run_workers([command] * 2, environments, logs, WORKER_TIMEOUT)
     return out
 
 

@@ -10,10 +10,8 @@ left, to the state an uninterrupted run ends in.
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import pytest
-import tensorflow as tf
 
 from rmib import training
 from rmib.config import TrainConfig
@@ -21,34 +19,11 @@ from rmib.data.readers import read_dataset
 from rmib.data.synthetic import write_dataset
 from rmib.methods.segment_config import Dual2NetConfig, LocalGlobalConfig, SegmentConfig
 from rmib.tasks import SEGMENT_METHODS, load_segmenter
-from rmib.training import callbacks
+from tests.conftest import EPOCH_SECONDS
 
 pytestmark = pytest.mark.timeout(2400)
 
-EPOCH_SECONDS = 60.0
 LIMIT_MINUTES = 2.5  # 150 s: two epochs fit (60 + 60 + another 60 > 150 after the second)
-
-
-@pytest.fixture
-def fake_clock(monkeypatch):
-    """`time.monotonic` of the time limit, advanced by 60 s at the start of every epoch."""
-    clock = types.SimpleNamespace(now=1000.0)
-    monkeypatch.setattr(callbacks, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
-
-    def on_epoch_begin(self, epoch, logs=None):
-        clock.now += EPOCH_SECONDS
-
-    monkeypatch.setattr(callbacks._TimeLimit, "on_epoch_begin", on_epoch_begin)
-    return clock
-
-
-@pytest.fixture
-def eager():
-    # Tracing the train steps of every phase takes far longer than running a few
-    # tiny steps eagerly on a busy CPU.
-    tf.config.run_functions_eagerly(True)
-    yield
-    tf.config.run_functions_eagerly(False)
 
 
 @pytest.fixture(scope="module")

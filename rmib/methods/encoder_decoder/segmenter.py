@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from rmib.data import fundus
 from rmib.errors import RmibError
+from rmib.inference.options import TilingOptions
 from rmib.inference.segmenter import (
     AUTO_TILE,
     DEFAULT_HALO,
@@ -24,11 +25,11 @@ def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
     pixels (one per call); a number gives fixed tiles overlapping by the fraction
     predict_overlap, predict_batch per call.
     """
-    if cfg.predict_tile == "auto":
-        return TiledSegmenter(
-            model, metadata, "auto", halo=cfg.predict_halo, max_tile=cfg.predict_max_tile
-        )
-    return TiledSegmenter(model, metadata, cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch)
+    if cfg.predict_tile == AUTO_TILE:
+        tiling = TilingOptions(AUTO_TILE, halo=cfg.predict_halo, max_tile=cfg.predict_max_tile)
+    else:
+        tiling = TilingOptions(cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch)
+    return TiledSegmenter(model, metadata, tiling=tiling)
 
 
 class TiledSegmenter(Segmenter):
@@ -63,6 +64,8 @@ class TiledSegmenter(Segmenter):
         max_tile: largest tile side ("auto" only): tiles hold at most
             ``max_tile ** 2`` pixels (default the run's ``predict_max_tile``, else 1024).
         max_tile_pixels: largest tile area, instead of `max_tile`.
+        tiling: tile, overlap, batch_size, halo and max_tile as one
+            `rmib.inference.TilingOptions` (the arguments given override it).
         scale: working resolution in (0, 1] (default the run's ``scale``, else 1):
             the preprocessed photograph and its field of view are resized by it
             (`rmib.data.fundus.rescale`), tiled as above, and the map resized back
@@ -84,8 +87,19 @@ class TiledSegmenter(Segmenter):
         max_tile=None,
         max_tile_pixels=None,
         scale=None,
+        tiling=None,
     ):
-        super().__init__(model, metadata, tile, overlap, batch_size)
+        tiling = TilingOptions.of(
+            tiling,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            halo=halo,
+            max_tile=max_tile,
+        )
+        super().__init__(model, metadata, tiling=tiling)
+        tile, overlap, batch_size = tiling.tile, tiling.overlap, tiling.batch_size
+        halo, max_tile = tiling.halo, tiling.max_tile
         self.scale = fundus.check_scale(self.metadata.get("scale", 1.0) if scale is None else scale)
         self.multiple = int(self.metadata.get("size_multiple", 32))
         tile = tile or self.metadata.get("predict_tile") or AUTO_TILE

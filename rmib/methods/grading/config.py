@@ -20,6 +20,7 @@ from rmib.config import TrainConfig, check_fields, require
 from rmib.data import readers
 from rmib.data.augment import AUGMENT_MODES
 from rmib.data.pipeline import Preprocessing
+from rmib.errors import RmibError
 from rmib.methods.grading.nets import VARIANTS
 from rmib.methods.grading.patches import PATCH_CLASSES
 
@@ -66,8 +67,10 @@ class GradeConfig:
         predict_batch: patches per local-net call when building lesion maps.
         cache_dir: keep preprocessed photographs here (memory-mapped), else recompute.
         on_bad: "error" or "skip" for unreadable files.
-        local_train: training of the local net (section `[local_train]`).
-        train: training of the global nets (section `[train]`).
+        local_train: training of the local net (section `[local_train]`); its
+            time_limit is 0 or train's.
+        train: training of the global nets (section `[train]`); its
+            time_limit is the whole run's (every phase together).
     """
 
     data: list = dataclasses.field(default_factory=list)
@@ -125,6 +128,12 @@ class GradeConfig:
         require(self, "normal_per_lesion", self.normal_per_lesion >= 0, "zero or positive")
         require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
         require(self, "predict_batch", self.predict_batch >= 1, "at least 1")
+        limits = (self.local_train.time_limit, self.train.time_limit)
+        if limits[0] not in (0.0, limits[1]):
+            raise RmibError(
+                f"local_train.time_limit is {limits[0]:g} min and train.time_limit "
+                f"{limits[1]:g}: the time limit is the whole run's; set it in [train] only"
+            )
 
     @property
     def num_classes(self) -> int:

@@ -5,8 +5,9 @@ convolutional neural networks": a local network labels the patches of an
 overlapping grid (normal, MA, haemorrhage, exudate); the labels and their
 probabilities form the weighting matrix M (`lesion_map.weighted_lesion_map`);
 a global network grades I* = (M / 4) * I resized to 256 px. This module wires
-the building blocks of `rmib.methods.grading` to datasets, the one training
-runner (`rmib.training.fit`) and the run directory.
+the building blocks of `rmib.methods.grading` to datasets, the training job
+(`rmib.training.TrainingJob`: the runner `rmib.training.fit`, one time limit for
+the whole run) and the run directory.
 
 A grading run directory holds, besides the runner's files (config.toml,
 rmib.json, history_<phase>.csv, checkpoints/, metrics.json):
@@ -31,7 +32,7 @@ from rmib import io
 from rmib.config import TrainConfig
 from rmib.data.pipeline import stratified_split
 from rmib.errors import RmibError
-from rmib.methods.grading.config import LOCAL_FILE, PHASES, GradeConfig, grade_metadata
+from rmib.methods.grading.config import PHASES, GradeConfig, grade_metadata
 from rmib.methods.grading.data import (
     array_dataset,
     balanced_class_weights,
@@ -43,7 +44,14 @@ from rmib.methods.grading.data import (
 )
 from rmib.methods.grading.nets import build_grading_global_net, build_grading_local_net
 from rmib.methods.grading.patches import PATCH_CLASSES
-from rmib.training import RunDirectory, fit, global_batch_size, load_model, read_run_metadata
+from rmib.training import (
+    RunDirectory,
+    TrainingJob,
+    checkpoint_state,
+    global_batch_size,
+    load_model,
+    run_finished,
+)
 
 _WORK = "work"  # scratch arrays of a training run (removed when it finishes)
 
@@ -59,13 +67,6 @@ def _split(records, fraction: float, seed: int, key):
     if fraction <= 0 or len(records) < 2:
         return list(records), []
     return stratified_split(records, fraction, seed=seed, key=key)
-
-
-def _start_epoch(run: RunDirectory, phase: str, resume: bool) -> int:
-    last = run.checkpoint_path("last", phase)
-    if not (resume and last.is_file()):
-        return 0
-    return int((read_run_metadata(last).get("checkpoint") or {}).get("epoch", 0))
 
 
 def _refuse_existing(run: RunDirectory) -> None:
@@ -101,13 +102,38 @@ class _Training:
         self.work = run.path / _WORK
         self.problems: list = []
         self.summary: dict = {}
+        # The phases share one clock: `[train] time_limit` is the whole run's.
+        phases = [phase for phase in PHASES if phase != "global_plain" or cfg.baseline]
+        self.job = TrainingJob(run, cfg.train, resume=resume, phases=phases, verbose=verbose)
+
+    def phase_config(self, phase: str) -> TrainConfig:
+        """The TrainConfig of `phase`, with the run's time limit."""
+        train_cfg = self.cfg.local_train if phase == "local" else self.cfg.train
+        return dataclasses.replace(train_cfg, time_limit=self.cfg.train.time_limit)
 
     def done(self, phase: str) -> bool:
-        """With --resume, a phase whose .keras file exists is finished."""
-        return self.resume and (self.run.path / PHASES[phase]).is_file()
+        """With --resume, a phase whose .keras file exists and that has nothing left to train
+        (a phase the time limit stopped goes on under a longer limit)."""
+        if not (self.resume and (self.run.path / PHASES[phase]).is_file()):
+            return False
+        state = checkpoint_state(self.job.own_run, phase)
+        return not state or run_finished(state, self.phase_config(phase))
 
-    def fit_phase(self, phase, build, train, val, train_cfg, augment, class_weight):
-        """Train one phase through the runner, save <phase file>.keras, return the model."""
+    def load(self, phase: str):
+        """The finished `phase`'s model, from its .keras file."""
+        self.echo(f"phase {phase}: {PHASES[phase]} exists, done")
+        model = load_model(self.run.path / PHASES[phase])
+        self.job.loaded(phase, model)
+        return model
+
+    def fit_phase(self, phase, build, train, val, augment, class_weight):
+        """Train one phase through the training job and save <phase file>.keras.
+
+        Returns:
+            The trained model; None when the run's time limit was spent before
+            the phase (nothing trained, no file saved).
+        """
+        train_cfg = self.phase_config(phase)
         if val is None:
             train_cfg = _without_validation(train_cfg)
         batch = global_batch_size(train_cfg)  # --batch-size is per replica
@@ -116,29 +142,28 @@ class _Training:
             batch,
             augment=augment,
             seed=train_cfg.seed,
-            start_epoch=_start_epoch(self.run, phase, self.resume),
+            start_epoch=self.job.start_epoch(phase),
             epochs=train_cfg.epochs,
         )
         val_ds = None
         if val is not None:
             val_ds, _ = array_dataset(*val, batch, shuffle=False)
-        model, _ = fit(
+        model = self.job.fit(
             build,
             train_ds,
             val_ds,
             # The runner's own class weights are binary; these are the 4- or 5-class ones.
             config=dataclasses.replace(train_cfg, class_weights=False),
-            run_dir=self.run,
-            loss="sparse_categorical_crossentropy",
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             metadata=self.metadata,
             phase=phase,
-            resume=self.resume,
+            loss="sparse_categorical_crossentropy",
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             steps_per_epoch=steps,
             class_weight=class_weight if train_cfg.class_weights else None,
-            save_final=False,
-            verbose=self.verbose,
+            save_final=False,  # each phase has its own file, and no model.keras
         )
+        if self.job.phase != phase:  # the time limit was spent: the phase waits
+            return None
         self.run.save_model(model, self.run.path / PHASES[phase], self.run.read_metadata())
         return model
 
@@ -146,8 +171,7 @@ class _Training:
         """Phase "local": the patch classifier on mask-labelled patches."""
         cfg = self.cfg
         if self.done("local"):
-            self.echo(f"phase local: {LOCAL_FILE} exists, done")
-            return load_model(self.run.path / LOCAL_FILE)
+            return self.load("local")
         seed = cfg.local_train.seed
         train_records, val_records = _split(records, cfg.val_fraction, seed, key=lambda r: r.label)
         sets = {}
@@ -192,7 +216,6 @@ class _Training:
             lambda: build_grading_local_net(cfg.patch_size, len(PATCH_CLASSES), cfg.dropout),
             (train.images, train.labels),
             (val.images, val.labels) if val is not None else None,
-            cfg.local_train,
             cfg.local_augment,
             balanced_class_weights(train.labels, len(PATCH_CLASSES)),
         )
@@ -201,9 +224,14 @@ class _Training:
         """Phases "global" (on I*) and "global_plain" (on the Graham image, the baseline)."""
         cfg = self.cfg
         phases = {"global": "weighted"} | ({"global_plain": "plain"} if cfg.baseline else {})
-        todo = {phase: kind for phase, kind in phases.items() if not self.done(phase)}
-        for phase in phases.keys() - todo.keys():
-            self.echo(f"phase {phase}: {PHASES[phase]} exists, done")
+        todo = {}
+        for phase, kind in phases.items():
+            if not self.job.running:  # the time limit ended the run in an earlier phase
+                return
+            if self.done(phase):
+                self.load(phase)
+            else:
+                todo[phase] = kind
         if not todo:
             return
         train_records, val_records = _split(
@@ -237,6 +265,8 @@ class _Training:
         )
         weights = balanced_class_weights(arrays["train"]["grades"], cfg.num_classes)
         for phase, kind in todo.items():
+            if not self.job.running:
+                break
             what = (
                 "the weighted lesion map I* = (M/4) * I"
                 if kind == "weighted"
@@ -255,7 +285,6 @@ class _Training:
                 ),
                 (arrays["train"][kind], arrays["train"]["grades"]),
                 (val[kind], val["grades"]) if val else None,
-                cfg.train,
                 cfg.augment,
                 weights,
             )
@@ -276,13 +305,16 @@ def train_grader(
     (patches labelled from MA/HE/EX masks), "global" (I* = (M / 4) * I of the
     graded images, M from the trained local net) and, with `cfg.baseline`,
     "global_plain" (the Graham image itself). Each saves its `.keras` file
-    (`PHASES`) when done.
+    (`PHASES`) when done. `cfg.train.time_limit` is the whole run's: when it
+    ends the run in a phase, that phase's file is saved and the later phases
+    wait for a resume with a longer limit.
 
     Args:
         cfg: the GradeConfig (its `data` lists the dataset roots).
         run_dir: the run directory (created).
         resume: continue an interrupted run; a phase whose `.keras` file
-            exists is done and is loaded instead of trained.
+            exists is done and is loaded instead of trained (unless the time
+            limit stopped it and the limit is now longer).
         echo: where progress messages go.
         progress: optional wrapper `progress(items, label) -> items` (a progress bar).
         verbose: Keras verbosity of `fit`.
@@ -322,7 +354,8 @@ def train_grader(
         notes.append(f"{data.held_out} images of split {cfg.holdout_split!r} held out")
     echo("; ".join(notes))
     local_net = training.local(data.masked)
-    training.global_phases(data.graded, local_net)
+    if training.job.running:
+        training.global_phases(data.graded, local_net)
     shutil.rmtree(training.work, ignore_errors=True)
     if training.problems:
         io.write_skipped(run.path, training.problems)

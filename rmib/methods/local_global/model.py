@@ -27,6 +27,8 @@ Reference:
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import keras
 import numpy as np
@@ -255,7 +257,11 @@ def _trunk(net, depth, base_filters, max_filters, l2, encoder, freeze_encoder):
     )
 
 
-def build_global_net(
+NETS = ("global", "local")
+
+
+def build_single_net(
+    net: str,
     depth: int,
     base_filters: int = DEFAULT_BASE_FILTERS,
     max_filters: int = DEFAULT_MAX_FILTERS,
@@ -263,50 +269,36 @@ def build_global_net(
     encoder=None,
     freeze_encoder: bool = True,
 ):
-    """GlobalNet alone (phase "global"): a U-Net whose trunk is "global_trunk".
+    """GlobalNet or LocalNet alone (phase "global" / "local"): a U-Net named "<net>_net".
 
-    With `encoder` (a backbone, used as is: pass a `copy_backbone`), the trunk's
-    encoder is that backbone cut at P{depth}, nested as "global_encoder" and
-    frozen when `freeze_encoder`.
+    Its trunk is "<net>_trunk" and its 1x1 output "<net>_head", the names of
+    `build_local_global`, so its weights load into the fused model
+    (`copy_matching_weights`). With `encoder` (a backbone, used as is: pass a
+    `copy_backbone`), the trunk's encoder is that backbone cut at P{depth},
+    nested as "<net>_encoder" and frozen when `freeze_encoder`.
+
+    Raises:
+        ValueError: `net` is neither "global" nor "local".
     """
+    if net not in NETS:
+        raise ValueError(f"net must be one of {', '.join(NETS)}, got {net!r}")
     return build_unet(
         depth,
         base_filters,
         max_filters,
         l2,
-        name="global_net",
-        trunk_name="global_trunk",
-        head_name="global_head",
+        name=f"{net}_net",
+        trunk_name=f"{net}_trunk",
+        head_name=f"{net}_head",
         encoder=encoder,
-        encoder_name="global_encoder",
+        encoder_name=f"{net}_encoder",
         freeze_encoder=freeze_encoder,
     )
 
 
-def build_local_net(
-    depth: int,
-    base_filters: int = DEFAULT_BASE_FILTERS,
-    max_filters: int = DEFAULT_MAX_FILTERS,
-    l2: float = 0.0,
-    encoder=None,
-    freeze_encoder: bool = True,
-):
-    """LocalNet alone (phase "local"): a U-Net whose trunk is "local_trunk".
-
-    `encoder`, `freeze_encoder`: as `build_global_net` ("local_encoder").
-    """
-    return build_unet(
-        depth,
-        base_filters,
-        max_filters,
-        l2,
-        name="local_net",
-        trunk_name="local_trunk",
-        head_name="local_head",
-        encoder=encoder,
-        encoder_name="local_encoder",
-        freeze_encoder=freeze_encoder,
-    )
+# GlobalNet and LocalNet alone: `build_single_net("global" | "local", depth, ...)`.
+build_global_net = functools.partial(build_single_net, "global")
+build_local_net = functools.partial(build_single_net, "local")
 
 
 def build_fusion_head(channels: int, filters: int, l2: float = 0.0, name: str = "fusion_head"):

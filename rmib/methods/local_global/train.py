@@ -65,9 +65,8 @@ from rmib.methods.local_global.config import (
 from rmib.methods.local_global.data import fused_dataset, global_dataset, load_photographs
 from rmib.methods.local_global.loss import WeightedBCE
 from rmib.methods.local_global.model import (
-    build_global_net,
     build_local_global,
-    build_local_net,
+    build_single_net,
     copy_backbone,
     copy_matching_weights,
     set_fusion_only_trainable,
@@ -89,23 +88,14 @@ def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict, encoders=None):
             net: copy_backbone(source, sizes.depths[net], name=f"{net}_backbone") for net in wanted
         }
 
-    def global_net():
-        return build_global_net(
-            sizes.global_depth,
+    def single_net():  # phase "global" or "local": GlobalNet or LocalNet alone
+        return build_single_net(
+            phase,
+            sizes.depths[phase],
             sizes.base_filters,
             sizes.max_filters,
             l2,
-            encoder=backbones("global").get("global"),
-            freeze_encoder=frozen,
-        )
-
-    def local_net():
-        return build_local_net(
-            sizes.local_depth,
-            sizes.base_filters,
-            sizes.max_filters,
-            l2,
-            encoder=backbones("local").get("local"),
+            encoder=backbones(phase).get(phase),
             freeze_encoder=frozen,
         )
 
@@ -133,7 +123,7 @@ def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict, encoders=None):
             model, fusion_only=phase == "fusion", freeze_encoders=frozen
         )
 
-    return {"global": global_net, "local": local_net}.get(phase, fused)
+    return single_net if phase in ("global", "local") else fused
 
 
 def _consumer(phases, index: int):

@@ -119,6 +119,30 @@ def test_tiling_arguments_are_checked():
     assert TiledSegmenter(model, {**meta, "predict_max_tile": 512}).max_tile_pixels == 512 * 512
 
 
+def test_tiling_options_are_the_keyword_arguments():
+    from rmib.inference import TilingOptions
+    from rmib.methods.encoder_decoder.segmenter import TiledSegmenter, tiled_segmenter
+    from rmib.methods.segment_config import SegmentConfig
+
+    model = _pointwise_model()
+    meta = {"lesion": "EX"}
+    auto = TiledSegmenter(model, meta, tiling=TilingOptions("auto", halo=8, max_tile=96))
+    assert (auto.tile, auto.halo, auto.max_tile_pixels, auto.batch_size) == ("auto", 8, 96**2, 1)
+    fixed = TiledSegmenter(model, meta, tiling=TilingOptions(64, 0.5, 3))
+    assert (fixed.tile, fixed.overlap, fixed.batch_size) == (64, 0.5, 3)
+    # An argument given one by one overrides the options.
+    assert TiledSegmenter(model, meta, 32, tiling=TilingOptions(64, 0.5)).tile == 32
+    with pytest.raises(RmibError, match="--halo and --max-tile apply to --tile auto"):
+        TiledSegmenter(model, meta, tiling=TilingOptions(64, halo=8))
+    # A SegmentConfig's predict_* fields, as whole-image validation uses them.
+    cfg = SegmentConfig(lesion="EX", predict_tile=64, predict_overlap=0.25, predict_batch=5)
+    from_config = tiled_segmenter(model, meta, cfg)
+    assert (from_config.tile, from_config.overlap, from_config.batch_size) == (64, 0.25, 5)
+    cfg = SegmentConfig(lesion="EX", predict_halo=16, predict_max_tile=128)
+    from_config = tiled_segmenter(model, meta, cfg)
+    assert (from_config.tile, from_config.halo, from_config.max_tile_pixels) == ("auto", 16, 128**2)
+
+
 def test_segment_config_predict_tile():
     from rmib.config import load_config
     from rmib.methods.segment_config import SegmentConfig

@@ -25,7 +25,6 @@ import rmib
 from rmib import io
 from rmib.cli import cli
 from rmib.cli.grade import GLOBAL_NETS
-from rmib.config import read_toml
 from rmib.data import readers, synthetic
 from rmib.methods.grading.data import balanced_class_weights, read_grading_data
 from rmib.methods.grading.evaluate import grading_report, patch_report, resolve_split
@@ -163,26 +162,6 @@ def test_resume_of_a_finished_run_trains_nothing(trained, idrid, recipe):
     assert (run / "history_global.csv").read_text() == before
     # Without --resume the run directory is refused before anything is trained.
     assert "already holds a grading run" in one_line_error(invoke(*args))
-
-
-def test_time_limit_stops_every_phase(idrid, recipe, eager, tmp_path):
-    run = tmp_path / "run"
-    flags = [*TRAIN_FLAGS, "--local-epochs", 20, "--epochs", 20, "--no-baseline"]
-    result = invoke(
-        "train", "--data", idrid, "--out", run, "--config", recipe, *flags,
-        "--time-limit", 0.0001, "--early-stopping", 3, "--strategy", "default",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    # 6 ms: each phase stops after its first epoch instead of running 20.
-    for phase in ("local", "global"):
-        rows = list(csv.DictReader((run / f"history_{phase}.csv").open()))
-        assert [int(r["epoch"]) for r in rows] == [1], phase
-    assert result.output.count("time limit of 0.0001 min reached after epoch 1") == 2
-    config = read_toml(run / "config.toml")
-    for section in ("local_train", "train"):
-        assert config[section]["time_limit"] == 0.0001
-        assert config[section]["early_stopping_patience"] == 3
-        assert config[section]["strategy"] == "default"
 
 
 def test_strategy_flag_reaches_the_runner(idrid, tmp_path, monkeypatch):

@@ -24,6 +24,8 @@ from rmib.methods.local_global.model import (
     build_global_net,
     build_local_global,
     build_local_net,
+    build_single_net,
+    copy_matching_weights,
     crop_global_features,
     default_depths,
     pad_global_features,
@@ -375,6 +377,19 @@ def test_single_net_segmenters_of_the_ablation(eager):
     np.testing.assert_allclose(
         prob[8:16, 16:24], local_net(image[None, 8:16, 16:24])[0, ..., 0], atol=1e-5
     )
+
+
+def test_single_nets_carry_the_fused_models_names_and_load_into_it():
+    fused = build_local_global(2, 1, 2, 4, 16)
+    for net, build in (("global", build_global_net), ("local", build_local_net)):
+        model = build(2 if net == "global" else 1, 2, 4)
+        assert model.name == f"{net}_net"
+        assert [layer.name for layer in model.layers[1:]] == [f"{net}_trunk", f"{net}_head"]
+        # Every weight moves into the fused model but LocalNet's head (fusion_head replaces it).
+        moved = model.weights if net == "global" else model.get_layer("local_trunk").weights
+        assert copy_matching_weights(model, fused) == len(moved) > 0
+    with pytest.raises(ValueError, match="net must be one of global, local, got 'fusion'"):
+        build_single_net("fusion", 2)
 
 
 def test_segmenter_skips_the_centre_crop_for_small_photographs_and_checks_the_tile(eager):
