@@ -78,10 +78,9 @@ def _writes_to_fd_2(stream) -> bool:
 
 
 @contextlib.contextmanager
-def _stderr_captured():
-    """Collect what C and C++ code write to file descriptor 2 into a list of lines;
+def _stderr_captured(lines: list[str]):
+    """Append what C and C++ code write to file descriptor 2 to `lines`;
     Python's own `sys.stderr` keeps writing where it did."""
-    lines: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
     python_stderr = sys.stderr
@@ -90,7 +89,7 @@ def _stderr_captured():
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
-            yield lines
+            yield
         finally:
             if sys.stderr is not python_stderr:
                 sys.stderr.close()
@@ -119,14 +118,17 @@ def import_tensorflow_quietly(show_log: bool = False) -> list[str]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:  # started already: nothing more to filter
         return []
-    with _stderr_captured() as lines:
-        import tensorflow as tf
+    lines: list[str] = []
+    try:
+        with _stderr_captured(lines):
+            import tensorflow as tf
 
-        # Finding the devices probes CUDA, which logs the cuInit error without a GPU.
-        tf.config.list_physical_devices()
-    kept, dropped = split_start_up_lines(lines)
-    for line in kept:
-        print(line, file=sys.stderr)
+            # Finding the devices probes CUDA, which logs the cuInit error without a GPU.
+            tf.config.list_physical_devices()
+    finally:  # what TensorFlow said before failing to start is shown too
+        kept, dropped = split_start_up_lines(lines)
+        for line in kept:
+            print(line, file=sys.stderr)
     return dropped
 
 
