@@ -130,6 +130,7 @@ def save_history_plot(histories: dict, path) -> Path | None:
     # backend, so a notebook's inline plots keep working.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     histories = {phase: rows for phase, rows in histories.items() if rows}
     columns = [key for rows in histories.values() for row in rows for key in row]
@@ -160,6 +161,7 @@ def save_history_plot(histories: dict, path) -> Path | None:
                     label=label,
                 )
         axes.set(title=title, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend(loc="best", fontsize="small")
     figure.tight_layout()

@@ -129,6 +129,7 @@ def _set_verbosity(ctx, param, value):
 verbose_option = click.option(
     "--verbose",
     type=click.IntRange(0, 2),
+    metavar="0|1|2",
     expose_value=False,
     callback=_set_verbosity,
     help="Training progress: 0 nothing, 1 Keras' progress bar, 2 one line per epoch "
