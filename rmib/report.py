@@ -1,9 +1,14 @@
-"""Pictures for people: overlays, comparison maps and contact sheets."""
+"""Pictures for people: overlays, comparison maps, contact sheets and training curves."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import cv2
 import numpy as np
+
+from rmib.io import atomic_path
 
 # Colours of the RMIB paper's comparison figures (RGB).
 TP_COLOUR = (255, 255, 0)  # yellow
@@ -89,3 +94,85 @@ def contact_sheet(rows, tile=256, labels=None, gap=4):
             x0 = gap + j * (tile + gap) + (tile - resized.shape[1]) // 2
             sheet[y0 : y0 + resized.shape[0], x0 : x0 + resized.shape[1]] = resized
     return sheet
+
+
+def history_panels(columns) -> list[tuple[str, list[str]]]:
+    """The panels of a run's `history.png`: [(title, [history columns drawn in it])].
+
+    One panel for the loss (with "val_loss"), then one per validation value
+    ("val_aupr", with its training counterpart "aupr" when logged); the
+    learning rate and the epoch are not drawn.
+    """
+    columns = list(dict.fromkeys(columns))
+    panels = (
+        [("loss", [c for c in ("loss", "val_loss") if c in columns])] if "loss" in columns else []
+    )
+    for column in columns:
+        if column.startswith("val_") and column != "val_loss":
+            name = column[len("val_") :]
+            panels.append((column, [column] + ([name] if name in columns else [])))
+    return panels
+
+
+def save_history_plot(histories: dict, path) -> Path | None:
+    """Draw the training curves of a run to `path` (PNG), atomically; one panel each.
+
+    Args:
+        histories: {phase or None: rows of the history CSV ({"epoch": n, column: value})}.
+            Each phase is its own line (its epochs count from 1); non-finite values
+            (epochs not validated) are gaps, single points are marked.
+        path: the PNG file to (re)write.
+
+    Returns:
+        `path`, or None when there is nothing to draw (no epoch yet).
+    """
+    # The object-oriented API draws with Agg without touching pyplot's global
+    # backend, so a notebook's inline plots keep working.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    histories = {phase: rows for phase, rows in histories.items() if rows}
+    columns = [key for rows in histories.values() for row in rows for key in row]
+    # A value with no finite epoch yet (validated every N epochs) has no panel yet.
+    drawn = {k for rows in histories.values() for row in rows for k in row if _finite(row[k])}
+    panels = [(t, keys) for t, keys in history_panels(columns) if drawn & set(keys)]
+    if not panels:
+        return None
+    path = Path(path)
+    figure = Figure(figsize=(5, 3 * len(panels)), dpi=80)
+    FigureCanvasAgg(figure)
+    for index, (title, keys) in enumerate(panels):
+        axes = figure.add_subplot(len(panels), 1, index + 1)
+        for phase, rows in histories.items():
+            epochs = [row["epoch"] for row in rows]
+            for key in keys:
+                values = [_finite(row.get(key)) for row in rows]
+                if all(v is None for v in values):
+                    continue
+                label = key + (f" ({phase})" if phase else "")
+                style = "-" if key == title or key == "val_loss" else "--"
+                axes.plot(
+                    epochs,
+                    [float("nan") if v is None else v for v in values],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label=label,
+                )
+        axes.set(title=title, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
+def _finite(value):
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -29,7 +29,7 @@ from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
 from rmib.methods.encoder_decoder import export as encoder_decoder_export
 from rmib.methods.encoder_decoder import train as encoder_decoder_train
 from rmib.methods.encoder_decoder.segmenter import TiledSegmenter
-from rmib.methods.encoders import describe_encoder
+from rmib.methods.encoders import check_encoder, describe_encoder
 from rmib.methods.grading import export as grading_export
 from rmib.methods.grading.config import GradeConfig
 from rmib.methods.grading.grader import Grader
@@ -97,7 +97,8 @@ METHODS = {
         "segment",
         dual2net_train.train,
         Dual2NetSegmenter,
-        export=dual2net_export.export,
+        dual2net_train.resolve_config,
+        dual2net_export.export,
     ),
     "grading": Method("grading", "grade", train_grader, export=grading_export.export),
 }
@@ -116,16 +117,31 @@ def check_segment_config(cfg: SegmentConfig) -> None:
         check(cfg)
 
 
-def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo) -> dict:
-    """Train the configured segmenter in `cfg.out`; returns the validation metrics."""
+def run_segment(cfg: SegmentConfig, resume=False, echo=click.echo, dry_run=False) -> dict:
+    """Train the configured segmenter in `cfg.out`; returns the validation metrics.
+
+    Everything that can be checked without the data (the run directory, sizes,
+    encoder, weights) is checked before the data is read; with `dry_run` the
+    configuration, the data found and the run directory are printed and
+    nothing is written (returns {}).
+    """
     training.RunDirectory(cfg.out, create=False).refuse_new_run_over_old(resume)
     check_segment_config(cfg)
+    check_encoder(cfg)
     if cfg.model == "encoder-decoder":
         echo(describe_encoder(cfg) + (f"; working scale {cfg.scale:g}" if cfg.scale != 1 else ""))
     records = lesion_records(cfg.data, cfg.lesion, cfg.on_bad)
     train_records, val_records = split_records(records, cfg)
     if not train_records:
         raise RmibError("every annotated image is held out for validation: nothing to train on")
+    if dry_run:
+        found = [
+            f"{cfg.model} for {cfg.lesion}: {len(records)} images annotated for it in "
+            f"{', '.join(map(str, cfg.data))}: {len(train_records)} for training, "
+            f"{len(val_records)} for validation"
+        ]
+        echo(training.dry_run_report(cfg, found, cfg.out, resume))
+        return {}
     run = training.RunDirectory(cfg.out)
     # Only the chief of a multi-worker run writes `--out` (the runner puts the
     # other workers' checkpoints under `workers/`).
@@ -334,9 +350,9 @@ def export_model(
     )
 
 
-def run_pretrain(cfg, resume=False, echo=click.echo) -> dict:
+def run_pretrain(cfg, resume=False, echo=click.echo, dry_run=False) -> dict:
     """Train the stage-1 classifier (`rmib pretrain`); see `rmib.methods.classifier.train`."""
-    return classifier_train.run_pretrain(cfg, resume=resume, echo=echo)
+    return classifier_train.run_pretrain(cfg, resume=resume, echo=echo, dry_run=dry_run)
 
 
 def load_grader(run_dir, *, batch_size: int = 256, unsafe: bool = False) -> Grader:

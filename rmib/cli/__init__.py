@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -83,7 +82,7 @@ def reference_markdown() -> str:
 
 
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's log level is set by the commands that start it (--tf-log).
     return cli.main(args=argv, prog_name="rmib")
 
 

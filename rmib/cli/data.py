@@ -74,8 +74,17 @@ def inspect_command(root, layout, quick, on_bad, as_json):
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth(out, layout, count, size, seed):
-    """Write a synthetic fundus dataset of COUNT images to OUT in a real layout."""
+    """Write a synthetic fundus dataset of COUNT images to OUT (a new or empty folder)
+    in a real layout."""
     from rmib.data import synthetic  # imported here: only this command needs it
+
+    if out.is_dir() and any(out.iterdir()):
+        # Its files would replace same-named ones: a real dataset's photographs.
+        raise click.BadParameter(
+            f"{out} holds files, which same-named synthetic ones would replace; "
+            "choose a new or empty folder",
+            param_hint="'OUT'",
+        )
 
     path = synthetic.write_dataset(out, layout, count, size, seed)
     dataset = readers.read_dataset(path, layout=layout)

@@ -7,9 +7,10 @@ import pathlib
 import click
 
 from rmib import choices
+from rmib.cli.options import TensorFlowCommand
 
 
-@click.command()
+@click.command(cls=TensorFlowCommand)
 @click.argument("model", type=click.Path(exists=True, path_type=pathlib.Path))
 @click.option(
     "--format",

@@ -10,12 +10,15 @@ from rmib import choices
 from rmib.cli.options import (
     OUT_DIR,
     RECIPE_FILE,
+    TensorFlowCommand,
+    dry_run_option,
     early_stopping_option,
     max_pixels_option,
     on_bad_option,
     start_cluster_strategy,
     strategy_option,
     time_limit_option,
+    verbose_option,
 )
 
 GLOBAL_NETS = choices.GLOBAL_NETS
@@ -40,7 +43,7 @@ def grade():
     """
 
 
-@grade.command("train")
+@grade.command("train", cls=TensorFlowCommand)
 @click.option(
     "--data",
     "data",
@@ -91,9 +94,11 @@ def grade():
 )
 @click.option("--cache-dir", type=OUT_DIR, help="Keep preprocessed photographs here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@dry_run_option
+@verbose_option
 @on_bad_option
 @max_pixels_option
-def train_command(data, out, config_path, resume, **flags):
+def train_command(data, out, config_path, resume, dry_run, **flags):
     """Train the local net on mask-labelled patches, then the global net on weighted lesion maps.
 
     --precision, --seed, --strategy and --early-stopping apply to every phase
@@ -128,13 +133,17 @@ def train_command(data, out, config_path, resume, **flags):
         overrides[f"local_train.{name}"] = flags[name]
     cfg = load_config(GradeConfig, config_path, overrides)
     start_cluster_strategy(cfg.train.strategy)
-    summary = train_grader(cfg, out, resume=resume, echo=click.echo, progress=_progress)
+    summary = train_grader(
+        cfg, out, resume=resume, echo=click.echo, progress=_progress, dry_run=dry_run
+    )
+    if dry_run:
+        return
     click.echo(f"Wrote the grading run to {out}")
     if summary.get("skipped_files"):
         click.echo(f"{summary['skipped_files']} bad file(s) skipped; see {out / 'skipped.csv'}")
 
 
-@grade.command("predict")
+@grade.command("predict", cls=TensorFlowCommand)
 @click.argument("run", type=_existing_dir)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=pathlib.Path))
 @click.option("--out", required=True, type=OUT_DIR, help="Folder for predictions and maps.")
@@ -165,7 +174,7 @@ def predict_command(run, images, out, patch_batch, on_bad):
     click.echo(f"Graded {len(rows)} image(s); wrote {out / 'predictions.csv'}")
 
 
-@grade.command("evaluate")
+@grade.command("evaluate", cls=TensorFlowCommand)
 @click.argument("run", type=_existing_dir)
 @click.option(
     "--data",

@@ -12,7 +12,9 @@ from rmib.cli.options import (
     OUT_DIR,
     RECIPE_FILE,
     TILE_SIDE,
+    TensorFlowCommand,
     batch_size_option,
+    dry_run_option,
     early_stopping_option,
     max_pixels_option,
     on_bad_option,
@@ -21,6 +23,7 @@ from rmib.cli.options import (
     strategy_option,
     threshold_option,
     time_limit_option,
+    verbose_option,
 )
 
 _path = click.Path(path_type=pathlib.Path)
@@ -60,6 +63,8 @@ def train_options(func):
             type=RECIPE_FILE,
             help="A TOML recipe file or a recipe name (`rmib recipes`); flags override it.",
         ),
+        dry_run_option,
+        verbose_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -96,7 +101,7 @@ def _overrides(kwargs, keys):
     return out
 
 
-@click.command()
+@click.command(cls=TensorFlowCommand)
 @click.option(
     "--data",
     multiple=True,
@@ -118,7 +123,7 @@ def _overrides(kwargs, keys):
 @train_options
 @on_bad_option
 @max_pixels_option
-def pretrain(config_path, resume, on_bad, **kwargs):
+def pretrain(config_path, resume, on_bad, dry_run, **kwargs):
     """Train a VGG16 / ResNet50 (+CBAM) lesion / healthy classifier (stage 1)."""
     from rmib.config import load_config
     from rmib.methods.classifier.config import PretrainConfig
@@ -141,10 +146,10 @@ def pretrain(config_path, resume, on_bad, **kwargs):
     overrides["on_bad"] = on_bad
     cfg = load_config(PretrainConfig, config_path, overrides)
     start_cluster_strategy(cfg.train.strategy)
-    run_pretrain(cfg, resume=resume)
+    run_pretrain(cfg, resume=resume, dry_run=dry_run)
 
 
-@click.command()
+@click.command(cls=TensorFlowCommand)
 @click.option(
     "--data",
     multiple=True,
@@ -246,6 +251,7 @@ def segment(
     config_path,
     resume,
     on_bad,
+    dry_run,
     dual2net_image_size,
     global_size,
     base_filters,
@@ -309,7 +315,7 @@ def segment(
         # a backbone name (which SegmentConfig's default alone does not select).
         cfg.local_global.encoder_nets = ["global", "local"]
     start_cluster_strategy(cfg.train.strategy)
-    run_segment(cfg, resume=resume)
+    run_segment(cfg, resume=resume, dry_run=dry_run)
 
 
 def _resumed_config(resume, out, config_path):
@@ -403,7 +409,7 @@ def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsa
     )
 
 
-@click.command()
+@click.command(cls=TensorFlowCommand)
 @click.argument("model", type=_existing)
 @click.argument("images", nargs=-1, required=True, type=_path)
 @click.option("--out", type=OUT_DIR, required=True, help="Output folder.")
@@ -431,7 +437,7 @@ def predict(model, images, out, threshold, on_bad, **model_options):
     )
 
 
-@click.command()
+@click.command(cls=TensorFlowCommand)
 @click.argument("model", type=_existing)
 @click.option(
     "--data",

@@ -139,3 +139,59 @@ class RecipeFile(click.ParamType):
 
 
 RECIPE_FILE = RecipeFile()
+# --------------------------------------------------------------------------- what is printed
+
+
+def _set_verbosity(ctx, param, value):
+    from rmib.console import set_training_verbosity
+
+    set_training_verbosity(value)
+    return value
+
+
+verbose_option = click.option(
+    "--verbose",
+    type=click.IntRange(0, 2),
+    metavar="0|1|2",
+    expose_value=False,
+    callback=_set_verbosity,
+    help="Training progress: 0 nothing, 1 Keras' progress bar, 2 one line per epoch "
+    "[1 on a terminal, 2 when the output is a file or a pipe].",
+)
+
+dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check everything, print the resolved configuration, the data found and the run "
+    "directory, and exit without writing anything.",
+)
+
+
+class TensorFlowCommand(click.Command):
+    """A command that runs TensorFlow: it takes `--tf-log`, and without it TensorFlow
+    starts quietly (`rmib.console.import_tensorflow_quietly`) once the command line
+    has been checked, so a refused command line costs no TensorFlow start-up."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["--tf-log"],
+                is_flag=True,
+                expose_value=False,
+                callback=_remember_tf_log,
+                help="Show TensorFlow's own log (start-up lines, device probing), "
+                "filtered out by default.",
+            )
+        )
+
+    def invoke(self, ctx):
+        from rmib.console import import_tensorflow_quietly
+
+        import_tensorflow_quietly(show_log=ctx.meta.get("rmib.tf_log", False))
+        return super().invoke(ctx)
+
+
+def _remember_tf_log(ctx, param, value):
+    ctx.meta["rmib.tf_log"] = value
+    return value

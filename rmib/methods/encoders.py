@@ -66,6 +66,23 @@ def encoder_factory(cfg: SegmentConfig):
     return build, info, frozen
 
 
+def check_encoder(cfg: SegmentConfig) -> None:
+    """Refuse an `encoder` or `weights` the run could not use, before any data is read.
+
+    A stage-1 run must exist and be a `rmib pretrain` run; a backbone name must
+    be known and its `weights` loadable (`rmib.models.backbones.check_weights`).
+    Nothing is built or loaded.
+
+    Raises:
+        RmibError: naming the encoder or weights and what was expected.
+    """
+    encoder_factory(cfg)
+    if not _is_run(cfg.encoder):
+        from rmib.models.backbones import check_weights
+
+        check_weights(cfg.encoder, cfg.weights)
+
+
 def describe_encoder(cfg: SegmentConfig) -> str:
     """One line saying what the encoder-decoder's encoder is built from, and whether it trains.
 

@@ -313,6 +313,45 @@ def load_backbone_weights(model, name, weights):
     return model
 
 
+def check_weights(name, weights) -> None:
+    """Refuse `weights` that `build_backbone(name, weights=...)` could not load, without
+    building the model or downloading anything (commands call it before reading data).
+
+    Checks that "imagenet" is in the Keras cache or can be downloaded, and that a path
+    is an existing `.h5` / `.weights.h5` file (a plain `.h5` one a Keras HDF5 weights
+    file); whether its layers match the architecture shows when it is loaded.
+
+    Raises:
+        RmibError: naming the weights and what was expected.
+    """
+    if weights is None or (isinstance(weights, str) and weights.lower() in ("", "none")):
+        return
+    key = str(name).lower()
+    if key not in _BACKBONES:
+        raise RmibError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        file_name = _BACKBONES[key][1]
+        if not _cached_imagenet_file(file_name) and not _online(_WEIGHTS_HOST):
+            raise RmibError(_offline_message(file_name))
+        return
+    path = Path(weights)
+    _check_weights_file(path)
+    if not path.name.endswith(".weights.h5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as file:
+                group = file["model_weights"] if "model_weights" in file else file
+                keras_file = "layer_names" in group.attrs
+        except OSError as exc:
+            raise RmibError(f"{path}: not a readable HDF5 weights file ({exc})") from None
+        if not keras_file:
+            raise RmibError(
+                f"{path}: not a Keras HDF5 weights file (no 'layer_names'); "
+                "expected e.g. a keras.applications ImageNet file"
+            )
+
+
 def _keras_cache_dirs():
     # Where keras.utils.get_file caches: $KERAS_HOME, else ~/.keras, else /tmp/.keras.
     homes = [os.environ.get("KERAS_HOME"), "~/.keras", "/tmp/.keras"]
@@ -337,16 +376,27 @@ def _online(host, timeout=2.0):
     return bool(result)
 
 
-def _imagenet_file(file_name, file_hash, folder):
+def _cached_imagenet_file(file_name):
     for directory in _keras_cache_dirs():
         if (directory / file_name).is_file():
             return directory / file_name
+    return None
+
+
+def _offline_message(file_name) -> str:
+    return (
+        f"ImageNet weights ({file_name}) are not in the Keras cache "
+        f"({_keras_cache_dirs()[0]}) and cannot be downloaded offline; "
+        "pass --weights PATH (a downloaded copy of that file) or --weights none"
+    )
+
+
+def _imagenet_file(file_name, file_hash, folder):
+    cached = _cached_imagenet_file(file_name)
+    if cached:
+        return cached
     if not _online(_WEIGHTS_HOST):
-        raise RmibError(
-            f"ImageNet weights ({file_name}) are not in the Keras cache "
-            f"({_keras_cache_dirs()[0]}) and cannot be downloaded offline; "
-            "pass --weights PATH (a downloaded copy of that file) or --weights none"
-        )
+        raise RmibError(_offline_message(file_name))
     try:
         return Path(
             keras.utils.get_file(
@@ -360,12 +410,18 @@ def _imagenet_file(file_name, file_hash, folder):
         ) from None
 
 
-def _load_weights_file(model, path):
+def _check_weights_file(path):
     if not path.is_file():
         raise RmibError(
             f"{path}: weights file not found (expected a .h5 or .weights.h5 file, "
             "'imagenet' or 'none')"
         )
+    if not path.name.endswith(".weights.h5") and path.suffix.lower() not in (".h5", ".hdf5"):
+        raise RmibError(f"{path}: not a weights file (expected a .h5 or .weights.h5 file)")
+
+
+def _load_weights_file(model, path):
+    _check_weights_file(path)
     if path.name.endswith(".weights.h5"):
         try:
             model.load_weights(path)
@@ -375,10 +431,8 @@ def _load_weights_file(model, path):
                 f"{path}: cannot load these weights into {model.name} ({reason}); "
                 "a .weights.h5 file must come from the same backbone and cbam setting"
             ) from None
-    elif path.suffix.lower() in (".h5", ".hdf5"):
-        _load_h5_by_name(model, path)
     else:
-        raise RmibError(f"{path}: not a weights file (expected a .h5 or .weights.h5 file)")
+        _load_h5_by_name(model, path)
 
 
 def _decode(names):

@@ -222,6 +222,41 @@ class _TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class _EpochLine(keras.callbacks.Callback):
+    """Prints one line per epoch (`verbose=2`): what a log file or a pipe can hold.
+
+    Keras' own verbose=2 writes two lines per epoch, and its bar writes carriage
+    returns; this line has the epoch, its seconds and every finite value logged
+    (validation callbacks run before it, so their values are in it).
+    """
+
+    def __init__(self, epochs: int, phase: str | None = None, echo=print):
+        super().__init__()
+        self.epochs, self.phase, self.echo = epochs, phase, echo
+        self.start = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.echo(
+            epoch_line(epoch + 1, self.epochs, logs, time.monotonic() - self.start, self.phase)
+        )
+
+
+def epoch_line(epoch: int, epochs: int, logs, seconds: float, phase: str | None = None) -> str:
+    """ "epoch 3/10 (phase local) 12.3 s: loss 0.4123, val_aupr 0.5012" (non-finite values left out)."""
+    values = []
+    for key, value in (logs or {}).items():
+        if np.size(value) != 1:
+            continue
+        number = float(np.asarray(value))
+        if math.isfinite(number):
+            values.append(f"{key} {number:.4g}")
+    where = f" (phase {phase})" if phase else ""
+    return f"epoch {epoch}/{epochs}{where} {seconds:.1f} s: " + ", ".join(values)
+
+
 class _RunCheckpoint(keras.callbacks.Callback):
     """At each epoch end: history row, best and last checkpoints, state, early stopping.
 

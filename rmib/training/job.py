@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from rmib.config import TrainConfig
+from rmib.console import training_verbosity
 from rmib.data.pipeline import PreprocessedCache, load_examples
 from rmib.evaluation import WholeImageValidation, final_validation
 from rmib.io import write_skipped
@@ -45,7 +46,8 @@ class TrainingJob:
         resume: continue an interrupted run.
         phases: the names of the run's phases in order (`fit`'s `phase`);
             (None,) for a method trained in one go.
-        verbose: Keras verbosity (0 silent, 1 progress bars, 2 a line per epoch).
+        verbose: 0 silent, 1 Keras' progress bars, 2 a line per epoch; None:
+            `rmib.console.training_verbosity` (bars on a terminal, else lines).
 
     Attributes:
         run: the run directory; `own_run` is where this process writes (the
@@ -67,13 +69,13 @@ class TrainingJob:
         *,
         resume: bool = False,
         phases: Sequence = (None,),
-        verbose=1,
+        verbose=None,
     ):
         self.run = run if isinstance(run, RunDirectory) else RunDirectory(run)
         self.config = config
         self.resume = resume
         self.phases = tuple(phases)
-        self.verbose = verbose
+        self.verbose = training_verbosity(verbose)
         self.strategy = get_strategy(config.strategy)
         self.chief = is_chief(self.strategy)
         self.own_run = worker_run_directory(self.run, self.strategy)

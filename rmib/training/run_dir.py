@@ -6,6 +6,8 @@ Run directory (one per training command, see DESIGN.md "Runs and models on disk"
     rmib.json              task, lesion, backbone, preprocessing, sizes, precision,
                            rmib version, creation time
     history.csv            one row per epoch (history_<phase>.csv for phased methods)
+    history.png            loss and validation values per epoch, one panel each,
+                           redrawn after every epoch
     metrics.json           summary of training (and later evaluation) results
     checkpoints/last.keras model + optimizer state after the latest epoch
     checkpoints/best.keras the best epoch by `TrainConfig.monitor`
@@ -54,6 +56,7 @@ from rmib.config import config_to_dict, dump_toml
 from rmib.errors import RmibError, first_line
 from rmib.io import atomic_path, atomic_write, remove_atomic_temporaries
 from rmib.registration import register_custom_objects
+from rmib.report import save_history_plot
 from rmib.training.devices import is_chief
 
 METADATA_ATTRIBUTE = "rmib_metadata"
@@ -213,6 +216,7 @@ class RunDirectory:
     METADATA = "rmib.json"
     METRICS = "metrics.json"
     MODEL = "model.keras"
+    HISTORY_PLOT = "history.png"
     CHECKPOINTS = "checkpoints"
     TENSORBOARD = "tensorboard"
     WORKERS = "workers"
@@ -250,6 +254,10 @@ class RunDirectory:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / self.TENSORBOARD
+
+    @property
+    def history_plot_path(self) -> Path:
+        return self.path / self.HISTORY_PLOT
 
     def history_path(self, phase: str | None = None) -> Path:
         return self.path / _phased("history", phase, ".csv")
@@ -358,6 +366,17 @@ class RunDirectory:
             writer.writerow({k: _format_cell(row.get(k)) for k in columns})
         with atomic_write(self.history_path(phase), "w", encoding="utf-8", newline="") as f:
             f.write(text.getvalue())
+        self.write_history_plot()
+
+    def write_history_plot(self) -> Path | None:
+        """Redraw `history.png` from every history CSV of the run (one line per phase,
+        phases in the order they were written); None before the first epoch."""
+        files = sorted(self.path.glob("history*.csv"), key=lambda p: p.stat().st_mtime_ns)
+        histories = {}
+        for file in files:
+            phase = file.stem[len("history_") :] if file.stem != "history" else None
+            histories[phase] = self.read_history(phase)
+        return save_history_plot(histories, self.history_plot_path)
 
     # -- models
 
@@ -463,3 +482,39 @@ def checkpoint_state(run: RunDirectory, phase: str | None = None) -> dict:
     if not last.is_file():
         return {}
     return dict(_embedded_metadata(last).get("checkpoint") or run.read_state(phase) or {})
+
+
+def dry_run_report(config, data_lines, out, resume: bool) -> str:
+    """What a training command would do, for `--dry-run`: the resolved configuration
+    (as its config.toml), the data found and the run directory; nothing is written.
+
+    Args:
+        config: the resolved config dataclass (or its dict).
+        data_lines: lines describing the data found (images, splits, labels).
+        out: the run directory.
+        resume: whether the command was asked to continue the run.
+    """
+    data = config if isinstance(config, dict) else config_to_dict(config)
+    run = RunDirectory(out, create=False)
+    if not run.path.exists():
+        where = "does not exist yet: it would be created"
+    elif not any(run.path.iterdir()):
+        where = "exists and is empty"
+    else:
+        done = sorted(p.name for p in run.checkpoints_dir.glob("last*.keras"))
+        done += [run.MODEL] if run.model_path.is_file() else []
+        where = f"holds a run ({', '.join(done)})" if done else "exists and holds no run"
+        where += ": --resume would continue it" if done and resume else ""
+    return "\n".join(
+        [
+            "dry run: nothing is read beyond the file lists and masks, nothing written",
+            "",
+            "# resolved configuration (config.toml)",
+            dump_toml(data).rstrip(),
+            "",
+            "# data",
+            *data_lines,
+            "",
+            f"# run directory\n{run.path}: {where}",
+        ]
+    )

@@ -21,8 +21,10 @@ import numpy as np
 import tensorflow as tf
 
 from rmib.config import TrainConfig, config_to_dict
+from rmib.console import training_verbosity
 from rmib.errors import RmibError, first_line
 from rmib.training.callbacks import (
+    _EpochLine,
     _NonFiniteLoss,
     _restore_seed_generators,
     _RunCheckpoint,
@@ -112,6 +114,10 @@ def _say(message: str, verbose) -> None:
         print(f"rmib: {message}", flush=True)
 
 
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
 def _history_columns(rows: list[dict]) -> dict[str, list]:
     columns: dict[str, list] = {}
     for row in rows:
@@ -145,7 +151,7 @@ def fit(
     time_spent: float = 0.0,
     allow_slow: bool = False,
     unsafe_load: bool = False,
-    verbose=1,
+    verbose=None,
 ):
     """Train a model in a run directory: the one runner every rmib command uses.
 
@@ -201,7 +207,8 @@ def fit(
             the whole run, so they count against it.
         allow_slow: accept mixed_float16 on a CPU (tests only).
         unsafe_load: allow Lambda layers when reloading a checkpoint.
-        verbose: Keras verbosity (0 silent, 1 progress bar, 2 one line per epoch).
+        verbose: 0 silent, 1 Keras' progress bar, 2 one line per epoch; None:
+            `rmib.console.training_verbosity` (the bar on a terminal, else lines).
 
     Returns:
         (model, history): the trained model (best weights with
@@ -216,6 +223,7 @@ def fit(
             `resolve_precision`, `get_strategy` and `load_model`.
     """
     cfg = config
+    verbose = training_verbosity(verbose)
     strategy = get_strategy(cfg.strategy)
     run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     # Every worker saves the same weights; only the chief writes the run itself.
@@ -296,6 +304,8 @@ def fit(
         run, cfg, phase, state, history, run_metadata, plateau[0] if plateau else None, clock
     )
     callbacks = [_StopOnNonFiniteLoss(), clock, *validation_callbacks, *plateau, checkpoint]
+    if verbose == 2:
+        callbacks.append(_EpochLine(cfg.epochs, phase, echo=_print_line))
     if cfg.tensorboard:
         log_dir = run.tensorboard_dir / phase if phase else run.tensorboard_dir
         callbacks.append(
@@ -317,7 +327,7 @@ def fit(
                 validation_steps=validation_steps or cfg.validation_steps,
                 class_weight=class_weight,
                 callbacks=callbacks,
-                verbose=verbose,
+                verbose=1 if verbose == 1 else 0,  # 2: _EpochLine's lines
             )
         else:
             model.fit(
@@ -329,7 +339,7 @@ def fit(
                 validation_steps=validation_steps or cfg.validation_steps,
                 class_weight=class_weight,
                 callbacks=callbacks,
-                verbose=verbose,
+                verbose=1 if verbose == 1 else 0,  # 2: _EpochLine's lines
             )
     except _NonFiniteLoss as bad:
         where = f"epoch {bad.epoch}" + (f", batch {bad.batch}" if bad.batch else "")

@@ -16,6 +16,7 @@ def test_pretrain_writes_the_whole_run_directory(pretrain_run):
         "config.toml",
         "rmib.json",
         "history.csv",
+        "history.png",
         "metrics.json",
         "model.keras",
         "roc_curve.png",

@@ -55,14 +55,29 @@ def classification_records(data_roots, on_bad="error"):
     return records
 
 
-def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo) -> dict:
-    """Train the classifier in `cfg.out`; returns the validation metrics."""
+def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo, dry_run=False) -> dict:
+    """Train the classifier in `cfg.out`; returns the validation metrics.
+
+    The run directory and the weights are checked before the data is read;
+    with `dry_run` the configuration, the data found and the run directory are
+    printed and nothing is written (returns {}).
+    """
     from rmib.models import build_classifier
+    from rmib.models.backbones import check_weights
 
     training.RunDirectory(cfg.out, create=False).refuse_new_run_over_old(resume)
+    check_weights(cfg.backbone, cfg.weights)
     weights = None if cfg.weights in ("", "none") else cfg.weights
     records = classification_records(cfg.data, cfg.on_bad)
     train_records, val_records = stratified_split(records, cfg.val_fraction, seed=cfg.train.seed)
+    if dry_run:
+        lesion = sum(r.label for r in records)
+        found = [
+            f"{len(records)} labelled images in {', '.join(map(str, cfg.data))} ({lesion} with "
+            f"lesions): {len(train_records)} for training, {len(val_records)} for validation"
+        ]
+        echo(training.dry_run_report(cfg, found, cfg.out, resume))
+        return {}
     run = training.RunDirectory(cfg.out)
     job = training.TrainingJob(run, cfg.train, resume=resume)
     if job.chief:

@@ -157,7 +157,7 @@ def _say(message: str, verbose) -> None:
 
 
 def train(
-    cfg: SegmentConfig, train_records, val_records, run, resume: bool = False, *, verbose=1
+    cfg: SegmentConfig, train_records, val_records, run, resume: bool = False, *, verbose=None
 ) -> dict:
     """Train Dual2Net (or a single-branch ablation, `[dual2net] variant`) in `run`.
 
@@ -176,7 +176,7 @@ def train(
         train_records, val_records: `Record`s annotated for `cfg.lesion`.
         run: the `rmib.training.RunDirectory` (or its path).
         resume: continue an interrupted run.
-        verbose: Keras verbosity (0 silent, 1 progress bars, 2 a line per epoch).
+        verbose: 0 silent, 1 progress bars, 2 a line per epoch; None: by the terminal.
 
     Returns:
         Validation metrics of the final model on the held-out whole photographs
@@ -205,7 +205,7 @@ def train(
     val_examples = job.load_examples(val_records, prep, cfg.lesion, cfg.cache_dir, cfg.on_bad)
     cfg, notes = resolve_config(cfg, has_validation=bool(val_examples))
     for note in notes:
-        _say(note, verbose)
+        _say(note, job.verbose)
     # Only the chief of a multi-worker run writes the run directory itself; the
     # others keep their model where the runner put their checkpoints.
     if job.chief:

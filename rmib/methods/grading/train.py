@@ -44,10 +44,12 @@ from rmib.methods.grading.data import (
 )
 from rmib.methods.grading.nets import build_grading_global_net, build_grading_local_net
 from rmib.methods.grading.patches import PATCH_CLASSES
+from rmib.models.backbones import check_weights
 from rmib.training import (
     RunDirectory,
     TrainingJob,
     checkpoint_state,
+    dry_run_report,
     global_batch_size,
     load_model,
     run_finished,
@@ -297,7 +299,8 @@ def train_grader(
     resume: bool = False,
     echo: Callable[[str], None] = print,
     progress=None,
-    verbose=2,
+    verbose=None,
+    dry_run: bool = False,
 ) -> dict:
     """Train the local net, then the global net on weighted lesion maps (and the plain baseline).
 
@@ -317,7 +320,9 @@ def train_grader(
             limit stopped it and the limit is now longer).
         echo: where progress messages go.
         progress: optional wrapper `progress(items, label) -> items` (a progress bar).
-        verbose: Keras verbosity of `fit`.
+        verbose: Keras verbosity of `fit`; None: `rmib.console.training_verbosity`.
+        dry_run: print the configuration, the data found and the run
+            directory, write nothing and return {}.
 
     Returns:
         What the run trained on (also merged into metrics.json under "data").
@@ -327,6 +332,10 @@ def train_grader(
             lesion patch, an existing run without `resume`, and the runner's errors.
     """
     roots = [Path(p) for p in cfg.data]
+    if not resume:
+        _refuse_existing(RunDirectory(run_dir, create=False))
+    if cfg.global_net != "yang":
+        check_weights(cfg.global_net, cfg.global_weights)
     data = read_grading_data(
         roots, cfg.num_classes, exclude_split=cfg.holdout_split, on_bad=cfg.on_bad
     )
@@ -334,9 +343,14 @@ def train_grader(
         raise no_masks_error(roots, data, cfg.holdout_split)
     if not data.graded:
         raise no_grades_error(roots, data, cfg.num_classes)
+    if dry_run:
+        found = [
+            f"{len(data.masked)} images with MA/HE/EX masks (the local net's patches), "
+            f"{len(data.graded)} graded images (the global net) in {', '.join(map(str, roots))}"
+        ]
+        echo(dry_run_report(cfg, found, run_dir, resume))
+        return {}
     run = RunDirectory(run_dir)
-    if not resume:
-        _refuse_existing(run)
     run.write_config(cfg)
     training = _Training(cfg, run, resume, echo, progress, verbose)
     run.write_metadata(training.metadata)
