@@ -134,7 +134,7 @@ def test_rmib_pretrain_passes_cbam_init_to_the_config(tmp_path, monkeypatch):
     from tests.conftest import invoke
 
     seen = []
-    monkeypatch.setattr(rmib.tasks, "run_pretrain", lambda cfg, resume=False: seen.append(cfg))
+    monkeypatch.setattr(rmib.tasks, "run_pretrain", lambda cfg, resume=False, **_: seen.append(cfg))
     (tmp_path / "data").mkdir()
     base = ["pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run", "--cbam"]
     assert invoke([*base, "--cbam-init", "woo"]).exit_code == 0
