@@ -103,7 +103,7 @@ def test_row_commands_are_one_command_line_each(tmp_path):
         assert all(isinstance(a, str) for a in command)
         assert "--time-limit" in command and command[command.index("--time-limit") + 1] == "30.0"
         assert command[command.index("--precision") + 1] == "float32"
-        if key != "stage1":
+        if not key.startswith("stage1"):
             assert command.count("--val-names") == 11
     transferred = idrid_real.row_command("EX_a_seed1", ctx)
     assert transferred[transferred.index("--encoder") + 1] == str(tmp_path / "stage1")
@@ -112,6 +112,16 @@ def test_row_commands_are_one_command_line_each(tmp_path):
     assert (
         unet[unet.index("--scale") + 1] == "0.5" and unet[unet.index("--patch-size") + 1] == "256"
     )
+    woo, stage1 = idrid_real.row_command("stage1_woo", ctx), idrid_real.row_command("stage1", ctx)
+    assert woo[woo.index("--cbam-init") + 1] == "woo" and "--cbam-init" not in stage1
+    assert woo[woo.index("--out") + 1] == str(tmp_path / "stage1_woo")
+    assert [a for a in woo if a not in ("--cbam-init", "woo")][:-1] == stage1[:-1]
+    dual2net = idrid_real.row_command("EX_d", ctx)  # offline: no ImageNet; 30 GB at full size
+    assert dual2net[dual2net.index("--weights") + 1] == "none"
+    at = dual2net.index("--image-size")
+    assert dual2net[at + 1 : at + 3] == ["320", "480"]
+    scratch = idrid_real.row_command("SE_b", ctx)
+    assert scratch[scratch.index("--encoder") + 1] == "vgg16" and "--cbam" in scratch
 
 
 def test_sections_not_re_measured_are_kept(tmp_path):
