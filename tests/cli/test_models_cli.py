@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmib import io, training
-from tests.conftest import invoke
+from tests.conftest import invoke, own_copy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,12 +33,14 @@ def test_pretrain_writes_the_whole_run_directory(pretrain_run):
     assert len(history) == 3  # header + 2 epochs
 
 
-def test_pretrain_resume_of_a_finished_run_trains_nothing(pretrain_run):
-    before = (pretrain_run / "history.csv").read_text()
-    result = invoke(["pretrain", "--config", pretrain_run / "config.toml", "--resume"])
+def test_pretrain_resume_of_a_finished_run_trains_nothing(pretrain_run, tmp_path):
+    run = own_copy(pretrain_run, tmp_path / "pretrain")  # the other tests read the original
+    before = (run / "history.csv").read_text()
+    result = invoke(["pretrain", "--config", run / "config.toml", "--resume"])
     assert result.exit_code == 0, result.output
     assert "nothing to train" in result.output or "already finished" in result.output
-    assert (pretrain_run / "history.csv").read_text() == before
+    assert (run / "history.csv").read_text() == before
+    assert str(run) in result.output  # the copy resumed, not the run the other tests read
 
 
 def test_segment_transfers_the_stage1_encoder(segment_run, pretrain_run):
