@@ -1,17 +1,16 @@
 """`rmib.training.TrainingJob`: every segmenter stops, resumes and reports alike.
 
-One scenario for each method, on a fake clock (every epoch costs exactly 60
-seconds; no wall-clock assertion): a run with `time_limit` 2.5 minutes stops
-after the last epoch that fits in the whole run (phases together), ends with
-a `model.keras`, and a resume with a longer limit trains exactly the epochs
-left, to the state an uninterrupted run ends in.
+The scenario every `tests/training/test_job_<method>.py` runs (a file per method, so
+that `pytest -n 2 --dist loadfile` spreads them over the workers). One scenario for each
+method, on a fake clock (every epoch costs exactly 60 seconds; no wall-clock
+assertion): a run with `time_limit` 2.5 minutes stops after the last epoch that fits
+in the whole run (phases together), ends with a `model.keras`, and a resume with a
+longer limit trains exactly the epochs left, to the state an uninterrupted run ends in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import pytest
 
 from rmib import training
 from rmib.config import TrainConfig
@@ -21,14 +20,12 @@ from rmib.methods.segment_config import Dual2NetConfig, LocalGlobalConfig, Segme
 from rmib.tasks import SEGMENT_METHODS, load_segmenter
 from tests.conftest import EPOCH_SECONDS
 
-pytestmark = pytest.mark.timeout(2400)
-
 LIMIT_MINUTES = 2.5  # 150 s: two epochs fit (60 + 60 + another 60 > 150 after the second)
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    root = write_dataset(tmp_path_factory.mktemp("idrid"), "idrid", count=5, size=64, seed=0)
+def _records(folder):
+    """Training and validation records (4 and 1) of a tiny synthetic IDRiD tree in `folder`."""
+    root = write_dataset(folder, "idrid", count=5, size=64, seed=0)
     annotated = [r for r in read_dataset(root).records if r.masks.get("EX") is not None]
     return annotated[1:], annotated[:1]
 
@@ -106,13 +103,12 @@ def _epochs(run, phases):
     return {phase: [row["epoch"] for row in run.read_history(phase)] for phase in phases}
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_every_segmenter_stops_at_the_run_time_limit_and_resumes(
-    name, records, tmp_path, fake_clock, eager
-):
+def run_scenario(name, tmp_path):
+    """Train segmenter `name` in `tmp_path` under the limit, resume it under the same limit,
+    then under a longer one. Needs the `fake_clock` fixture (`eager` makes it faster)."""
     cfg, stopped, final, stop_phase = SCENARIOS[name]
     train = SEGMENT_METHODS[name].train
-    train_records, val_records = records
+    train_records, val_records = _records(tmp_path / "idrid")
     run = training.RunDirectory(tmp_path / "run")
     kwargs = {"verbose": 0} if name == "dual2net" else {}
 
