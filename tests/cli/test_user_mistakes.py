@@ -5,6 +5,7 @@ lesion, thresholds, tiles, patch sizes, names, splits), empty mask sets refused.
 """
 
 import csv
+import functools
 import hashlib
 import json
 import shutil
@@ -16,7 +17,7 @@ from rmib import io
 from rmib.data import readers
 from rmib.methods.segment_data import lesion_records
 from rmib.predict import read_probability_png
-from tests.conftest import invoke
+from tests.conftest import invoke, own_copy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,6 +41,14 @@ def tree_digest(root):
         else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
     }
+
+
+@functools.cache
+def built_tree_digest(root):
+    """`tree_digest` of a session fixture's folder (a shared run, a dataset) as this process
+    first saw it: no test writes there, so a refused command must leave it exactly so.
+    Hashing the runs (900 MB) once, not before every refusal, halves what the checks cost."""
+    return tree_digest(root)
 
 
 def assert_refused(result, *names, exit_code=None):
@@ -235,7 +244,7 @@ def test_evaluate_names_the_unknown_names_and_the_valid_splits(
 def test_pretrain_over_a_finished_run_is_refused_before_writing(
     pretrain_run, synthetic_kaggle, tmp_path
 ):
-    before = tree_digest(pretrain_run)
+    before = built_tree_digest(pretrain_run)
     config = (pretrain_run / "config.toml").read_bytes()
     result = invoke(
         ["pretrain", "--data", synthetic_kaggle, "--out", pretrain_run, "--backbone", "resnet50",
@@ -249,7 +258,7 @@ def test_pretrain_over_a_finished_run_is_refused_before_writing(
 def test_segment_over_a_finished_run_is_refused_before_writing(
     segment_run, pretrain_run, synthetic_idrid
 ):
-    before = tree_digest(segment_run)
+    before = built_tree_digest(segment_run)
     result = invoke(
         ["segment", "--data", synthetic_idrid, "--lesion", "HE", "--encoder", pretrain_run,
          "--patch-size", 32, "--out", segment_run, *TINY_SEGMENT]
@@ -305,13 +314,11 @@ def test_single_empty_masks_are_normal(synthetic_idrid, tmp_path):
     readers.require_lesion_pixels(dataset.with_lesion("EX"), "EX", root)
 
 
-def test_resume_without_a_recipe_continues_the_run_with_its_own_settings(segment_run, tmp_path):
+def test_resume_without_a_recipe_continues_the_run_with_its_own_settings(
+    segment_run, tmp_path, eager
+):
     """`--resume --out RUN` reads RUN/config.toml: the run's lesion, data and sizes, not defaults."""
-    run = tmp_path / "resumed"
-    shutil.copytree(segment_run, run)
-    (run / "config.toml").write_text(
-        (run / "config.toml").read_text().replace(str(segment_run), str(run))
-    )
+    run = own_copy(segment_run, tmp_path / "resumed")
     result = invoke(["segment", "--resume", "--out", run, "--epochs", 3])
     assert result.exit_code == 0, result.output
     assert "encoder-decoder for EX:" in result.output

@@ -95,7 +95,7 @@ def _segment_args(data, out, *more):
     ]
 
 
-def test_scaled_run_stores_its_scale_and_predicts_full_size(synthetic_idrid, tmp_path):
+def test_scaled_run_stores_its_scale_and_predicts_full_size(synthetic_idrid, tmp_path, eager):
     from rmib.tasks import load_segmenter
 
     run = tmp_path / "scaled"
@@ -152,6 +152,9 @@ def test_first_line_names_the_encoder(synthetic_idrid, pretrain_run, tmp_path):
     assert transferred == f"encoder: the stage-1 classifier of {pretrain_run}, transferred, frozen"
     named = SegmentConfig(encoder="resnet50", cbam=True, weights="imagenet")
     assert describe_encoder(named) == "encoder: resnet50+CBAM with imagenet weights, frozen"
-    result = invoke(_segment_args(synthetic_idrid, tmp_path / "default"))
+    # The line comes before the data is read: a dry run prints it as a training does
+    # (the scaled run above checks it in a training's output).
+    result = invoke([*_segment_args(synthetic_idrid, tmp_path / "default"), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == describe_encoder(SegmentConfig())
+    assert "dry run" in result.output and not (tmp_path / "default").exists()
