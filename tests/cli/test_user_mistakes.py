@@ -314,9 +314,7 @@ def test_single_empty_masks_are_normal(synthetic_idrid, tmp_path):
     readers.require_lesion_pixels(dataset.with_lesion("EX"), "EX", root)
 
 
-def test_resume_without_a_recipe_continues_the_run_with_its_own_settings(
-    segment_run, tmp_path, eager
-):
+def test_resume_without_a_recipe_continues_the_run_with_its_own_settings(segment_run, tmp_path):
     """`--resume --out RUN` reads RUN/config.toml: the run's lesion, data and sizes, not defaults."""
     run = own_copy(segment_run, tmp_path / "resumed")
     result = invoke(["segment", "--resume", "--out", run, "--epochs", 3])
