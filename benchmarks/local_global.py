@@ -193,9 +193,9 @@ def local_global_prediction(settings, peak: dict, progress=None) -> dict:
     """Seconds per photograph: fused local-global U-Net vs LocalNet alone, per precision.
 
     Args:
-        settings: `benchmarks.run.Settings` (photo_shape, precisions,
+        settings: `benchmarks.settings.Settings` (photo_shape, precisions,
             timed_steps: photographs timed per model, at most 2; quick).
-        peak: `benchmarks.run.measure_peak`'s result.
+        peak: `benchmarks.peak.measure_peak`'s result.
         progress: called with the partial result after each precision.
 
     Returns:

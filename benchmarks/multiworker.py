@@ -254,8 +254,8 @@ def multiworker_throughput(settings, peak: dict, progress=None) -> dict:
     """Training images/s of one job: one process vs two workers on 127.0.0.1.
 
     Args:
-        settings: `benchmarks.run.Settings` (quick, warmup_steps, timed_steps).
-        peak: `benchmarks.run.measure_peak`'s result.
+        settings: `benchmarks.settings.Settings` (quick, warmup_steps, timed_steps).
+        peak: `benchmarks.peak.measure_peak`'s result.
         progress: called with the partial result after the single-process run.
 
     Returns:

@@ -5,7 +5,9 @@
   top-level application modules) never imports a method, the table or the CLI, not even
   inside a function;
 - a method imports no other method (only `rmib.tasks` knows every method);
-- no module over `MAX_LINES` lines.
+- no module over `MAX_LINES` lines, in `rmib/` and in `benchmarks/`;
+- no import cycle among the benchmark modules, not even through an import inside a
+  function (each benchmark is a module of its own; `benchmarks.run` registers them).
 """
 
 from __future__ import annotations
@@ -47,21 +49,22 @@ def _module_name(path: Path) -> str:
 
 
 MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+BENCHMARK_MODULES = {_module_name(p): p for p in sorted((ROOT / "benchmarks").rglob("*.py"))}
 
 
-def _imports(path: Path, nested: bool) -> set[str]:
-    """The rmib modules `path` imports (at module level, or anywhere if `nested`)."""
+def _imports(path: Path, nested: bool, modules=MODULES) -> set[str]:
+    """The `modules` (rmib's) `path` imports (at module level, or anywhere if `nested`)."""
     tree = ast.parse(path.read_text())
     nodes = ast.walk(tree) if nested else tree.body
     found = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            submodules = {f"{node.module}.{a.name}" for a in node.names} & MODULES.keys()
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
             found.update(submodules)
-            if node.module in MODULES and len(submodules) < len(node.names):
+            if node.module in modules and len(submodules) < len(node.names):
                 found.add(node.module)  # a name of the module itself, not a submodule
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name in MODULES)
+            found.update(a.name for a in node.names if a.name in modules)
     found.discard(_module_name(path))
     return found
 
@@ -119,6 +122,12 @@ def test_no_import_cycle():
     assert _cycles(graph) == []
 
 
+def test_no_import_cycle_among_the_benchmarks():
+    graph = {m: _imports(p, True, BENCHMARK_MODULES) for m, p in BENCHMARK_MODULES.items()}
+    assert "benchmarks.idrid_real" in graph["benchmarks.run"]  # the registry's imports are seen
+    assert _cycles(graph) == []
+
+
 def test_infrastructure_imports_no_method_table_or_cli():
     offences = []
     for module, path in MODULES.items():
@@ -145,9 +154,9 @@ def test_a_method_imports_no_other_method():
     assert offences == []
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(MODULES | BENCHMARK_MODULES))
 def test_module_size(module):
-    lines = len(MODULES[module].read_text().splitlines())
+    lines = len((MODULES | BENCHMARK_MODULES)[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module}: {lines} lines (the house keeps modules near 500)"
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/idrid_real.py: the split, stage-1 exclusion, skip logic and renderer."""
+"""benchmarks/idrid_real/: the split, stage-1 exclusion, skip logic and renderer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import idrid_real, run
+from benchmarks.idrid_real import cli, runner
 from tests.conftest import PROJECT_ROOT
 
 
@@ -96,7 +97,7 @@ def test_renderer_shows_measured_rows_and_never_invents_the_others():
 
 
 def test_row_commands_are_one_command_line_each(tmp_path):
-    ctx = idrid_real._context(False, 30.0, tmp_path, None)
+    ctx = runner._context(False, 30.0, tmp_path, None)
     ctx["val_names"] = list(idrid_real.VAL_NAMES)
     for key in idrid_real.ROWS:
         command = idrid_real.row_command(key, ctx)
@@ -163,7 +164,7 @@ def test_quick_mode_runs_end_to_end(shared_data, tmp_path):
 def test_committed_rows_render_into_benchmarks_md(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     run.write_markdown(out, {"tile_aupr": "kept"})
-    idrid_real.render_committed(out)
+    cli.render_committed(out)
     sections = run.read_sections(out)
     committed = idrid_real.load_results(idrid_real.RESULTS)["rows"]
     assert sections["tile_aupr"] == "kept"
@@ -174,7 +175,7 @@ def test_committed_rows_render_into_benchmarks_md(tmp_path):
 def test_a_lever_is_its_recipe_with_the_overrides_and_a_row_of_its_own(tmp_path):
     import tomllib
 
-    ctx = idrid_real._context(False, 10.0, tmp_path, None)
+    ctx = runner._context(False, 10.0, tmp_path, None)
     ctx["val_names"] = list(idrid_real.VAL_NAMES)
     ctx["lever"] = "lr3e-4"
     command = idrid_real.row_command("EX_a_seed0", ctx)
@@ -264,7 +265,7 @@ def test_screening_rows_render_into_their_own_section(tmp_path):
         "lever": {"name": "base", "description": "d", "overrides": {}},
     }  # fmt: skip
     idrid_real.save_results(screening, {"rows": {"EX_a_seed0+base": row}, "minutes": 10.0})
-    idrid_real.render_committed(out, screening)
+    cli.render_committed(out, screening)
     sections = run.read_sections(out)
     assert sections["idrid_real"] == "final rows, kept"
     assert "| EX_a_seed0+base | EX |" in sections["idrid_real_screening_10min"]

@@ -80,6 +80,10 @@ def build_unet_trunk(
     l2: float = 0.0,
     name: str = "unet_trunk",
     input_shape=(None, None, 3),
+    *,
+    encoder=None,
+    encoder_name: str | None = None,
+    freeze_encoder: bool = False,
 ):
     """A U-Net without its output layer: image -> the decoder's last feature map.
 
@@ -97,13 +101,21 @@ def build_unet_trunk(
         l2: L2 factor on every convolution kernel (0 = none).
         name: the trunk's name and layer-name prefix.
         input_shape: (height, width, 3); None sides accept any multiple of 2**depth.
+        encoder: a backbone as the encoder: the trunk is then
+            `build_encoder_unet_trunk`'s (any input size; `input_shape` unused).
+        encoder_name, freeze_encoder: see `build_encoder_unet_trunk`.
 
     Returns:
         A `keras.Model` from (B, H, W, 3) to (B, H, W, base_filters).
 
     Raises:
-        ValueError: bad depth or widths (see `unet_filters`).
+        ValueError: bad depth or widths (see `unet_filters`), a depth beyond the
+            encoder's deepest tap.
     """
+    if encoder is not None:
+        return build_encoder_unet_trunk(
+            encoder, depth, base_filters, max_filters, l2, name, encoder_name, freeze_encoder
+        )
     widths = unet_filters(depth, base_filters, max_filters)
     inputs = keras.Input(shape=tuple(input_shape), name=f"{name}_image")
     x = keras.layers.Rescaling(1.0 / 255.0, name=f"{name}_rescale")(inputs)
@@ -236,8 +248,8 @@ def build_unet(
 ):
     """A binary-segmentation U-Net (Yan et al. 2019's GlobalNet / LocalNet).
 
-    image (B, H, W, 3) in [0, 255] -> trunk (`build_unet_trunk`, or
-    `build_encoder_unet_trunk` with `encoder`, nested as a sub-model) ->
+    image (B, H, W, 3) in [0, 255] -> trunk (`build_unet_trunk`: the plain
+    U-Net's, or `build_encoder_unet_trunk`'s with `encoder`; nested as a sub-model) ->
     1x1 conv + sigmoid -> (B, H, W, 1) float32 probabilities.
 
     Args:
@@ -258,13 +270,17 @@ def build_unet(
         >>> tuple(model(keras.ops.zeros((1, 64, 64, 3))).shape)
         (1, 64, 64, 1)
     """
-    trunk_name = trunk_name or f"{name}_trunk"
-    if encoder is None:
-        trunk = build_unet_trunk(depth, base_filters, max_filters, l2, trunk_name, input_shape)
-    else:
-        trunk = build_encoder_unet_trunk(
-            encoder, depth, base_filters, max_filters, l2, trunk_name, encoder_name, freeze_encoder
-        )
+    trunk = build_unet_trunk(
+        depth,
+        base_filters,
+        max_filters,
+        l2,
+        trunk_name or f"{name}_trunk",
+        input_shape,
+        encoder=encoder,
+        encoder_name=encoder_name,
+        freeze_encoder=freeze_encoder,
+    )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     outputs = segmentation_head(trunk(inputs), head_name or f"{name}_head", l2)
     return keras.Model(inputs, outputs, name=name)

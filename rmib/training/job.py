@@ -25,7 +25,7 @@ said how to resume.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from rmib.config import TrainConfig
 from rmib.console import training_verbosity
@@ -46,6 +46,9 @@ class TrainingJob:
         resume: continue an interrupted run.
         phases: the names of the run's phases in order (`fit`'s `phase`);
             (None,) for a method trained in one go.
+        stop_notes: {phase: what the run holds when the time limit ends it
+            in that phase}, for a method whose phases keep their own files
+            (the grader); default "its model is the run's model".
         verbose: 0 silent, 1 Keras' progress bars, 2 a line per epoch; None:
             `rmib.console.training_verbosity` (bars on a terminal, else lines).
 
@@ -69,12 +72,14 @@ class TrainingJob:
         *,
         resume: bool = False,
         phases: Sequence = (None,),
+        stop_notes: Mapping | None = None,
         verbose=None,
     ):
         self.run = run if isinstance(run, RunDirectory) else RunDirectory(run)
         self.config = config
         self.resume = resume
         self.phases = tuple(phases)
+        self.stop_notes = dict(stop_notes or {})
         self.verbose = training_verbosity(verbose)
         self.strategy = get_strategy(config.strategy)
         self.chief = is_chief(self.strategy)
@@ -201,9 +206,12 @@ class TrainingJob:
 
     def _stop_in(self, phase, config: TrainConfig) -> None:
         self.stopped = True
+        epochs = int(checkpoint_state(self.own_run, phase).get("epoch", 0))
+        note = self.stop_notes.get(phase, "its model is the run's model")
         self._say(
-            f"the time limit of {config.time_limit:g} min ended the run in phase {phase}; "
-            "its model is the run's model (continue with --resume and a longer --time-limit)"
+            f"the time limit of {config.time_limit:g} min ended the run in phase {phase} "
+            f"after {epochs} epoch{'s' * (epochs != 1)}; {note} "
+            "(continue with --resume and a longer --time-limit)"
         )
 
     def finish(self, validate: Callable | None = None, *, reuse_validation: bool = True) -> dict:

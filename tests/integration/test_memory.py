@@ -11,7 +11,7 @@ held a float32 copy of the photograph (12 bytes/pixel), a float32 weight sum
 quantisation temporaries in float64 (~50): ~60 bytes/pixel in all.
 
 tracemalloc sees NumPy's allocations only (not TensorFlow's or OpenCV's
-internal buffers); `benchmarks/run.py` (tiled_prediction) measures the
+internal buffers); `benchmarks/tiled.py` (`--only tiled_prediction`) measures the
 resident memory of the real 4288x2848 and 6000x4000 case.
 """
 

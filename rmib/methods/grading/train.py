@@ -56,6 +56,13 @@ from rmib.training import (
 )
 
 _WORK = "work"  # scratch arrays of a training run (removed when it finishes)
+# What a run holds when the time limit ends it in a phase: each phase keeps its own
+# file and there is no model.keras (the training job's default note would say there is).
+_STOP_NOTES = {
+    "local": f"{PHASES['local']} holds the local net so far, and there is no grader "
+    "until phase global has trained",
+    "global": f"{PHASES['local']} and {PHASES['global']} make the grader; the baseline waits",
+}
 
 
 def _without_validation(train_cfg: TrainConfig) -> TrainConfig:
@@ -106,7 +113,9 @@ class _Training:
         self.summary: dict = {}
         # The phases share one clock: `[train] time_limit` is the whole run's.
         phases = [phase for phase in PHASES if phase != "global_plain" or cfg.baseline]
-        self.job = TrainingJob(run, cfg.train, resume=resume, phases=phases, verbose=verbose)
+        self.job = TrainingJob(
+            run, cfg.train, resume=resume, phases=phases, stop_notes=_STOP_NOTES, verbose=verbose
+        )
 
     def phase_config(self, phase: str) -> TrainConfig:
         """The TrainConfig of `phase`, with the run's time limit."""

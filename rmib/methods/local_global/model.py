@@ -39,7 +39,6 @@ from rmib.models.backbones import backbone_name
 from rmib.models.unet import (
     DEFAULT_BASE_FILTERS,
     DEFAULT_MAX_FILTERS,
-    build_encoder_unet_trunk,
     build_unet,
     build_unet_trunk,
     conv_bn_relu,
@@ -241,22 +240,6 @@ def copy_backbone(source, depth: int | None = None, name: str | None = None):
     return keras.Model(copy.input, copy.output, name=name or f"{source.name}_copy")
 
 
-def _trunk(net, depth, base_filters, max_filters, l2, encoder, freeze_encoder):
-    name = f"{net}_trunk"
-    if encoder is None:
-        return build_unet_trunk(depth, base_filters, max_filters, l2, name)
-    return build_encoder_unet_trunk(
-        encoder,
-        depth,
-        base_filters,
-        max_filters,
-        l2,
-        name,
-        encoder_name=f"{net}_encoder",
-        freeze_encoder=freeze_encoder,
-    )
-
-
 NETS = ("global", "local")
 
 
@@ -368,11 +351,22 @@ def build_local_global(
             f"got {global_size}"
         )
     fusion_filters = int(fusion_filters or base_filters)
-    global_trunk = _trunk(
-        "global", global_depth, base_filters, max_filters, l2, global_encoder, freeze_encoders
-    )
-    local_trunk = _trunk(
-        "local", local_depth, base_filters, max_filters, l2, local_encoder, freeze_encoders
+    # The trunks of `build_single_net`'s nets, by the same names: their weights move across.
+    global_trunk, local_trunk = (
+        build_unet_trunk(
+            depth,
+            base_filters,
+            max_filters,
+            l2,
+            f"{net}_trunk",
+            encoder=encoder,
+            encoder_name=f"{net}_encoder",
+            freeze_encoder=freeze_encoders,
+        )
+        for net, depth, encoder in (
+            ("global", global_depth, global_encoder),
+            ("local", local_depth, local_encoder),
+        )
     )
     global_image = keras.Input(shape=(global_size, global_size, 3), name="global_image")
     patch = keras.Input(shape=(None, None, 3), name="patch")

@@ -6,6 +6,8 @@ first (120 s in all, and another would not fit) end the run in phase "global";
 the baseline waits. A limit per phase, as before, would have trained the global
 net and the baseline two epochs each. A resume with the same limit trains
 nothing; one with a longer limit continues the global net and trains the baseline.
+A stop in the first phase (the local net) says so, with its epochs and how to
+resume, and does not claim a grader.
 """
 
 from __future__ import annotations
@@ -79,6 +81,35 @@ def test_the_time_limit_is_the_whole_runs_and_a_longer_one_resumes(tmp_path, fak
         [1, 2, 3],
     )
     assert (run / "global_net_plain.keras").is_file()
+
+
+def test_a_stop_in_the_local_phase_says_so_and_a_longer_limit_resumes(tmp_path, fake_clock, eager):
+    # Three local epochs of 60 s do not fit in 1.5 minutes: the run ends in phase "local"
+    # after its first, with a local net but no grader (no global net, no model.keras).
+    data = synthetic.write_dataset(tmp_path / "idrid", "idrid", count=10, size=96, seed=0)
+    run = tmp_path / "run"
+    flags = ["--local-epochs", "3", "--epochs", "1", "--no-baseline"]
+    stop = (
+        "the time limit of 1.5 min ended the run in phase local after 1 epoch; "
+        "local_net.keras holds the local net so far, and there is no grader until phase "
+        "global has trained (continue with --resume and a longer --time-limit)"
+    )
+    output = train(data, run, 1.5, *flags)
+    assert stop in output and "the run's model" not in output
+    assert (epochs(run, "local"), epochs(run, "global")) == ([1], [])
+    assert (run / "local_net.keras").is_file()
+    assert not (run / "global_net.keras").exists() and not (run / "model.keras").exists()
+
+    # The same limit: the local net is loaded, not trained, and the run ends as before.
+    output = train(data, run, 1.5, *flags, "--resume")
+    assert "phase local: local_net.keras exists, done" in output and stop in output
+    assert (epochs(run, "local"), epochs(run, "global")) == ([1], [])
+
+    # A longer limit: the local net goes on from epoch 1, then the global net trains.
+    output = train(data, run, 30, *flags, "--resume")
+    assert "ended the run" not in output
+    assert (epochs(run, "local"), epochs(run, "global")) == ([1, 2, 3], [1])
+    assert (run / "global_net.keras").is_file()
 
 
 def test_a_separate_local_time_limit_is_refused():

@@ -187,6 +187,26 @@ def test_two_encoders_with_the_same_layer_names_keep_their_own_weights():
     )
 
 
+@pytest.mark.parametrize("with_encoder", [False, True])
+def test_the_fused_models_trunks_are_the_single_nets_trunks(with_encoder):
+    # One trunk builder (`build_unet_trunk`) for both: the same layers, names, widths and
+    # nesting, so that a trained single net's trunk is the fused model's, weight for weight.
+    backbone = build_backbone("vgg16") if with_encoder else None
+
+    def encoder(depth):
+        return copy_backbone(backbone, depth) if with_encoder else None
+
+    fused = build_local_global(
+        2, 1, 4, 8, global_size=32, global_encoder=encoder(2), local_encoder=encoder(1)
+    )
+    for net, depth in (("global", 2), ("local", 1)):
+        build = build_global_net if net == "global" else build_local_net
+        single = build(depth, 4, 8, encoder=encoder(depth)).get_layer(f"{net}_trunk")
+        trunk = fused.get_layer(f"{net}_trunk")
+        assert trunk.get_config() == single.get_config()
+        assert (f"{net}_encoder" in [layer.name for layer in trunk.layers]) == with_encoder
+
+
 @pytest.mark.slow  # ~65 s; the four phases through the CLI are in make test via test_local_global
 def test_four_phases_predict_evaluate_and_resume_through_the_cli(tmp_path, pretrain_run, eager):
     from rmib.data.synthetic import write_dataset
