@@ -9,8 +9,8 @@ every variant alike.
 A variant is `MODEL[/CBAM][+jit][+bN]`:
 - MODEL: resnet50, resnet50_cbam, vgg16, vgg16_cbam (`rmib.models.build_classifier`,
   weights=None, Adam, binary cross-entropy);
-- /CBAM: how CBAM trains (`CBAM.implementation`): fused (the default), plain (the
-  formula left to automatic differentiation, the old code) or xla;
+- /CBAM: how CBAM trains (`CBAM.implementation`): fused (the default) or plain (the
+  formula left to automatic differentiation, the old code);
 - +jit: `model.compile(jit_compile=True)`, the whole step through XLA;
 - +bN: batch N instead of `--batch` (compare images/s).
 
@@ -29,7 +29,7 @@ import statistics
 import time
 
 _VARIANT = re.compile(
-    r"^(?P<model>resnet50|vgg16)(?P<cbam>_cbam)?(?:/(?P<impl>fused|plain|xla))?"
+    r"^(?P<model>resnet50|vgg16)(?P<cbam>_cbam)?(?:/(?P<impl>fused|plain))?"
     r"(?P<jit>\+jit)?(?:\+b(?P<batch>\d+))?$"
 )
 # ResNet50's CBAM inputs at 224 px: (side, channels) of each stage.
@@ -40,9 +40,7 @@ def parse_variant(text, batch):
     """{"model", "cbam", "implementation", "jit", "batch"} of one variant string."""
     match = _VARIANT.match(text.strip())
     if not match:
-        raise SystemExit(
-            f"bad variant {text!r}: expected MODEL[_cbam][/fused|plain|xla][+jit][+bN]"
-        )
+        raise SystemExit(f"bad variant {text!r}: expected MODEL[_cbam][/fused|plain][+jit][+bN]")
     if match["impl"] and not match["cbam"]:
         raise SystemExit(f"variant {text!r}: a CBAM implementation needs a _cbam model")
     return {

@@ -12,10 +12,13 @@ separate kernel: each `reduce_max` is differentiated as Equal -> Cast -> Sum ->
 RealDiv -> Mul over the whole map, each input used twice gets an AddN, and under
 mixed_bfloat16 Keras' `ops.mean` casts the map to float32 and back in both passes
 (issue #19's profile: CBAM added 31 % to a bfloat16 ResNet50 step). Here the
-forward pass remembers where each maximum is (one `argmax` instead of a `max`, the
-value read back by a gather) and the backward pass is written out: the gradient of
-each maximum is added at its position (a scatter of B*C or B*H*W values, not a
-full-size mask), the means' gradients are broadcast additions, and the small parts
+backward pass is written out. The maximum over the map is a max pool over the whole
+map (oneDNN's pooling, vectorised over channels, whose gradient puts each channel's
+gradient at its maximum); where the map's size is unknown when traced, and for the
+maximum over channels, the forward pass keeps where each maximum is (`argmax`, the
+value read back by a gather) and the backward pass adds the gradient at that position
+(a scatter of B*C or B*H*W values, not a full-size mask). The means' gradients are
+broadcast additions, x's gradient is one expression (no AddN), and the small parts
 (the shared MLP on (B, C), the kxk convolution on (B, H, W, 2)) are differentiated
 by TensorFlow on their own small tensors. The result and the gradients are those of
 the formula above (tests/models/test_layers.py compares them with tf.GradientTape

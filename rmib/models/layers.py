@@ -86,8 +86,8 @@ class CBAM(keras.layers.Layer):
         (2, 8, 8, 32)
     """
 
-    # How `call` trains under TensorFlow: "fused" (cbam_training's own gradient),
-    # "plain" (`attend` and automatic differentiation) or "xla" (`attend` compiled).
+    # How `call` trains under TensorFlow: "fused" (cbam_training's own gradient) or
+    # "plain" (`attend` and automatic differentiation; the code before issue #19).
     implementation = "fused"
 
     def __init__(self, ratio=16, kernel_size=7, gate_bias=3.0, init="identity", **kwargs):
@@ -103,7 +103,6 @@ class CBAM(keras.layers.Layer):
         self.gate_bias = float(gate_bias)
         self.init = init
         self.supports_masking = False
-        self._xla = None
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -156,12 +155,6 @@ class CBAM(keras.layers.Layer):
     def _fused(self, inputs):
         from rmib.models.cbam_training import cbam_attention
 
-        if self.implementation == "xla":
-            if self._xla is None:
-                import tensorflow as tf
-
-                self._xla = tf.function(self.attend, jit_compile=True, autograph=False)
-            return self._xla(inputs)
         dtype = self.compute_dtype
         weights = [
             ops.cast(w, dtype)
