@@ -19,6 +19,7 @@ from benchmarks.common import (
     run_line,
     table,
 )
+from benchmarks.pretrain_summary import conv_peak_ratio, conv_share, step_gflop, summary_rows
 from benchmarks.settings import PRETRAIN_MODELS, Settings, section_key
 
 # Which keras.applications model each rmib model is compared with.
@@ -112,6 +113,7 @@ def pretrain_throughput(settings: Settings, peak: dict, progress=None) -> dict:
             "rows": rows,
             "auto_precision": training.resolve_precision("auto"),
             "cpu_bfloat16": training.cpu_supports_bfloat16(),
+            "conv_peak": peak["conv"],
             "pending": list(pending),
         }
 
@@ -173,7 +175,7 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
     if settings.tag:
         title += f" ({settings.tag})"
     elif section_key("pretrain_throughput", settings) != "pretrain_throughput":
-        title += f" at {s['image_size']} px, batch {s['batch_size']} (reduced size)"
+        title += f" at {s['image_size']} px, batch {s['batch_size']}"
     rows_by_key = {(r["model"], r["precision"]): r for r in result["rows"]}
     rows = []
     for row in result["rows"]:
@@ -184,11 +186,12 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
                 PRETRAIN_MODELS[row["model"]][0],
                 row["precision"],
                 fmt(row["forward_gflop"]),
+                fmt(step_gflop(row["forward_gflop"], s["batch_size"])),
                 fmt(row["step_seconds"], 2),
                 f"{row['step_spread'][0]:.2f}-{row['step_spread'][1]:.2f}",
                 fmt(row["images_per_second"], 3),
                 fmt(row["gflops"]),
-                fmt(row["peak_percent"]),
+                fmt(conv_share(row, {"conv": result.get("conv_peak", {})})),
                 fmt(row["images_per_second"] / base["images_per_second"], 2) if base else "n/a",
                 fmt(row["images_per_second"] / twin["images_per_second"], 2) if twin else "-",
                 row["load"],
@@ -198,11 +201,12 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
         "model",
         "precision",
         "forward GFLOP/image",
+        "GFLOP/step",
         "step s (median)",
         "step s (min-max)",
         "images/s",
         "GFLOP/s",
-        "% of peak",
+        "% of conv peak",
         "vs float32",
         "vs keras.applications",
         "load",
@@ -217,14 +221,53 @@ def render_pretrain(result: dict, machine: dict, settings: Settings) -> str:
             f"{s['timed_steps']} timed steps. The models of one family (an rmib backbone "
             "with and without CBAM, its keras.applications twin, every precision) are "
             "built together and take their timed steps in turns, so load changes hit "
-            "them alike; the load column is the load average when the family started. GFLOP/s = 3 x forward FLOPs x batch / step time; "
-            "% of peak is against the peak of the same precision (bfloat16 for "
-            'mixed_bfloat16). "vs keras.applications" divides by the plain '
+            "them alike; the load column is the load average when the family started. "
+            "GFLOP/step = 3 x forward FLOPs x batch (a multiply-add is 2 FLOP); GFLOP/s = "
+            "GFLOP/step / step time; % of conv peak is against the 3x3-convolution peak of "
+            "the same precision (bfloat16 for mixed_bfloat16) measured in this run. "
+            '"vs keras.applications" divides by the plain '
             "keras.applications model (weights=None, same head) in the same precision.",
             table(header, rows),
+            render_pretrain_summary(result),
             peak_line(result),
             f"`--precision auto` picks **{result['auto_precision']}** on this machine "
             f"(native bfloat16 CPU support: {'yes' if result['cpu_bfloat16'] else 'no'}).",
             NOISE_NOTE,
         ]
+    )
+
+
+def render_pretrain_summary(result: dict) -> str:
+    """Issue #19's table: per model, both precisions, the speed-up against the peak ratio."""
+    peak = {"conv": result.get("conv_peak", {})}
+    ratio = conv_peak_ratio(peak)
+    rows = [
+        [
+            PRETRAIN_MODELS[row["model"]][0],
+            fmt(row["float32_seconds"], 2),
+            fmt(row["bfloat16_seconds"], 2),
+            fmt(row["speedup"], 2),
+            fmt(row["speedup_of_peak_ratio"], 0),
+            fmt(row["float32_share"], 0),
+            fmt(row["bfloat16_share"], 0),
+            fmt(row["cbam_added_float32"], 0),
+            fmt(row["cbam_added_bfloat16"], 0),
+        ]
+        for row in summary_rows(result["rows"], peak)
+    ]
+    header = [
+        "model",
+        "float32 s/step",
+        "bf16 s/step",
+        "bf16 / fp32",
+        "% of the peak ratio",
+        "% of fp32 conv peak",
+        "% of bf16 conv peak",
+        "CBAM adds, fp32 %",
+        "CBAM adds, bf16 %",
+    ]
+    return (
+        f"Summary. The machine's 3x3-conv peak ratio bf16 / fp32 in this run: "
+        f"**{fmt(ratio, 2)}x**. Issue #19's targets: >= 50 % of each precision's conv peak, "
+        "bf16 / fp32 >= 80 % of the peak ratio, CBAM adding <= 15 %.\n\n" + table(header, rows)
     )

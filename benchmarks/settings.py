@@ -27,7 +27,7 @@ class Settings:
     conv_shape: tuple = (8, 128, 128, 256)
     matmul_size: int = 4096
     peak_repeats: int = 3
-    image_size: int = 480
+    image_size: int = 224  # pretrain_throughput; --image-size 480 for the training size
     batch_size: int = 4
     warmup_steps: int = 3
     timed_steps: int = 5

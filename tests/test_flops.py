@@ -99,6 +99,69 @@ def test_vgg16_matches_the_published_layer_table():
     assert model_flops(model, (32, 32, 3)) == expected
 
 
+def _resnet50_multiply_adds(side):
+    """ResNet50 (keras.applications v1: the stride on each stage's first 1x1) by hand."""
+    total = (side // 2) ** 2 * 64 * 7 * 7 * 3  # conv1 7x7/2
+    side //= 4  # conv1's stride, then the 3x3/2 max pool
+    channels = 64
+    for stage, (filters, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
+        if stage:
+            side //= 2
+        for block in range(blocks):
+            pixels = side * side
+            if block == 0:
+                total += pixels * 4 * filters * channels  # _0_conv, the 1x1 shortcut
+            total += pixels * filters * channels  # _1_conv 1x1
+            total += pixels * filters * filters * 9  # _2_conv 3x3
+            total += pixels * 4 * filters * filters  # _3_conv 1x1
+            channels = 4 * filters
+    return total
+
+
+def test_resnet50_matches_the_layer_plan_and_one_layer_by_hand():
+    from rmib.models import build_backbone
+
+    model = build_backbone("resnet50", weights=None)
+    assert model_flops(model, (64, 64, 3)) == 2 * _resnet50_multiply_adds(64)
+    # One layer by hand at 224 px: conv2_block1_2_conv, 3x3, 64 -> 64 channels on a
+    # 56 x 56 map: 56 * 56 * 64 * 64 * 9 = 115,605,504 multiply-adds, 231.2 MFLOP.
+    flops = dict(layer_flops(model, (224, 224, 3)))
+    assert flops["conv2_block1_2_conv"] == 2 * 115_605_504
+    # The whole step at 224 px, batch 4: 3 x 2 x 3.855 G multiply-adds x 4 = 92.5 GFLOP
+    # (the "33 % of peak" of issue #19's first table used the multiply-add count).
+    assert _resnet50_multiply_adds(224) == 3_855_925_248
+    assert sum(flops.values()) == 2 * _resnet50_multiply_adds(224)
+    step = TRAIN_STEP_FACTOR * sum(flops.values()) * 4
+    assert round(step / 1e9, 1) == 92.5
+
+
+def test_pretrain_summary_against_hand_numbers():
+    from benchmarks.pretrain_summary import summary_rows
+
+    peak = {"conv": {"float32": 100.0, "bfloat16": 200.0}}
+
+    def row(model, precision, seconds, gflops):
+        return {"model": model, "precision": precision, "step_seconds": seconds, "gflops": gflops}
+
+    rows = [
+        row("resnet50", "float32", 1.0, 50.0),
+        row("resnet50", "mixed_bfloat16", 0.625, 80.0),
+        row("resnet50_cbam", "float32", 1.1, 45.0),
+        row("resnet50_cbam", "mixed_bfloat16", 0.75, 66.0),
+        row("keras_resnet50", "float32", 0.9, 55.0),
+    ]
+    plain, cbam, twin = summary_rows(rows, peak)
+    # bf16 / fp32 = 1 / 0.625 = 1.6, 80 % of the peak ratio 2; 50 % and 40 % of the peaks.
+    assert plain["speedup"] == pytest.approx(1.6)
+    assert plain["speedup_of_peak_ratio"] == pytest.approx(80.0)
+    assert (plain["float32_share"], plain["bfloat16_share"]) == pytest.approx((50.0, 40.0))
+    assert plain["cbam_added_float32"] is None
+    # CBAM: 1.1 / 1.0 and 0.75 / 0.625 -> +10 % and +20 %.
+    assert cbam["cbam_added_float32"] == pytest.approx(10.0)
+    assert cbam["cbam_added_bfloat16"] == pytest.approx(20.0)
+    assert twin["bfloat16_seconds"] is None and twin["speedup"] is None
+
+
 def test_training_step_counts_three_forward_passes():
     assert TRAIN_STEP_FACTOR == 3
 
@@ -131,6 +194,7 @@ def test_quick_pretrain_run_writes_tables(tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
     text = out.read_text()
     assert "## pretrain_throughput" in text and "| rmib VGG16 | mixed_bfloat16 |" in text
+    assert "3x3-conv peak ratio bf16 / fp32" in text and "% of conv peak" in text
     assert "QUICK" in text and "make bench" in text
     assert results["peak"]["peak"]["float32"] > 0
 

@@ -86,6 +86,10 @@ class CBAM(keras.layers.Layer):
         (2, 8, 8, 32)
     """
 
+    # How `call` trains under TensorFlow: "fused" (cbam_training's own gradient) or
+    # "plain" (`attend` and automatic differentiation; the code before issue #19).
+    implementation = "fused"
+
     def __init__(self, ratio=16, kernel_size=7, gate_bias=3.0, init="identity", **kwargs):
         super().__init__(**kwargs)
         if init not in CBAM_INITS:
@@ -143,7 +147,30 @@ class CBAM(keras.layers.Layer):
             layer.trainable = self.trainable
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
+        if training and self.implementation != "plain" and keras.backend.backend() == "tensorflow":
+            return self._fused(inputs)
+        return self.attend(inputs)
+
+    def _fused(self, inputs):
+        from rmib.models.cbam_training import cbam_attention
+
+        dtype = self.compute_dtype
+        weights = [
+            ops.cast(w, dtype)
+            for layer in (self.mlp_hidden, self.mlp_output, self.spatial_conv)
+            for w in (layer.kernel, layer.bias)
+        ]
+        return cbam_attention(ops.cast(inputs, dtype), *weights)
+
+    def attend(self, inputs):
+        """CBAM's formula in Keras ops, as written in the class doc (any backend).
+
+        Training under TensorFlow takes `rmib.models.cbam_training.cbam_attention`
+        instead: the same output, the same gradients (ties of a maximum aside), with
+        fewer passes over the map. Set `implementation = "plain"` on a layer to train
+        it with this formula and automatic differentiation.
+        """
         average = ops.mean(inputs, axis=(1, 2))
         maximum = ops.max(inputs, axis=(1, 2))
         # One pass through the shared MLP for both descriptors.

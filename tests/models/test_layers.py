@@ -72,6 +72,76 @@ def test_cbam_matches_numpy_reference(shape, ratio, kernel_size):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def _training_pass(layer, x, upstream, implementation, dynamic=False):
+    """Output and gradients (input, then every weight) of one training-mode call;
+    `dynamic`: traced with unknown batch and spatial sizes (the fused pass's argmax path).
+    """
+    import tensorflow as tf
+
+    layer.implementation = implementation
+
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(out, "float32") * upstream)
+        return [out, *tape.gradient(loss, [x, *layer.trainable_weights])]
+
+    if dynamic:
+        spec = tf.TensorSpec((None, None, None, x.shape[-1]), "float32")
+        run = tf.function(run, input_signature=[spec])
+    return [np.array(keras.ops.cast(t, "float32")) for t in run(tf.constant(x))]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize(
+    "policy, shape, ratio, kernel_size, tolerance",
+    [
+        ("float32", (2, 5, 4, 16), 4, 3, 1e-5),
+        ("float32", (1, 3, 6, 8), 16, 1, 1e-5),
+        ("mixed_bfloat16", (2, 5, 4, 16), 4, 3, 3e-2),
+    ],
+)
+def test_cbam_fused_training_pass_matches_the_formula(
+    policy, shape, ratio, kernel_size, tolerance, dynamic
+):
+    # The fused pass (own gradient, rmib.models.cbam_training) against the formula left to
+    # tf.GradientTape (implementation "plain"): same output (also against the NumPy
+    # reference), same gradients for the input and all six weights.
+    layer = _randomised_cbam(shape[-1], ratio, kernel_size, dtype=policy)
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 2, shape).astype("float32")
+    upstream = rng.normal(0, 1, shape).astype("float32")
+    fused = _training_pass(layer, x, upstream, "fused", dynamic)
+    plain = _training_pass(layer, x, upstream, "plain", dynamic)
+    assert CBAM.implementation == "fused"
+    expected = cbam_reference(x, *[np.array(w) for w in layer.weights])
+    np.testing.assert_allclose(fused[0], expected, rtol=tolerance, atol=tolerance)
+    assert len(fused) == 1 + 1 + 6
+    for got, want in zip(fused, plain, strict=True):
+        scale = max(1.0, np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * scale)
+        assert np.abs(want).max() > 0
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cbam_fused_gradient_gives_a_tied_maximum_to_the_first(dynamic):
+    # A constant map: every element ties for the maximum over space and over channels.
+    # TensorFlow's reduce_max gradient splits each maximum's gradient evenly, the fused
+    # pass gives it to the first element; both add up to the same totals, and the
+    # weights' gradients (which see only the maxima's values) are the same.
+    layer = _randomised_cbam(4, 2, 3)
+    x = np.full((1, 3, 3, 4), 0.5, "float32")
+    upstream = np.random.default_rng(12).normal(0, 1, x.shape).astype("float32")
+    fused = _training_pass(layer, x, upstream, "fused", dynamic)
+    plain = _training_pass(layer, x, upstream, "plain", dynamic)
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6)
+    np.testing.assert_allclose(fused[1].sum(), plain[1].sum(), rtol=1e-5, atol=1e-6)
+    assert np.abs(fused[1] - plain[1]).max() > 1e-3  # the split differs, as documented
+    for got, want in zip(fused[2:], plain[2:], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_cbam_weights_follow_the_paper_shapes():
     # C=32, r=16 -> 2 hidden units; C=8, r=16 -> max(1, 0) = 1 hidden unit.
     layer = _randomised_cbam(32, 16, 7)
