@@ -94,6 +94,9 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
 PREDICT_PRECISIONS = ("float32", "auto", "training", "mixed_bfloat16", "mixed_float16")
 """Precisions of prediction, evaluation and export: a policy name, "auto" (the
 machine's fast precision, as for training) or "training" (the run's own)."""
+TTA = ("none", "flips", "flips-rot90")
+"""Test-time augmentation of whole-image prediction (`rmib.inference.tta`): none; the mean
+of the maps of the photograph and its three flips; those and the same turned a quarter."""
 EXPORT_FORMATS = ("savedmodel", "keras", "tflite")
 """Formats of `rmib export`."""
 REGION_SIGMAS = (0.2, 0.35, 0.5, 0.65, 0.8)

@@ -176,6 +176,7 @@ def load_segmenter(
     halo=None,
     max_tile=None,
     precision="float32",
+    tta=None,
     **overrides,
 ):
     """Load a run directory or `.keras` file as a Segmenter.
@@ -190,10 +191,13 @@ def load_segmenter(
             `rmib predict`), "mixed_bfloat16" or "mixed_float16" (see
             `rmib.training.devices.resolve_predict_precision` for "auto"); None: the
             precision the model was trained in.
+        tta: test-time augmentation, one of `rmib.choices.TTA`; None: the run's
+            choice (its metadata's "tta"), else "none".
         **overrides: metadata overrides (e.g. lesion="HE").
 
     Raises:
-        RmibError: the file is not an rmib segmentation model, or a bad tiling option.
+        RmibError: the file is not an rmib segmentation model, a bad tiling option,
+            or a `tta` the model cannot take.
     """
     model = training.load_model(model_path, unsafe=unsafe)
     if precision is not None:
@@ -212,7 +216,7 @@ def load_segmenter(
             f"(known: {', '.join(SEGMENT_METHODS)})"
         )
     given = dict(tile=tile, overlap=overlap, batch_size=batch_size, halo=halo, max_tile=max_tile)
-    return make_segmenter(model, metadata, tiling=tiling, **given)
+    return make_segmenter(model, metadata, tiling=tiling, tta=tta, **given)
 
 
 def make_segmenter(
@@ -225,11 +229,12 @@ def make_segmenter(
     batch_size=None,
     halo=None,
     max_tile=None,
+    tta=None,
 ):
     """The Segmenter of an already loaded model and its run metadata (as `load_segmenter`).
 
     Raises:
-        RmibError: metadata of an unknown segmentation model type, or a bad tile.
+        RmibError: metadata of an unknown segmentation model type, a bad tile or `tta`.
     """
     tiling = TilingOptions.of(
         tiling, tile=tile, overlap=overlap, batch_size=batch_size, halo=halo, max_tile=max_tile
@@ -241,12 +246,12 @@ def make_segmenter(
         )
     cls = SEGMENT_METHODS[model_type].segmenter
     if cls is TiledSegmenter:
-        return cls(model, metadata, tiling=tiling)
+        return cls(model, metadata, tiling=tiling, tta=tta)
     if tiling.auto_only:
         raise RmibError(
             f"--halo and --max-tile apply to encoder-decoder models, not to {model_type}"
         )
-    return cls(model, metadata, tiling.tile, tiling.overlap, tiling.batch_size)
+    return cls(model, metadata, tiling.tile, tiling.overlap, tiling.batch_size, tta=tta)
 
 
 def method_of_run(run_metadata: dict) -> Method:

@@ -33,6 +33,7 @@ BY_OPTION = {
     "global_net": choices.GLOBAL_NETS,
     "split": choices.EVALUATION_SPLITS,
     "export_format": choices.EXPORT_FORMATS,
+    "tta": choices.TTA,
 }
 BY_COMMAND = {
     ("data inspect", "layout"): choices.DATASET_LAYOUTS,

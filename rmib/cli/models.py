@@ -23,6 +23,7 @@ from rmib.cli.options import (
     strategy_option,
     threshold_option,
     time_limit_option,
+    tta_option,
     verbose_option,
 )
 
@@ -231,6 +232,9 @@ def pretrain(config_path, resume, on_bad, dry_run, **kwargs):
     help="Tile side for whole-image validation and prediction: 'auto' (large tiles over the "
     "field of view) or a multiple of 32 [auto].",
 )
+@tta_option(
+    " of the whole-image validation, and the run's default for predict, evaluate, export", "[none]"
+)
 @click.option(
     "--variant",
     type=click.Choice(choices.DUAL2NET_VARIANTS),
@@ -289,6 +293,7 @@ def segment(
             "scale",
             "patches_per_epoch",
             "predict_tile",
+            "tta",
             "loss",
             "val_fraction",
             "val_names",
@@ -377,6 +382,7 @@ def _model_options(func):
             click.option(
                 "--tile-batch", "batch_size", type=click.IntRange(min=1), help="Tiles per batch."
             ),
+            tta_option("", "[the run's choice, else none]"),
             threshold_option,
             click.option(
                 "--unsafe-load",
@@ -390,10 +396,13 @@ def _model_options(func):
     return func
 
 
-def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load, precision):
+def _segmenter(
+    model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsafe_load, precision, tta
+):
     """The Segmenter of MODEL with the options of `_model_options` (threshold aside)."""
     from rmib import training
     from rmib.inference import TilingOptions
+    from rmib.inference.tta import transforms
     from rmib.tasks import load_segmenter
     from rmib.training.devices import resolve_predict_precision
 
@@ -404,9 +413,12 @@ def _segmenter(model, *, lesion, tile, overlap, halo, max_tile, batch_size, unsa
     trained = training.read_run_metadata(model).get("precision")
     resolved, reason = resolve_predict_precision(precision, trained)
     click.echo(f"precision {resolved}: {reason}")
-    return load_segmenter(
-        model, unsafe=unsafe_load, tiling=tiling, lesion=lesion, precision=resolved
+    segmenter = load_segmenter(
+        model, unsafe=unsafe_load, tiling=tiling, lesion=lesion, precision=resolved, tta=tta
     )
+    if segmenter.tta != "none":
+        click.echo(f"tta {segmenter.tta}: {len(transforms(segmenter.tta))} passes a photograph")
+    return segmenter
 
 
 @click.command(cls=TensorFlowCommand)

@@ -50,6 +50,19 @@ predict_precision_option = click.option(
     "precision the run was trained in.",
 )
 
+
+def tta_option(what: str, default: str):
+    """`--tta`, test-time flips; `what` they apply to (after "augmentation"), `default` in brackets."""
+    return click.option(
+        "--tta",
+        type=click.Choice(choices.TTA),
+        help=f"Test-time augmentation{what}: flips averages the maps of the photograph and its "
+        "horizontal, vertical and double flips (4 forward passes: about 4x the time); "
+        "flips-rot90 also those of the photograph turned a quarter (8 passes, 8x; not for "
+        f"a non-square Dual2Net input) {default}.",
+    )
+
+
 # An output folder: click refuses an existing file with one line ("Directory ... is a file").
 OUT_DIR = click.Path(file_okay=False, path_type=pathlib.Path)
 

@@ -33,7 +33,10 @@ signatures, by the kind of run (``kind`` in the metadata):
   (`rmib.inference.tiling_tf`), Gaussian blending and field-of-view masking
   (tiled, fused: GlobalNet runs once per photograph), or the resize to the
   model's size and back (resized; OpenCV's ``INTER_AREA`` reproduced bit for
-  bit in TensorFlow ops by `rmib.export.opencv_resize`), inside the graph.
+  bit in TensorFlow ops by `rmib.export.opencv_resize`), inside the graph;
+  with the run's test-time augmentation (``tta`` in the metadata, `rmib
+  segment --tta`) the mean over the flipped photographs, as `rmib predict`
+  (the batch signatures stay single passes of the model).
 - ``grader`` (`rmib grade train`): ``classify(images)`` (the global net on
   weighted lesion maps resized to ``global_size``), ``classify_patch(patches)``
   (the local net), ``grade_image(image)``: the whole two-stage pipeline of

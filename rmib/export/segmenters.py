@@ -28,7 +28,7 @@ from rmib.export.checks import Case, sample_photograph
 from rmib.export.opencv_resize import bilinear_resize, opencv_area_resize
 from rmib.inference.segmenter import AUTO_TILE
 from rmib.inference.tiling import WINDOW_FLOOR
-from rmib.inference.tiling_tf import tiled_probability
+from rmib.inference.tiling_tf import tiled_probability, tta_probability
 
 PROBABILITY_MAP = {
     "probability": spec(
@@ -55,7 +55,10 @@ def segment_image_docs(how: str) -> dict:
         },
         "outputs": {
             "probability": spec(
-                "float32", ["H", "W"], f"lesion probability, {how}, 0 outside the field of view"
+                "float32",
+                ["H", "W"],
+                f"lesion probability, {how}, averaged over the test-time flips named in "
+                "'tta' (none: one pass), 0 outside the field of view",
             ),
             "mask": spec("uint8", ["H", "W"], "probability >= threshold, 0/1"),
         },
@@ -63,8 +66,13 @@ def segment_image_docs(how: str) -> dict:
 
 
 def add_segment_image(archive, metadata: dict, prob_fn) -> list:
-    """The ``segment_image`` endpoint around `prob_fn(image uint8, fov uint8) -> (H, W)`."""
+    """The ``segment_image`` endpoint around `prob_fn(image uint8, fov uint8) -> (H, W)`.
+
+    With the metadata's ``tta`` (the run's test-time augmentation, as `rmib predict`
+    applies it) the map is the mean of `prob_fn` over the flipped (turned) photograph.
+    """
     threshold = metadata["threshold"]
+    tta = metadata.get("tta", "none")
 
     def segment_image(image, fov):
         height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -78,7 +86,7 @@ def add_segment_image(archive, metadata: dict, prob_fn) -> list:
         )
         with tf.control_dependencies([check]):
             image = tf.identity(image)
-        prob = prob_fn(image, fov)
+        prob = tta_probability(prob_fn, image, fov, tta)
         return {"probability": prob, "mask": tf.cast(prob >= threshold, tf.uint8)}
 
     archive.add_endpoint(
@@ -139,6 +147,8 @@ class SegmenterExporter(Exporter):
             "threshold": float(run_metadata.get("threshold", DEFAULT_THRESHOLD)),
             "model": self.model_type,
             "lesion": run_metadata.get("lesion"),
+            # segment_image averages over these test-time flips, as rmib predict does.
+            "tta": run_metadata.get("tta", "none"),
             **self.fields,
         }
 

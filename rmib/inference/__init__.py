@@ -1,5 +1,5 @@
-"""Whole-photograph inference: the tiling (`tiling`), its options (`options`) and the Segmenter
-base class (`segmenter`)."""
+"""Whole-photograph inference: the tiling (`tiling`), its options (`options`), test-time flips
+(`tta`) and the Segmenter base class (`segmenter`)."""
 
 from rmib.inference.options import TilingOptions
 from rmib.inference.tiling import *  # noqa: F403

@@ -5,7 +5,9 @@ A `Segmenter` wraps a trained Keras model with the metadata of its run
 full-resolution probability map. Each model type registers how it predicts:
 the encoder-decoder by overlapping tiles (`rmib.inference.predict_tiled`),
 the local-global U-Net by tiles that also see the global features, Dual2Net
-on the resized photograph.
+on the resized photograph. Every one averages over test-time flips the same
+way (`rmib.inference.tta`): subclasses predict one view (`predict_view`), the
+base class averages the views of the run's (or the caller's) ``tta``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tensorflow as tf
 from rmib.data import fundus
 from rmib.data.pipeline import Preprocessing, preprocess_array
 from rmib.inference.options import TilingOptions
+from rmib.inference.tta import check_tta, predict_with_tta
 
 AUTO_TILE = "auto"
 DEFAULT_HALO = 64
@@ -31,11 +34,18 @@ class Segmenter:
         metadata: the run's rmib.json dict (lesion, preprocessing, sizes ...).
         tile, overlap, batch_size: tiling parameters (subclasses that tile).
         tiling: the same as a `TilingOptions` (the arguments above override it).
+        tta: test-time augmentation, one of `rmib.choices.TTA` (default the run's
+            ``tta``, else "none"); "flips" costs 4 forward passes, "flips-rot90" 8.
+
+    Raises:
+        RmibError: an unknown `tta` (a subclass also refuses one its model cannot take).
     """
 
     model_type = "base"
 
-    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None, *, tiling=None):
+    def __init__(
+        self, model, metadata, tile=None, overlap=None, batch_size=None, *, tiling=None, tta=None
+    ):
         tiling = TilingOptions.of(tiling, tile=tile, overlap=overlap, batch_size=batch_size)
         tile, overlap, batch_size = tiling.tile, tiling.overlap, tiling.batch_size
         self.model = model
@@ -45,10 +55,16 @@ class Segmenter:
         self.tile = tile
         self.overlap = overlap
         self.batch_size = batch_size
+        self.tta = check_tta(self.metadata.get("tta", "none") if tta is None else tta)
+
+    def predict_view(self, image: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
+        """Probability map (H, W) float32 of one view of a preprocessed image (H, W, 3)."""
+        raise NotImplementedError
 
     def predict_prepared(self, image: np.ndarray, fov: np.ndarray | None = None) -> np.ndarray:
-        """Probability map (H, W) float32 for an already preprocessed image (H, W, 3)."""
-        raise NotImplementedError
+        """Probability map (H, W) float32 for an already preprocessed image (H, W, 3),
+        averaged over the views of `tta` (`rmib.inference.tta.predict_with_tta`)."""
+        return predict_with_tta(self.predict_view, image, fov, self.tta)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Probability map (H, W) float32 for a raw uint8 RGB photograph of any size."""

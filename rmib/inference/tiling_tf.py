@@ -13,6 +13,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from rmib.inference.tiling import weight_window
+from rmib.inference.tta import IDENTITY, transforms
 
 
 def reflect_indices(length, padded_length):
@@ -134,4 +135,36 @@ def tiled_probability(
     return output * tf.cast(tf.not_equal(fov, 0), tf.float32)[:, :, None]
 
 
-__all__ = ["reflect_indices", "tile_starts", "tiled_probability"]
+def tta_probability(prob_fn, image, fov, tta: str):
+    """`rmib.inference.tta.predict_with_tta` in TensorFlow ops: the mean of the moved-back maps.
+
+    Args:
+        prob_fn: ``(image (h, w, C), fov (h, w)) -> (h, w)`` float32 tensors.
+        image: (H, W, C) tensor; fov: (H, W) tensor, moved with it.
+        tta: one of `rmib.choices.TTA`.
+
+    Returns:
+        float32 tensor (H, W): ``prob_fn(image, fov)`` with "none", else the mean of
+        the transforms' maps, summed in float64 as the NumPy mean is.
+    """
+    steps = transforms(tta)
+    if steps == (IDENTITY,):
+        return prob_fn(image, fov)
+    total = None
+    for flip_rows, flip_cols, transpose in steps:
+        axes = [axis for axis, flip in ((0, flip_rows), (1, flip_cols)) if flip]
+        moved, moved_fov = image, fov
+        if axes:
+            moved, moved_fov = tf.reverse(moved, axes), tf.reverse(moved_fov, axes)
+        if transpose:
+            moved, moved_fov = tf.transpose(moved, [1, 0, 2]), tf.transpose(moved_fov)
+        prob = tf.cast(prob_fn(moved, moved_fov), tf.float64)
+        if transpose:
+            prob = tf.transpose(prob)
+        if axes:
+            prob = tf.reverse(prob, axes)
+        total = prob if total is None else total + prob
+    return tf.cast(total / len(steps), tf.float32)
+
+
+__all__ = ["reflect_indices", "tile_starts", "tiled_probability", "tta_probability"]

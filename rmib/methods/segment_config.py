@@ -16,6 +16,7 @@ from rmib.choices import (
     PREPROCESSING,
     SEGMENT_LOSSES,
     SEGMENT_MODELS,
+    TTA,
 )
 from rmib.choices import LESIONS as LESION_CODES
 from rmib.config import TrainConfig, check_fields, require
@@ -196,6 +197,11 @@ class SegmentConfig:
             "auto" plans tiles of at most predict_max_tile ** 2 pixels over the field
             of view overlapping by 2 * predict_halo pixels; a number is a fixed
             square tile overlapping by the fraction predict_overlap.
+        tta: test-time augmentation of whole-image prediction (`rmib.inference.tta`):
+            "none", "flips" (4 forward passes) or "flips-rot90" (8; Dual2Net only
+            with a square image_size). Applies to the whole-image validation
+            during training and, stored in the run metadata when not "none", is
+            the default of predict, evaluate and export.
         val_every: compute the whole-image validation metrics every N epochs.
         cache_dir: keep preprocessed images here (memory-mapped), else in memory.
         on_bad: "error" or "skip".
@@ -226,6 +232,7 @@ class SegmentConfig:
     predict_max_tile: int = 1024
     predict_overlap: float = 0.125
     predict_batch: int = 2
+    tta: Literal[TTA] = "none"
     val_every: int = 1
     cache_dir: str = ""
     on_bad: Literal[ON_BAD] = "error"
@@ -265,3 +272,16 @@ class SegmentConfig:
             "scale applies to the encoder-decoder",
         )
         require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")
+        height, width = self.dual2net.image_size
+        require(
+            self,
+            "tta",
+            self.tta != "flips-rot90" or self.model != "dual2net" or height == width,
+            f'"none" or "flips" with a {height}x{width} Dual2Net input: quarter turns need a '
+            "square --image-size",
+        )
+
+
+def tta_metadata(cfg: SegmentConfig) -> dict:
+    """The run metadata of `cfg.tta`: {"tta": ...} when the run chose one, else nothing."""
+    return {} if cfg.tta == "none" else {"tta": cfg.tta}

@@ -53,7 +53,7 @@ from rmib.methods.dual2net.data import (
 from rmib.methods.dual2net.loss import DSMAlphaSchedule
 from rmib.methods.dual2net.model import SIZE_MULTIPLE, build_dual2net
 from rmib.methods.dual2net.segmenter import Dual2NetSegmenter
-from rmib.methods.segment_config import SegmentConfig
+from rmib.methods.segment_config import SegmentConfig, tta_metadata
 
 # The loss of each `[dual2net] variant` (rmib.methods.dual2net.model.LOSS_VARIANTS).
 VARIANT_LOSS = {"dual-dsm": "dsm", "single-dice": "dice", "single-bce": "bce"}
@@ -225,6 +225,7 @@ def train(
         "aux_weight": d2.aux_weight,
         "output_stride": d2.output_stride,
         "trunk_frozen": cfg.freeze_encoder == "yes",
+        **tta_metadata(cfg),
         "train_images": [r.name for r in train_records],
         "val_images": [r.name for r in val_records],
         **encoder_info,

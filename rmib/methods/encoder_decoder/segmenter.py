@@ -19,7 +19,7 @@ from rmib.inference.tiling import mask_box, plan_tiles, predict_tiled
 
 
 def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
-    """The encoder-decoder's `TiledSegmenter` with the tiling of a `SegmentConfig`.
+    """The encoder-decoder's `TiledSegmenter` with the tiling and ``tta`` of a `SegmentConfig`.
 
     ``predict_tile = "auto"`` plans large tiles overlapping by 2 * predict_halo
     pixels (one per call); a number gives fixed tiles overlapping by the fraction
@@ -29,7 +29,7 @@ def tiled_segmenter(model, metadata: dict, cfg) -> TiledSegmenter:
         tiling = TilingOptions(AUTO_TILE, halo=cfg.predict_halo, max_tile=cfg.predict_max_tile)
     else:
         tiling = TilingOptions(cfg.predict_tile, cfg.predict_overlap, cfg.predict_batch)
-    return TiledSegmenter(model, metadata, tiling=tiling)
+    return TiledSegmenter(model, metadata, tiling=tiling, tta=cfg.tta)
 
 
 class TiledSegmenter(Segmenter):
@@ -71,6 +71,9 @@ class TiledSegmenter(Segmenter):
             (`rmib.data.fundus.rescale`), tiled as above, and the map resized back
             (bilinear) and zeroed outside the full-resolution field of view; at 1
             the photograph is tiled as it is.
+        tta: test-time augmentation (`rmib.inference.tta`; default the run's
+            ``tta``, else "none"): the whole photograph is flipped (and turned)
+            before the steps above, each map moved back and the maps averaged.
     """
 
     model_type = "encoder-decoder"
@@ -88,6 +91,7 @@ class TiledSegmenter(Segmenter):
         max_tile_pixels=None,
         scale=None,
         tiling=None,
+        tta=None,
     ):
         tiling = TilingOptions.of(
             tiling,
@@ -97,7 +101,7 @@ class TiledSegmenter(Segmenter):
             halo=halo,
             max_tile=max_tile,
         )
-        super().__init__(model, metadata, tiling=tiling)
+        super().__init__(model, metadata, tiling=tiling, tta=tta)
         tile, overlap, batch_size = tiling.tile, tiling.overlap, tiling.batch_size
         halo, max_tile = tiling.halo, tiling.max_tile
         self.scale = fundus.check_scale(self.metadata.get("scale", 1.0) if scale is None else scale)
@@ -153,7 +157,7 @@ class TiledSegmenter(Segmenter):
         self.last_plan = None  # (tile, region) of the last "auto" prediction
 
     def tiling(self, height: int, width: int, fov=None):
-        """(tile, overlap, region) that `predict_prepared` uses for an image of this size.
+        """(tile, overlap, region) that `predict_view` uses for an image of this size.
 
         For "auto": tile = (th, tw), overlap = 2 * halo pixels, region = the
         field of view's bounding box (None without a mask, or when it is
@@ -170,7 +174,7 @@ class TiledSegmenter(Segmenter):
         tile = plan_tiles(region_h, region_w, self.max_tile_pixels, overlap, self.multiple)
         return tile, overlap, region
 
-    def predict_prepared(self, image, fov=None):
+    def predict_view(self, image, fov=None):
         image = np.asarray(image)
         fov = None if fov is None else np.asarray(fov)
         if self.scale == 1.0:

@@ -10,7 +10,7 @@ from rmib.errors import RmibError
 from rmib.evaluation import evaluate_examples
 from rmib.methods.encoder_decoder.segmenter import tiled_segmenter
 from rmib.methods.encoders import encoder_factory
-from rmib.methods.segment_config import ENCODER_DECODER_MULTIPLE, SegmentConfig
+from rmib.methods.segment_config import ENCODER_DECODER_MULTIPLE, SegmentConfig, tta_metadata
 
 
 def _loss(cfg):
@@ -62,6 +62,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume=False):
         "predict_max_tile": cfg.predict_max_tile,
         "size_multiple": ENCODER_DECODER_MULTIPLE,
         "loss": cfg.loss,
+        **tta_metadata(cfg),
         "train_images": [r.name for r in train_records],
         "val_images": [r.name for r in val_records],
         **info,

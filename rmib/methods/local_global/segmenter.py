@@ -48,6 +48,8 @@ class LocalGlobalSegmenter(Segmenter):
             2**local_depth).
         overlap: tile overlap fraction (default 0.25).
         batch_size: tiles per batch (default the run's predict_batch, else 4).
+        tta: test-time augmentation (`rmib.inference.tta`; default the run's ``tta``):
+            GlobalNet sees each flipped (turned) photograph too.
 
     Raises:
         RmibError: a tile that LocalNet cannot take, or unknown metadata.
@@ -55,8 +57,8 @@ class LocalGlobalSegmenter(Segmenter):
 
     model_type = "local-global"
 
-    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None):
-        super().__init__(model, metadata, tile, overlap, batch_size)
+    def __init__(self, model, metadata, tile=None, overlap=None, batch_size=None, *, tta=None):
+        super().__init__(model, metadata, tile, overlap, batch_size, tta=tta)
         self.network = self.metadata.get("network", "fused")
         if self.network not in NETWORKS:
             raise RmibError(
@@ -132,7 +134,7 @@ class LocalGlobalSegmenter(Segmenter):
             prob = full
         return prob
 
-    def predict_prepared(self, image, fov=None):
+    def predict_view(self, image, fov=None):
         image = np.asarray(image, np.float32)
         mask = None if fov is None else np.asarray(fov)
         height, width = image.shape[:2]

@@ -72,7 +72,7 @@ from rmib.methods.local_global.model import (
     set_fusion_only_trainable,
 )
 from rmib.methods.local_global.segmenter import LocalGlobalSegmenter
-from rmib.methods.segment_config import SegmentConfig
+from rmib.methods.segment_config import SegmentConfig, tta_metadata
 
 
 def _phase_model_builder(phase, sizes: Sizes, l2, trained: dict, encoders=None):
@@ -223,6 +223,7 @@ def run_metadata(
         "predict_tile": sizes.patch_size,
         "predict_overlap": cfg.predict_overlap,
         "predict_batch": cfg.predict_batch,
+        **tta_metadata(cfg),
         "train_images": [r.name for r in train_records],
         "val_images": [r.name for r in val_records],
         **encoder_info,
