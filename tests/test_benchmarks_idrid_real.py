@@ -202,6 +202,26 @@ def test_a_lever_is_its_recipe_with_the_overrides_and_a_row_of_its_own(tmp_path)
     assert idrid_real.pending_rows(results, ["EX_a_seed0"], "lr3e-4") == []
 
 
+@pytest.mark.parametrize("lever", list(idrid_real.LEVERS))
+def test_every_lever_recipe_is_written_and_loads(tmp_path, lever):
+    from rmib.config import load_config
+    from rmib.methods.segment_config import SegmentConfig
+
+    base = PROJECT_ROOT / "segment" / "idrid_ex_vgg16_cbam.toml"
+    cfg = load_config(SegmentConfig, idrid_real.lever_recipe(base, lever, tmp_path))
+    overrides = idrid_real.LEVERS[lever][1]
+    for key, value in overrides.items():
+        if key == "train":
+            assert {k: getattr(cfg.train, k) for k in value} == value
+        elif key != "_cli":
+            assert getattr(cfg, key) == value, key
+    if lever == "colour":
+        assert cfg.colour_jitter == 0.1 and cfg.augment == "rot90" and cfg.scale == 0.5
+        assert cfg.patches_per_epoch == 256 and cfg.train.lr_schedule == "constant"
+    elif "colour_jitter" not in overrides:
+        assert cfg.colour_jitter == 0.0
+
+
 def test_screening_renders_each_lever_under_its_row(tmp_path):
     def row(ap, lever=None):
         record = {

@@ -219,3 +219,33 @@ def test_dump_config_round_trip(tmp_path):
     path = write(tmp_path, dump_config(cfg), "config.toml")
     assert load_config(Recipe, path) == cfg
     assert "validation_steps" not in path.read_text()  # None values are left out
+
+
+# --------------------------------------------------------------------------- colour_jitter
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_colour_jitter_out_of_range_is_refused_naming_the_key(tmp_path, value):
+    from rmib.methods.classifier.config import PretrainConfig
+    from rmib.methods.segment_config import SegmentConfig
+
+    path = write(tmp_path, f"colour_jitter = {value}\n")
+    for cls in (SegmentConfig, PretrainConfig):
+        with pytest.raises(RmibError, match=rf"colour_jitter must be in \[0, 1\).*got {value}"):
+            load_config(cls, path)
+    with pytest.raises(RmibError, match=r"colour_jitter must be .*command line"):
+        load_config(SegmentConfig, None, {"colour_jitter": float(value)})
+
+
+def test_colour_jitter_loads_and_is_off_by_default(tmp_path):
+    from rmib.methods.classifier.config import PretrainConfig
+    from rmib.methods.segment_config import SegmentConfig
+
+    assert SegmentConfig().colour_jitter == 0.0 and PretrainConfig().colour_jitter == 0.0
+    cfg = load_config(SegmentConfig, write(tmp_path, "colour_jitter = 0.1\n"))
+    assert cfg.colour_jitter == 0.1
+    assert load_config(SegmentConfig, None, {"colour_jitter": 0}).colour_jitter == 0.0
+    # The other segmenters' pipelines have no jitter: refused, not ignored.
+    path = write(tmp_path, 'model = "dual2net"\ncolour_jitter = 0.1\n', "dual2net.toml")
+    with pytest.raises(RmibError, match=r"colour_jitter must be 0 with --model dual2net"):
+        load_config(SegmentConfig, path)

@@ -56,6 +56,8 @@ LEVERS = {
              {**_BASE, "patch_size": 256, "train": {"lr_schedule": "constant", "batch_size": 8}}),
     "bcedice": ("base, BCE + Dice loss", {**_BASE, "loss": "bce+dice"}),
     "rot90": ("base, flips and quarter turns only", {**_BASE, "augment": "rot90"}),
+    "colour": ("rot90 (adopted), plus colour and contrast jitter 0.1",
+               {**_BASE, "augment": "rot90", "colour_jitter": 0.1}),
     "noclahe": ("base, no CLAHE (raw RGB)", {**_BASE, "preprocessing": "none"}),
     "lr3e-4": ("base, learning rate 3e-4",
                {**_BASE, "train": {"lr_schedule": "constant", "learning_rate": 3e-4}}),

@@ -255,6 +255,7 @@ def classification_dataset(
     *,
     preprocessing: Preprocessing | None = None,
     augment="free",
+    colour_jitter=0.0,
     shuffle=True,
     seed=0,
     start_epoch=0,
@@ -268,6 +269,7 @@ def classification_dataset(
 
     The dataset holds `epochs - start_epoch` epochs back to back, each in its own
     order drawn from (seed, epoch); use it with `steps_per_epoch = steps_for(...)`.
+    `augment` and `colour_jitter` are those of `rmib.data.augment.augment_pair`.
 
     Returns:
         (dataset, steps_per_epoch, records_kept)
@@ -319,12 +321,13 @@ def classification_dataset(
 
         def finish(index, image, label):
             image = tf.cast(image, tf.float32)
-            if augment != "none":
+            if augment != "none" or colour_jitter > 0:
                 image, _ = augment_lib.augment_pair(
                     image,
                     tf.zeros_like(image[..., :1]),
                     augment_lib.example_seed(seed, epoch, index),
                     mode=augment,
+                    colour_jitter=colour_jitter,
                 )
             return image, label
 
@@ -423,6 +426,7 @@ def patch_dataset(
     *,
     pos_fraction=0.5,
     augment="free",
+    colour_jitter=0.0,
     seed=0,
     start_epoch=0,
     epochs=1,
@@ -430,6 +434,7 @@ def patch_dataset(
     """Batches of (patch float32 (p, p, 3) in [0, 255], mask float32 (p, p, 1)).
 
     Each epoch holds exactly `steps_per_epoch` batches drawn from (seed, epoch).
+    `augment` and `colour_jitter` are those of `rmib.data.augment.augment_pair`.
     """
     sampler = PatchSampler(examples, patch_size, pos_fraction)
     per_epoch = steps_per_epoch * batch_size
@@ -454,7 +459,11 @@ def patch_dataset(
             image = tf.cast(image, tf.float32)
             mask = tf.cast(mask, tf.float32)[..., None]
             image, mask = augment_lib.augment_pair(
-                image, mask, augment_lib.example_seed(seed, epoch, index), mode=augment
+                image,
+                mask,
+                augment_lib.example_seed(seed, epoch, index),
+                mode=augment,
+                colour_jitter=colour_jitter,
             )
             return image, mask
 

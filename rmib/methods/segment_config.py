@@ -187,6 +187,11 @@ class SegmentConfig:
         val_fraction / val_names: hold out whole images for validation.
         preprocessing: "none", "clahe" or "graham".
         augment: "free", "rot90" or "none".
+        colour_jitter: strength s in [0, 1) of a colour and contrast jitter of
+            the training patches' images (encoder-decoder only; masks untouched),
+            after `augment`: brightness +-s x 255, contrast and saturation
+            factors in [1 - s, 1 + s] (`rmib.data.augment.jitter_colour`).
+            0 = off.
         scale: working resolution as a fraction of the photograph's, in (0, 1]
             (encoder-decoder only): training photographs and masks are resized
             by it before patches are sampled, and whole photographs are predicted
@@ -225,6 +230,7 @@ class SegmentConfig:
     val_names: list = dataclasses.field(default_factory=list)
     preprocessing: Literal[PREPROCESSING] = "clahe"
     augment: Literal[AUGMENT] = "free"
+    colour_jitter: float = 0.0
     scale: float = 1.0
     patches_per_epoch: int = 512
     predict_tile: Literal["auto"] | int = "auto"
@@ -272,6 +278,14 @@ class SegmentConfig:
             "scale applies to the encoder-decoder",
         )
         require(self, "patches_per_epoch", self.patches_per_epoch >= 1, "at least 1")
+        require(self, "colour_jitter", 0.0 <= self.colour_jitter < 1.0, "in [0, 1), e.g. 0.1")
+        require(
+            self,
+            "colour_jitter",
+            self.colour_jitter == 0.0 or self.model == "encoder-decoder",
+            f"0 with --model {self.model} (its input pipeline has no colour jitter); "
+            "colour_jitter applies to the encoder-decoder",
+        )
         height, width = self.dual2net.image_size
         require(
             self,

@@ -204,3 +204,28 @@ def test_stratified_split_keeps_classes():
     assert [r.name for r in val] == ["3", "7"]
     with pytest.raises(RmibError, match="nope"):
         pipeline.split_by_names(records, ["nope"])
+
+
+def test_colour_jitter_reaches_the_patches_and_the_classifier_images(tmp_path):
+    records = _records(tmp_path)
+    examples, _ = pipeline.load_examples(records, pipeline.Preprocessing(method="none"), "EX")
+
+    def patches(jitter):
+        ds = pipeline.patch_dataset(
+            examples, 32, 4, 1, seed=7, augment="rot90", colour_jitter=jitter
+        )
+        return next(iter(ds))
+
+    (plain, plain_mask), (jittered, jittered_mask) = patches(0.0), patches(0.3)
+    np.testing.assert_array_equal(plain_mask.numpy(), jittered_mask.numpy())
+    assert np.abs(plain.numpy() - jittered.numpy()).max() > 1.0
+
+    def images(jitter):
+        ds, _, _ = pipeline.classification_dataset(
+            records, 48, 6, seed=1, augment="none", colour_jitter=jitter
+        )
+        return next(iter(ds))[0].numpy()
+
+    plain = images(0.0)
+    assert np.abs(images(0.3) - plain).max() > 1.0
+    np.testing.assert_array_equal(images(0.0), plain)

@@ -25,6 +25,10 @@ class PretrainConfig:
         preprocessing: "clahe" (paper), "graham" or "none", after the FOV crop.
         dense_units / dropout / l2: the classification head.
         augment: "free", "rot90" or "none".
+        colour_jitter: strength s in [0, 1) of a colour and contrast jitter of
+            the training images, after `augment`: brightness +-s x 255, contrast
+            and saturation factors in [1 - s, 1 + s]
+            (`rmib.data.augment.jitter_colour`). 0 = off.
         threshold: decision threshold of the reported metrics.
         cache_dir: keep preprocessed images here (memory-mapped), else in memory.
         on_bad: "error" or "skip".
@@ -43,6 +47,7 @@ class PretrainConfig:
     dropout: float = 0.5
     l2: float = 1e-4
     augment: Literal[AUGMENT] = "free"
+    colour_jitter: float = 0.0
     threshold: float = 0.5
     cache_dir: str = ""
     on_bad: Literal[ON_BAD] = "error"
@@ -59,3 +64,4 @@ class PretrainConfig:
         require(self, "val_fraction", 0.0 < self.val_fraction < 1.0, "in (0, 1)")
         require(self, "dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
         require(self, "threshold", 0.0 < self.threshold < 1.0, "in (0, 1)")
+        require(self, "colour_jitter", 0.0 <= self.colour_jitter < 1.0, "in [0, 1), e.g. 0.1")

@@ -90,6 +90,7 @@ def run_pretrain(cfg: PretrainConfig, resume=False, echo=click.echo, dry_run=Fal
         job.batch_size,
         preprocessing=prep,
         augment=cfg.augment,
+        colour_jitter=cfg.colour_jitter,
         seed=cfg.train.seed,
         start_epoch=job.start_epoch(),
         epochs=cfg.train.epochs,

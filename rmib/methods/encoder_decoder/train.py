@@ -85,6 +85,7 @@ def train(cfg: SegmentConfig, train_records, val_records, run, resume=False):
             steps,
             pos_fraction=cfg.pos_fraction,
             augment=cfg.augment,
+            colour_jitter=cfg.colour_jitter,
             seed=cfg.train.seed,
             start_epoch=offset + job.start_epoch(phase),
             epochs=offset + epochs,
