@@ -380,6 +380,24 @@ def test_keras_file_with_fused_adam_loads_with_its_state(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_fresh_process_loads_a_keras_file_compiled_with_fused_adam(tmp_path):
+    # rmib's lazy registry (rmib.registration) must find "rmib>FusedAdam" as it finds layers.
+    model = tiny_model()
+    model.compile(optimizer=FusedAdam(learning_rate=0.01), loss=LOSS)
+    model.train_on_batch(*arrays(n=8))
+    model.save(tmp_path / "tiny.keras")
+    code = (
+        "import rmib, keras\n"
+        f"model = keras.models.load_model({str(tmp_path / 'tiny.keras')!r})\n"
+        "print(type(model.optimizer).__name__, int(model.optimizer.iterations))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=200, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["FusedAdam", "1"]
+
+
 @pytest.mark.parametrize(
     ("first", "second"), [(keras.optimizers.Adam, FusedAdam), (FusedAdam, keras.optimizers.Adam)]
 )
