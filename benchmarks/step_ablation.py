@@ -6,16 +6,19 @@ then times their steps in turns (round 1: every variant once, round 2: again, ..
 and reports medians and ratios, so a change in the shared machine's load hits
 every variant alike.
 
-A variant is `MODEL[/CBAM][+jit][+bN]`:
+A variant is `MODEL[/CBAM][+jit][+kadam][+bN]` (the + options in any order):
 - MODEL: resnet50, resnet50_cbam, vgg16, vgg16_cbam (`rmib.models.build_classifier`,
-  weights=None, Adam, binary cross-entropy);
+  weights=None, rmib's Adam (`rmib.training.FusedAdam`), binary cross-entropy);
 - /CBAM: how CBAM trains (`CBAM.implementation`): fused (the default) or plain (the
   formula left to automatic differentiation, the old code);
 - +jit: `model.compile(jit_compile=True)`, the whole step through XLA;
+- +kadam: `keras.optimizers.Adam` (~26 graph ops per variable) instead of rmib's;
 - +bN: batch N instead of `--batch` (compare images/s).
 
     taskset -c 1 python -m benchmarks.step_ablation --size 224 --batch 4 \\
         --variants resnet50,resnet50_cbam/plain,resnet50_cbam/fused
+    taskset -c 1 python -m benchmarks.step_ablation --size 224 --batch 4 \\
+        --variants resnet50,resnet50+kadam,resnet50_cbam,resnet50_cbam+kadam
 
 `--layer` times one CBAM layer's forward + backward pass instead, at the shapes of
 ResNet50's four stages (224 px, batch 4), per implementation.
@@ -28,28 +31,36 @@ import re
 import statistics
 import time
 
-_VARIANT = re.compile(
-    r"^(?P<model>resnet50|vgg16)(?P<cbam>_cbam)?(?:/(?P<impl>fused|plain))?"
-    r"(?P<jit>\+jit)?(?:\+b(?P<batch>\d+))?$"
-)
+_VARIANT = re.compile(r"^(?P<model>resnet50|vgg16)(?P<cbam>_cbam)?(?:/(?P<impl>fused|plain))?$")
+_OPTION = re.compile(r"^(?:jit|kadam|b[1-9]\d*)$")
 # ResNet50's CBAM inputs at 224 px: (side, channels) of each stage.
 RESNET50_STAGES = ((56, 256), (28, 512), (14, 1024), (7, 2048))
 
 
 def parse_variant(text, batch):
-    """{"model", "cbam", "implementation", "jit", "batch"} of one variant string."""
-    match = _VARIANT.match(text.strip())
+    """{"name", "model", "cbam", "implementation", "jit", "keras_adam", "batch"} of a variant."""
+    usage = "expected MODEL[_cbam][/fused|plain][+jit][+kadam][+bN]"
+    base, *options = text.strip().split("+")
+    match = _VARIANT.match(base)
     if not match:
-        raise SystemExit(f"bad variant {text!r}: expected MODEL[_cbam][/fused|plain][+jit][+bN]")
+        raise SystemExit(f"bad variant {text!r}: {usage}")
     if match["impl"] and not match["cbam"]:
         raise SystemExit(f"variant {text!r}: a CBAM implementation needs a _cbam model")
+    for option in options:
+        if not _OPTION.match(option):
+            raise SystemExit(f"variant {text!r}: unknown option +{option}; {usage}")
+    kinds = ["b" if o.startswith("b") else o for o in options]
+    if len(set(kinds)) != len(kinds):
+        raise SystemExit(f"variant {text!r}: an option given twice")
+    sizes = [int(o[1:]) for o in options if o.startswith("b")]
     return {
         "name": text.strip(),
         "model": match["model"],
         "cbam": bool(match["cbam"]),
         "implementation": match["impl"] or "fused",
-        "jit": bool(match["jit"]),
-        "batch": int(match["batch"] or batch),
+        "jit": "jit" in options,
+        "keras_adam": "kadam" in options,
+        "batch": sizes[0] if sizes else batch,
     }
 
 
@@ -59,6 +70,7 @@ def _classifier_step(variant, precision, size):
     import numpy as np
 
     from rmib.models import CBAM, build_classifier
+    from rmib.training import FusedAdam
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -71,7 +83,7 @@ def _classifier_step(variant, precision, size):
         if isinstance(layer, CBAM):
             layer.implementation = variant["implementation"]
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-4),
+        optimizer=(keras.optimizers.Adam if variant["keras_adam"] else FusedAdam)(1e-4),
         loss="binary_crossentropy",
         jit_compile=variant["jit"],
     )

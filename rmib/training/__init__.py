@@ -5,20 +5,15 @@
     local_cluster.py  a multi-worker cluster on 127.0.0.1 (its TF_CONFIGs, its processes)
     devices.py      precision (training and prediction) and distribution strategies
     run_dir.py      the run directory, metadata inside .keras files, loading models
-    callbacks.py    optimizer, learning-rate schedules, checkpoints, early stopping, time limit
+    optimizers.py   make_optimizer: FusedAdam (one kernel per variable), coupled weight decay
+    callbacks.py    learning-rate schedules, checkpoints, early stopping, time limit
     job.py          TrainingJob: what every method's train() shares (data, resume,
                     validation, time limit over phases, final model, skipped.csv)
 
 The names below are those other modules use as `rmib.training.X`.
 """
 
-from rmib.training.callbacks import (
-    CoupledDecayAdam,
-    CoupledDecaySGD,
-    current_learning_rate,
-    make_optimizer,
-    schedule_callbacks,
-)
+from rmib.training.callbacks import current_learning_rate, schedule_callbacks
 from rmib.training.devices import (
     apply_precision,
     cpu_supports_bfloat16,
@@ -31,6 +26,12 @@ from rmib.training.devices import (
     visible_gpus,
 )
 from rmib.training.job import TrainingJob
+from rmib.training.optimizers import (
+    CoupledDecayAdam,
+    CoupledDecaySGD,
+    FusedAdam,
+    make_optimizer,
+)
 from rmib.training.run_dir import (
     RunDirectory,
     attach_metadata,
@@ -46,6 +47,7 @@ from rmib.training.runner import class_weights_from_labels, fit, run_finished, s
 __all__ = [
     "CoupledDecayAdam",
     "CoupledDecaySGD",
+    "FusedAdam",
     "RunDirectory",
     "TrainingJob",
     "apply_precision",

@@ -1,10 +1,9 @@
-"""The optimizer, the learning-rate schedules and the callbacks `rmib.training.fit` runs.
+"""The learning-rate schedule callbacks and the callbacks `rmib.training.fit` runs.
 
-`make_optimizer` (Adam or SGD, decoupled or PyTorch's coupled weight decay,
-polynomial decay), `schedule_callbacks` (`_ReduceLROnPlateau`, whose counters
-survive a resume), and the per-epoch machinery of every run: the non-finite
-loss guard, the time limit (`_TimeLimit`) and `_RunCheckpoint` (history row,
-best and last checkpoints, state, early stopping).
+`schedule_callbacks` (`_ReduceLROnPlateau`, whose counters survive a resume),
+and the per-epoch machinery of every run: the non-finite loss guard, the time
+limit (`_TimeLimit`) and `_RunCheckpoint` (history row, best and last
+checkpoints, state, early stopping). The optimizer is `rmib.training.optimizers`.
 """
 
 from __future__ import annotations
@@ -19,90 +18,7 @@ from rmib.config import TrainConfig
 from rmib.errors import RmibError
 from rmib.training.run_dir import RunDirectory
 
-# --------------------------------------------------------------------------- optimizer
-
-
-class _CoupledWeightDecay:
-    """Adds weight_decay * w to every gradient before the optimizer's update (L2 coupled
-    into the gradient, as PyTorch's SGD and Adam `weight_decay`)."""
-
-    def __init__(self, *args, coupled_weight_decay=0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.coupled_weight_decay = float(coupled_weight_decay)
-
-    def update_step(self, gradient, variable, learning_rate):
-        decay = keras.ops.cast(self.coupled_weight_decay, variable.dtype)
-        gradient = keras.ops.add(gradient, keras.ops.multiply(decay, variable))
-        return super().update_step(gradient, variable, learning_rate)
-
-    def get_config(self):
-        return {**super().get_config(), "coupled_weight_decay": self.coupled_weight_decay}
-
-
-@keras.saving.register_keras_serializable(package="rmib")
-class CoupledDecaySGD(_CoupledWeightDecay, keras.optimizers.SGD):
-    """`keras.optimizers.SGD` with PyTorch's coupled weight decay.
-
-    Each step uses g + coupled_weight_decay * w as the gradient, so with momentum
-    m and learning rate lr: v <- m * v - lr * (g + wd * w); w <- w + v (Keras'
-    momentum form; PyTorch's buf <- m * buf + g', w <- w - lr * buf is the same
-    for a constant lr).
-
-    Args:
-        coupled_weight_decay: the factor wd (5e-4 in Dual2Net's paper).
-        *args, **kwargs: the arguments of `keras.optimizers.SGD` (leave its
-            decoupled `weight_decay` unset).
-    """
-
-
-@keras.saving.register_keras_serializable(package="rmib")
-class CoupledDecayAdam(_CoupledWeightDecay, keras.optimizers.Adam):
-    """`keras.optimizers.Adam` with coupled weight decay (L2 in the gradient, as
-    PyTorch's `Adam(weight_decay=...)`); see `CoupledDecaySGD`."""
-
-
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int | None = None):
-    """The optimizer and learning-rate schedule of a `TrainConfig`.
-
-    Adam, or SGD with `cfg.momentum`; `cfg.weight_decay` > 0 adds weight decay,
-    Keras' decoupled form or, with `weight_decay_mode` "coupled", wd * w added to
-    the gradient (`CoupledDecaySGD`, `CoupledDecayAdam`). "poly" decays the rate polynomially (power
-    `cfg.poly_power`) to 0 over `cfg.epochs * steps_per_epoch` steps;
-    "plateau" keeps it constant here and `schedule_callbacks` cuts it. Under
-    the mixed_float16 policy the optimizer is wrapped in a LossScaleOptimizer
-    (Keras' compile then leaves it as is).
-
-    Raises:
-        RmibError: "poly" without a known number of steps per epoch.
-    """
-    learning_rate = cfg.learning_rate
-    if cfg.lr_schedule == "poly":
-        if not steps_per_epoch:
-            raise RmibError(
-                "the poly learning-rate schedule needs the number of steps per epoch, and the "
-                "training data does not tell it (an infinite dataset?); set steps_per_epoch"
-            )
-        learning_rate = keras.optimizers.schedules.PolynomialDecay(
-            initial_learning_rate=cfg.learning_rate,
-            decay_steps=cfg.epochs * int(steps_per_epoch),
-            end_learning_rate=0.0,
-            power=cfg.poly_power,
-        )
-    coupled = cfg.weight_decay > 0 and cfg.weight_decay_mode == "coupled"
-    decay = {"coupled_weight_decay": cfg.weight_decay} if coupled else {}
-    if not coupled:
-        decay["weight_decay"] = cfg.weight_decay or None
-    if cfg.optimizer == "adam":
-        adam = CoupledDecayAdam if coupled else keras.optimizers.Adam
-        optimizer = adam(learning_rate=learning_rate, **decay)
-    elif cfg.optimizer == "sgd":
-        sgd = CoupledDecaySGD if coupled else keras.optimizers.SGD
-        optimizer = sgd(learning_rate=learning_rate, momentum=cfg.momentum, **decay)
-    else:  # TrainConfig validates the name; this guards hand-made objects
-        raise RmibError(f"unknown optimizer {cfg.optimizer!r}; valid values are: adam, sgd")
-    if keras.mixed_precision.global_policy().name == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
+# --------------------------------------------------------------------------- schedules
 
 
 class _ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):

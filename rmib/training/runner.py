@@ -1,8 +1,8 @@
 """The one training runner every rmib method uses: `fit`.
 
 It owns what every method shares: numeric precision and the distribution
-strategy (`rmib.training.devices`), the optimizer, learning-rate schedule and
-per-epoch callbacks (`rmib.training.callbacks`), seeding, the run directory
+strategy (`rmib.training.devices`), the optimizer (`rmib.training.optimizers`),
+learning-rate schedule and per-epoch callbacks (`rmib.training.callbacks`), seeding, the run directory
 on disk (`rmib.training.run_dir`), checkpoints, resuming, early stopping, the
 time limit and the history. Under MultiWorkerMirroredStrategy the epochs run
 through `strategy.run` (`rmib.training.distributed`). A method's whole run
@@ -30,7 +30,6 @@ from rmib.training.callbacks import (
     _RunCheckpoint,
     _StopOnNonFiniteLoss,
     _TimeLimit,
-    make_optimizer,
     schedule_callbacks,
 )
 from rmib.training.devices import (
@@ -40,6 +39,7 @@ from rmib.training.devices import (
     precision_reason,
 )
 from rmib.training.distributed import _metrics_in_scope, distributed_fit, is_arrays, steps_of
+from rmib.training.optimizers import make_optimizer
 from rmib.training.run_dir import (
     RunDirectory,
     checkpoint_state,
