@@ -117,6 +117,9 @@ def test_row_commands_are_one_command_line_each(tmp_path):
     assert woo[woo.index("--cbam-init") + 1] == "woo" and "--cbam-init" not in stage1
     assert woo[woo.index("--out") + 1] == str(tmp_path / "stage1_woo")
     assert [a for a in woo if a not in ("--cbam-init", "woo")][:-1] == stage1[:-1]
+    balanced = idrid_real.row_command("stage1_bal", ctx)  # the class-balance lever
+    assert "--class-weights" in balanced and "--class-weights" not in stage1
+    assert [a for a in balanced if a != "--class-weights"][:-1] == stage1[:-1]
     dual2net = idrid_real.row_command("EX_d", ctx)  # offline: no ImageNet; 30 GB at full size
     assert dual2net[dual2net.index("--weights") + 1] == "none"
     at = dual2net.index("--image-size")
@@ -195,6 +198,14 @@ def test_a_lever_is_its_recipe_with_the_overrides_and_a_row_of_its_own(tmp_path)
     assert derived["train"]["lr_schedule"] == "constant"
     evaluate = idrid_real.evaluate_command("EX_a_seed0", ctx)
     assert evaluate[2] == str(tmp_path / "EX_a_seed0+lr3e-4")
+
+    ctx["lever"] = "poly"  # a schedule over the epochs 10 minutes hold: its flag wins
+    poly = idrid_real.row_command("EX_a_seed0", ctx)
+    assert [a for i, a in enumerate(poly) if i and poly[i - 1] == "--epochs"] == ["1000", "8"]
+    assert (
+        tomllib.loads(Path(poly[poly.index("--config") + 1]).read_text())["train"]["lr_schedule"]
+        == "poly"
+    )
 
     results = {"rows": {"EX_a_seed0": {"ap": 0.3}}}
     assert idrid_real.pending_rows(results, ["EX_a_seed0"], "lr3e-4") == ["EX_a_seed0"]

@@ -11,19 +11,22 @@ FINAL_MINUTES = 30.0
 THRESHOLD = 0.5
 
 # key -> (lesion, kind, seed); kinds: stage1 (CBAM started as rmib does), stage1_woo
-# (CBAM started as Woo et al.: `--cbam-init woo`), a transferred frozen encoder (the
+# (CBAM started as Woo et al.: `--cbam-init woo`), stage1_bal (the loss weighted by
+# inverse class frequency: the class-balance lever), a transferred frozen encoder (the
 # default), b from scratch, c local-global, d Dual2Net, e the plain U-Net reference.
-ROWS = {"stage1": (None, "stage1", 0), "stage1_woo": (None, "stage1_woo", 0)}
+ROWS = {key: (None, key, 0) for key in ("stage1", "stage1_woo", "stage1_bal")}
 ROWS.update({f"EX_{k}_seed{s}": ("EX", k, s) for k in "ab" for s in (0, 1)})
 ROWS.update({"EX_c": ("EX", "c", 0), "EX_d": ("EX", "d", 0), "EX_e": ("EX", "e", 0)})
 ROWS.update({f"{lesion}_{k}": (lesion, k, 0) for lesion in ("HE", "MA", "SE") for k in "abe"})
-STAGE1_KINDS = ("stage1", "stage1_woo")
+STAGE1_KINDS = ("stage1", "stage1_woo", "stage1_bal")
+_STAGE1_FLAGS = {"stage1_woo": ["--cbam-init", "woo"], "stage1_bal": ["--class-weights"]}
 # Dual2Net's row: the paper's 960 x 1440 at output stride 8 needs about 30 GB
 # (segment/README.md), so the row trains at a third of each side, stride 8 kept.
 DUAL2NET_SIZE = (320, 480)
 KIND_NAMES = {
     "stage1": "stage 1: VGG16-CBAM lesion / healthy classifier, from scratch",
     "stage1_woo": "stage 1 as above, CBAM started as Woo et al. (`--cbam-init woo`)",
+    "stage1_bal": "stage 1 as above, loss weighted by inverse class frequency (`--class-weights`)",
     "a": "encoder-decoder, transferred frozen stage-1 encoder (the default)",
     "b": "encoder-decoder, VGG16-CBAM from scratch",
     "c": "fused local-global U-Net (Yan et al.)",
@@ -49,19 +52,26 @@ _BASE = {
     "augment": "free",
     "train": {"lr_schedule": "constant"},
 }
+_ROT90 = {**_BASE, "augment": "rot90"}
 LEVERS = {
     "scale0.5": ("working resolution 0.5, 1024 patches an epoch, validated every epoch", _HALF),
     "base": ("scale 0.5, 256 patches an epoch, validated after the last, constant rate", _BASE),
     "p256": ("base, 256-px patches, batch 8 (about the pixels of 16 x 160 px)",
              {**_BASE, "patch_size": 256, "train": {"lr_schedule": "constant", "batch_size": 8}}),
     "bcedice": ("base, BCE + Dice loss", {**_BASE, "loss": "bce+dice"}),
-    "rot90": ("base, flips and quarter turns only", {**_BASE, "augment": "rot90"}),
+    "rot90": ("base, flips and quarter turns only", _ROT90),
     "colour": ("rot90 (adopted), plus colour and contrast jitter 0.1",
-               {**_BASE, "augment": "rot90", "colour_jitter": 0.1}),
-    "noclahe": ("base, no CLAHE (raw RGB)", {**_BASE, "preprocessing": "none"}),
-    "lr3e-4": ("base, learning rate 3e-4",
-               {**_BASE, "train": {"lr_schedule": "constant", "learning_rate": 3e-4}}),
-    "pos0.25": ("base, a quarter of the patches centred on a lesion", {**_BASE, "pos_fraction": 0.25}),
+               {**_ROT90, "colour_jitter": 0.1}),
+    # Screened after rot90 was adopted: one change each on top of it.
+    "noclahe": ("rot90 (adopted), no CLAHE (raw RGB)", {**_ROT90, "preprocessing": "none"}),
+    "lr3e-4": ("rot90 (adopted), learning rate 3e-4",
+               {**_ROT90, "train": {"lr_schedule": "constant", "learning_rate": 3e-4}}),
+    "pos0.25": ("rot90 (adopted), a quarter of the patches centred on a lesion",
+                {**_ROT90, "pos_fraction": 0.25}),
+    "dice": ("rot90 (adopted), Dice loss alone", {**_ROT90, "loss": "dice"}),
+    # "poly" decays to 0 over the epochs, so it gets the 8 epochs 10 minutes hold.
+    "poly": ("rot90 (adopted), the rate decayed polynomially (power 0.9) to 0 over 8 epochs",
+             {**_ROT90, "train": {"lr_schedule": "poly"}, "_cli": ["--epochs", "8"]}),
     "bf16": ("base, trained in mixed_bfloat16 (a precision row: CPUs with avx512_bf16)",
              {**_BASE, "_cli": ["--precision", "mixed_bfloat16"]}),
 }  # fmt: skip
@@ -110,7 +120,7 @@ def _row_arguments(key: str, ctx: dict) -> list:
     common += ["--out", out]
     if kind in STAGE1_KINDS:
         size, batch = (64, 8) if quick else (256, 8)
-        init = ["--cbam-init", "woo"] if kind == "stage1_woo" else []
+        init = _STAGE1_FLAGS.get(kind, [])
         return _rmib(
             "pretrain", "--data", ctx["stage1_data"], "--backbone", "vgg16", "--cbam", *init,
             "--image-size", size, "--batch-size", batch, "--weights", "none",

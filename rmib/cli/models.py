@@ -85,6 +85,7 @@ _TRAIN_KEYS = (
     "deterministic",
     "early_stopping_patience",
     "time_limit",
+    "class_weights",  # pretrain's --class-weights; None (unset) on the other commands
 )
 
 
@@ -119,6 +120,12 @@ def _overrides(kwargs, keys):
 @click.option("--image-size", type=click.IntRange(min=32), help="Input side in pixels [480].")
 @click.option("--weights", type=str, help="none | imagenet | PATH to a weights file [none].")
 @click.option("--val-fraction", type=float, help="Stratified validation fraction [0.2].")
+@click.option(
+    "--class-weights/--no-class-weights",
+    default=None,
+    help="Weight the loss by inverse class frequency, so that healthy and lesion "
+    "photographs count alike [off; on in the pretrain/ recipes].",
+)
 @click.option("--cache-dir", type=_path, help="Keep preprocessed images here (memory-mapped).")
 @click.option("--out", type=OUT_DIR, help="Run directory.")
 @train_options

@@ -15,7 +15,7 @@ from tests.cli.test_user_mistakes import (
     built_tree_digest,
     tree_digest,
 )
-from tests.conftest import invoke
+from tests.conftest import PROJECT_ROOT, invoke
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -175,3 +175,25 @@ def test_training_into_a_log_prints_a_line_per_epoch_and_draws_history(
     assert epochs == ["1/2", "2/2"]
     assert "val_auc" in result.output
     assert RunDirectory(out).history_plot_path.is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], "false"),
+        (["--class-weights"], "true"),
+        (["--config", "pretrain/vgg16_cbam.toml", "--weights", "none"], "true"),
+        (["--config", "pretrain/vgg16_cbam.toml", "--weights", "none", "--no-class-weights"],
+         "false"),
+    ],
+)  # fmt: skip
+def test_pretrain_class_weights_flag_overrides_the_recipe(
+    synthetic_kaggle, tmp_path, flags, expected
+):
+    flags = [str(PROJECT_ROOT / f) if f.endswith(".toml") else f for f in flags]
+    result = invoke(
+        ["pretrain", "--data", synthetic_kaggle, "--out", tmp_path / "run", "--image-size", 32,
+         *flags, "--dry-run"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"class_weights = {expected}" in result.output
