@@ -171,7 +171,7 @@ def test_committed_rows_render_into_benchmarks_md(tmp_path):
     sections = run.read_sections(out)
     committed = idrid_real.load_results(idrid_real.RESULTS)["rows"]
     assert sections["tile_aupr"] == "kept"
-    missing = len(idrid_real.ROWS) - len(committed)
+    missing = len(set(idrid_real.ROWS) - set(committed))  # lever rows are extra
     assert sections["idrid_real"].count("not measured yet") == missing
 
 
@@ -206,6 +206,21 @@ def test_a_lever_is_its_recipe_with_the_overrides_and_a_row_of_its_own(tmp_path)
         tomllib.loads(Path(poly[poly.index("--config") + 1]).read_text())["train"]["lr_schedule"]
         == "poly"
     )
+
+    # The pair for another CPU model: the recipe unchanged, in float32 and in bf16.
+    plain = idrid_real.row_command("EX_a_seed0", {**ctx, "lever": None})
+    for lever, extra in (("recipe", []), ("recipe_bf16", ["--precision", "mixed_bfloat16"])):
+        command = idrid_real.row_command("EX_a_seed0", {**ctx, "lever": lever})
+        recipe = Path(command[command.index("--config") + 1])
+        assert tomllib.loads(recipe.read_text()) == base
+        at = command.index("--out")
+        assert command[at + 1] == str(tmp_path / f"EX_a_seed0+{lever}")
+        assert command[at + 2 :] == extra  # the flag comes last, so it wins over the recipe
+        mask = {"--config", "--out"}
+        same = [a for i, a in enumerate(command) if i == 0 or command[i - 1] not in mask]
+        assert same[: len(same) - len(extra)] == [
+            a for i, a in enumerate(plain) if i == 0 or plain[i - 1] not in mask
+        ]
 
     results = {"rows": {"EX_a_seed0": {"ap": 0.3}}}
     assert idrid_real.pending_rows(results, ["EX_a_seed0"], "lr3e-4") == ["EX_a_seed0"]
@@ -262,6 +277,15 @@ def test_screening_renders_each_lever_under_its_row(tmp_path):
     text = idrid_real.render_idrid_real(results, {}, run.Settings())
     assert "| 5.80 s | 6.62 s | 4.84 s | 0.51 | 23.24 s |" in text
     assert "\n- a finding\n" in text
+
+    # A row whose stage-1 model was gone says so, with the retrained model's AUC.
+    again = {"roc_auc": 0.8612, "n": 77, "run": "stage1@2026-12-07T00:00Z"}
+    rows["EX_a_seed0"].update(stage1_run="stage1@2026-12-07T00:00Z", stage1_retrained=again)
+    text = idrid_real.render_idrid_real({"rows": rows, "minutes": 30.0}, {}, run.Settings())
+    assert (
+        "(stage 1: stage1@2026-12-07T00:00Z, retrained with the row's stage-1 command, "
+        "ROC AUC 0.861 on 77 validation photographs): `rmib segment None`" in text
+    )
 
 
 def test_the_decoder_timed_alone_is_the_segmenters_decoder():

@@ -61,6 +61,11 @@ def render_idrid_real(result: dict, machine: dict, settings) -> str:
                     f"{_fmt(row['seconds_per_photograph'], 1)} | {row['cpu']}, {row['pinned']} |"
                 )
             stage1 = f" (stage 1: {row['stage1_run']})" if row.get("stage1_run") else ""
+            if row.get("stage1_retrained"):  # the stage-1 model was gone: retrained first
+                again = row["stage1_retrained"]
+                stage1 = (f" (stage 1: {row['stage1_run']}, retrained with the row's stage-1 "
+                          f"command, ROC AUC {_fmt(again['roc_auc'])} on {again['n']} "
+                          "validation photographs)")  # fmt: skip
             lever = row.get("lever")
             overrides = f" recipe overrides `{json.dumps(lever['overrides'])}`," if lever else ""
             commands.append(f"- {name}{stage1}:{overrides} `{row['command']}`")

@@ -74,6 +74,11 @@ LEVERS = {
              {**_ROT90, "train": {"lr_schedule": "poly"}, "_cli": ["--epochs", "8"]}),
     "bf16": ("base, trained in mixed_bfloat16 (a precision row: CPUs with avx512_bf16)",
              {**_BASE, "_cli": ["--precision", "mixed_bfloat16"]}),
+    # 30-minute pairs on another CPU model (rows compare only on one CPU model): the
+    # recipe unchanged, in float32 as the row, and in what `auto` picks on native bf16.
+    "recipe": ("the recipe unchanged (the row again, beside `recipe_bf16` on another CPU)", {}),
+    "recipe_bf16": ("the recipe unchanged, trained in mixed_bfloat16 (`--precision auto` on "
+                    "a CPU with native bfloat16)", {"_cli": ["--precision", "mixed_bfloat16"]}),
 }  # fmt: skip
 
 
