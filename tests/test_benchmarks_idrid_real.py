@@ -222,6 +222,15 @@ def test_a_lever_is_its_recipe_with_the_overrides_and_a_row_of_its_own(tmp_path)
             a for i, a in enumerate(plain) if i == 0 or plain[i - 1] not in mask
         ]
 
+    # Screening levers change the recipe: 10-minute rows only; the pair runs 30 minutes.
+    assert runner.check_lever("recipe_bf16", 30.0, False) == "recipe_bf16"
+    assert runner.check_lever("p256", 10.0, False) == "p256"
+    assert runner.check_lever(None, 30.0, False) is None
+    with pytest.raises(SystemExit, match="--lever p256 is for screening rows"):
+        runner.check_lever("p256", 30.0, False)
+    with pytest.raises(SystemExit, match="unknown lever 'fast'"):
+        runner.check_lever("fast", 10.0, False)
+
     results = {"rows": {"EX_a_seed0": {"ap": 0.3}}}
     assert idrid_real.pending_rows(results, ["EX_a_seed0"], "lr3e-4") == ["EX_a_seed0"]
     results["rows"]["EX_a_seed0+lr3e-4"] = {"ap": 0.4}

@@ -80,6 +80,8 @@ LEVERS = {
     "recipe_bf16": ("the recipe unchanged, trained in mixed_bfloat16 (`--precision auto` on "
                     "a CPU with native bfloat16)", {"_cli": ["--precision", "mixed_bfloat16"]}),
 }  # fmt: skip
+# Levers that leave the recipe as it is: allowed in 30-minute rows (the others screen).
+FINAL_LEVERS = ("recipe", "recipe_bf16")
 
 
 def run_name(key: str, ctx: dict) -> str:

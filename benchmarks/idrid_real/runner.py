@@ -22,6 +22,7 @@ from benchmarks.idrid_real.results import (
     save_results,
 )
 from benchmarks.idrid_real.rows import (
+    FINAL_LEVERS,
     FINAL_MINUTES,
     KIND_NAMES,
     LEVERS,
@@ -181,6 +182,20 @@ def _workdir(quick: bool) -> Path:
     return path
 
 
+def check_lever(lever, minutes: float, quick: bool):
+    """`lever` if it may run at `minutes`: 30-minute rows take only `FINAL_LEVERS`."""
+    if lever is None:
+        return None
+    if lever not in LEVERS:
+        raise SystemExit(f"unknown lever {lever!r}; valid: {', '.join(LEVERS)}")
+    if minutes == FINAL_MINUTES and not quick and lever not in FINAL_LEVERS:
+        raise SystemExit(
+            f"--lever {lever} is for screening rows: give --minutes (e.g. 10); 30-minute "
+            f"rows take only {', '.join(FINAL_LEVERS)} (the recipe unchanged)"
+        )
+    return lever
+
+
 def idrid_real(settings, peak, progress=None) -> dict:
     """The benchmark entry of `benchmarks.run`: train and score the pending rows."""
     quick = settings.quick
@@ -190,13 +205,7 @@ def idrid_real(settings, peak, progress=None) -> dict:
         raise SystemExit(f"idrid_real needs {data}")
     workdir = _workdir(quick)
     ctx = _context(quick, minutes, workdir, settings.taskset)
-    lever = getattr(settings, "idrid_lever", None)
-    if lever is not None:
-        if lever not in LEVERS:
-            raise SystemExit(f"unknown lever {lever!r}; valid: {', '.join(LEVERS)}")
-        if minutes == FINAL_MINUTES and not quick:
-            raise SystemExit("--lever is for screening rows: give --minutes (e.g. 10)")
-        ctx["lever"] = lever
+    ctx["lever"] = check_lever(getattr(settings, "idrid_lever", None), minutes, quick)
     path = results_path(quick, minutes, workdir)
     results = load_results(path)
     results.update(results_file=str(path.relative_to(PROJECT_ROOT) if path == RESULTS else path))
