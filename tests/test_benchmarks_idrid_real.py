@@ -334,3 +334,39 @@ def test_screening_rows_render_into_their_own_section(tmp_path):
     assert sections["idrid_real"] == "final rows, kept"
     assert "| EX_a_seed0+base | EX |" in sections["idrid_real_screening_10min"]
     assert "10-minute screening rows" in sections["idrid_real_screening_10min"]
+
+
+def test_a_lever_row_retrains_the_missing_stage1_where_the_row_reads_it(tmp_path, monkeypatch):
+    """With its stage-1 model gone, a lever row retrains `stage1` (not `stage1+lever`)."""
+    commands = []
+
+    def fake_run(command, log):
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        if command[command.index("rmib") + 1] == "evaluate":
+            out.mkdir(parents=True)
+            scores = {"images": 11, "aupr": 0.4, "f1": 0.3, "threshold": 0.5,
+                      "region_f_score": {"0.5": 0.2}}  # fmt: skip
+            (out / "metrics.json").write_text(json.dumps(scores))
+        else:
+            out.mkdir(parents=True)
+            (out / "rmib.json").write_text("{}")
+            validation = {"roc_auc": 0.86, "accuracy": 0.8, "recall": 0.9, "precision": 0.8,
+                          "n": 77}  # fmt: skip
+            (out / "metrics.json").write_text(json.dumps({"validation": validation}))
+        return 1.0
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    monkeypatch.setattr(runner, "build_stage1_view", lambda root, out: {"excluded": []})
+    ctx = runner._context(False, 30.0, tmp_path, 0)
+    ctx["val_names"] = list(idrid_real.VAL_NAMES)
+    ctx["lever"] = "recipe_bf16"
+    record = runner.run_row("EX_a_seed0", ctx, "Some CPU", echo=lambda line: None)
+    pretrain, segment, evaluate = commands
+    assert pretrain[:4] == ["taskset", "-c", "0", "rmib"] and pretrain[4] == "pretrain"
+    assert pretrain[pretrain.index("--out") + 1] == str(tmp_path / "stage1")
+    assert segment[segment.index("--encoder") + 1] == str(tmp_path / "stage1")
+    assert segment[-2:] == ["--precision", "mixed_bfloat16"]
+    assert evaluate[5] == str(tmp_path / "EX_a_seed0+recipe_bf16")
+    assert record["stage1_retrained"]["roc_auc"] == 0.86
+    assert record["stage1_run"].startswith("stage1@") and record["ap"] == 0.4

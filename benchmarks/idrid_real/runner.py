@@ -126,10 +126,12 @@ def run_row(key: str, ctx: dict, cpu: str, echo=print) -> dict:
     stage1_key = key if kind in STAGE1_KINDS else "stage1"
     if kind in STAGE1_KINDS or (kind == "a" and not (workdir / "stage1" / "model.keras").exists()):
         view = build_stage1_view(IDRID, ctx["stage1_data"])
-        command = _pin(row_command(stage1_key, ctx), ctx["taskset"])
+        # A segmentation row's lever is not stage 1's: the model it needs is `stage1`.
+        stage1_ctx = ctx if kind in STAGE1_KINDS else {**ctx, "lever": None}
+        command = _pin(row_command(stage1_key, stage1_ctx), ctx["taskset"])
         echo(f"idrid_real {stage1_key}: {shlex.join(command)}")
         seconds = _run(command, workdir / "logs" / f"{stage1_key}.log")
-        run = workdir / stage1_key
+        run = workdir / run_name(stage1_key, stage1_ctx)
         stage1 = {"run": _run_id(run), **_stage1_metrics(run)}
         if kind in STAGE1_KINDS:
             view["excluded"] = len(view["excluded"])
