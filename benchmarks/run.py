@@ -175,8 +175,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--lever",
-        help="idrid_real screening: apply this lever's recipe overrides (benchmarks.idrid_real."
-        "LEVERS) to the rows; needs --minutes",
+        help="idrid_real: apply this lever's recipe overrides (benchmarks.idrid_real.LEVERS) "
+        "to the rows; needs --minutes, except recipe and recipe_bf16 (the recipe unchanged)",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
