@@ -1,7 +1,7 @@
 """Per-op profile of one classifier training step (issue #19).
 
-Builds `rmib.models.build_classifier` (random weights), compiles it with Adam and
-binary cross-entropy, runs 2 warm-up `train_on_batch` steps, then records `--steps`
+Builds `rmib.models.build_classifier` (random weights), compiles it with rmib's
+optimizer (`rmib.training.make_optimizer`: fused Adam) and binary cross-entropy, runs 2 warm-up `train_on_batch` steps, then records `--steps`
 steps with the TensorFlow profiler and parses the trace's `.xplane.pb` directly
 (no tensorboard_plugin_profile needed): every TensorFlow op event ("name:Type") of
 the host plane is timed (its median over the steps, so one-off stalls drop out)
@@ -131,7 +131,12 @@ def profile(model_name, cbam, precision, size, batch, steps=5, warmup=2):
 
     keras.mixed_precision.set_dtype_policy(precision)
     model = build_classifier(model_name, cbam=cbam, image_size=size, weights=None)
-    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
+    from rmib import training
+    from rmib.config import TrainConfig
+
+    # As the training runner compiles a classifier (fused Adam), as pretrain_throughput does.
+    optimizer = training.make_optimizer(TrainConfig(), steps_per_epoch=100)
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
     y = rng.integers(0, 2, (batch, 1)).astype("float32")
