@@ -27,7 +27,7 @@ def encoder_factory(cfg: SegmentConfig):
             )
 
         def build():
-            classifier = training.load_model(source)
+            classifier = _load_in_current_precision(source)
             try:
                 return classifier.get_layer("backbone")
             except ValueError:
@@ -64,6 +64,31 @@ def encoder_factory(cfg: SegmentConfig):
         "encoder_weights": cfg.weights,
     }
     return build, info, frozen
+
+
+def _load_in_current_precision(source):
+    """The stage-1 classifier at `source`, computing in the global dtype policy.
+
+    Keras restores every layer with the policy it was saved with, so a stage-1 run
+    trained in float32 would keep the transferred encoder (most of a segmenter's
+    compute) in float32 under `--precision auto` on a bfloat16 CPU or a GPU. Loaded
+    in float32, then switched as `rmib predict --precision` switches a model
+    (`with_precision`: the classifier's output layer stays float32); the weights
+    are float32 under every policy, so none changes.
+    """
+    import keras
+
+    from rmib.training.devices import SIGNIFICAND_BITS, with_precision
+
+    precision = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        classifier = training.load_model(source)
+    finally:
+        keras.mixed_precision.set_global_policy(precision)
+    if precision in SIGNIFICAND_BITS:
+        with_precision(classifier, precision)
+    return classifier
 
 
 def check_encoder(cfg: SegmentConfig) -> None:
