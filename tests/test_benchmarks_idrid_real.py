@@ -370,3 +370,27 @@ def test_a_lever_row_retrains_the_missing_stage1_where_the_row_reads_it(tmp_path
     assert evaluate[5] == str(tmp_path / "EX_a_seed0+recipe_bf16")
     assert record["stage1_retrained"]["roc_auc"] == 0.86
     assert record["stage1_run"].startswith("stage1@") and record["ap"] == 0.4
+
+
+def _add_rows(path, prefix, count):
+    for i in range(count):
+        results = idrid_real.load_results(path)  # a stale copy, as a runner holds one
+        idrid_real.add_row(path, results, f"{prefix}{i}", {"ap": 0.1})
+
+
+def test_rows_finishing_together_on_two_cores_are_both_kept(tmp_path):
+    """Two runners add rows to one json at once (as two pinned rows finishing in the
+    same second did): every row survives."""
+    import multiprocessing
+
+    path = tmp_path / "idrid_real.json"
+    idrid_real.save_results(path, {"rows": {"old": {"ap": 0.5}}, "minutes": 30.0})
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_add_rows, args=(path, p, 40)) for p in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    rows = idrid_real.load_results(path)["rows"]
+    assert set(rows) == {"old"} | {f"{p}{i}" for p in "ab" for i in range(40)}

@@ -40,6 +40,7 @@ from benchmarks.idrid_real.frozen_cost import frozen_encoder_cost
 from benchmarks.idrid_real.render import render_idrid_real
 from benchmarks.idrid_real.results import (
     RESULTS,
+    add_row,
     load_results,
     pending_rows,
     results_path,
@@ -94,6 +95,7 @@ __all__ = [
     "frozen_encoder_cost",
     "idrid_real",
     "lever_recipe",
+    "add_row",
     "load_results",
     "pending_rows",
     "render_idrid_real",

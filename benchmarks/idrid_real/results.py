@@ -29,6 +29,27 @@ def save_results(path: Path, results: dict) -> None:
         handle.write("\n")
 
 
+def add_row(path: Path, results: dict, name: str, record: dict) -> dict:
+    """`results` with row `name` added and the rows already in `path`, written to `path`.
+
+    Rows pinned to the two cores may finish together: the read, merge and write
+    hold an exclusive lock (`.<name>.lock` beside the json), so neither loses the
+    other's row.
+    """
+    import fcntl
+
+    lock = path.parent / f".{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            results["rows"] = {**load_results(path)["rows"], name: record}
+            save_results(path, results)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return results
+
+
 def pending_rows(results: dict, wanted, lever=None) -> list[str]:
     """The keys of `wanted` (in `ROWS` order) not yet measured in `results` (with `lever`)."""
     unknown = [k for k in wanted if k not in ROWS]

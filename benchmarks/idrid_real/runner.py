@@ -16,10 +16,10 @@ from pathlib import Path
 from benchmarks.common import PROJECT_ROOT
 from benchmarks.idrid_real.results import (
     RESULTS,
+    add_row,
     load_results,
     pending_rows,
     results_path,
-    save_results,
 )
 from benchmarks.idrid_real.rows import (
     FINAL_LEVERS,
@@ -217,9 +217,8 @@ def idrid_real(settings, peak, progress=None) -> dict:
     for key in pending_rows(results, wanted, ctx["lever"]):
         name = run_name(key, ctx)
         record = run_row(key, ctx, cpu)
-        # Re-read before writing: a row pinned to the other core may have finished meanwhile.
-        results["rows"] = {**load_results(path)["rows"], name: record}
-        save_results(path, results)
+        # Merged under a lock: a row pinned to the other core may finish at the same time.
+        add_row(path, results, name, record)
         print(f"idrid_real {name}: {json.dumps(record, default=str)}", flush=True)
         if progress is not None:
             progress(results)
