@@ -145,6 +145,18 @@ def _float32_global_policy():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _float32_global_policy_per_module():
+    """The same for a test file's module-scoped fixtures, which pytest builds before any
+    function-scoped one: a module fixture building a model (test_backbones.py's
+    keras.applications twins) computed in the policy the previous file's last test set
+    (bfloat16: its outputs rounded to 8 bits, seen with one xdist worker)."""
+    import keras
+
+    keras.config.set_dtype_policy("float32")
+    yield
+
+
 def pretrain_args(data, out, precision, epochs=2, image_size=64):
     """`rmib pretrain` of a tiny VGG16-CBAM classifier, its precision explicit."""
     return [
