@@ -1,8 +1,9 @@
 """Per-op profile of one classifier training step (issue #19).
 
 Builds `rmib.models.build_classifier` (random weights), compiles it with rmib's
-optimizer (`rmib.training.make_optimizer`: fused Adam) and binary cross-entropy, runs 2 warm-up `train_on_batch` steps, then records `--steps`
-steps with the TensorFlow profiler and parses the trace's `.xplane.pb` directly
+optimizer (`rmib.training.make_optimizer`: fused Adam, as training and
+pretrain_throughput compile) and binary cross-entropy, runs 2 warm-up
+`train_on_batch` steps, then records `--steps` steps with the TensorFlow profiler and parses the trace's `.xplane.pb` directly
 (no tensorboard_plugin_profile needed): every TensorFlow op event ("name:Type") of
 the host plane is timed (its median over the steps, so one-off stalls drop out)
 and summed by op type and by a category named after rmib's layers (backbones.py,
@@ -127,14 +128,12 @@ def profile(model_name, cbam, precision, size, batch, steps=5, warmup=2):
     import numpy as np
     import tensorflow as tf
 
+    from rmib import training
+    from rmib.config import TrainConfig
     from rmib.models import build_classifier
 
     keras.mixed_precision.set_dtype_policy(precision)
     model = build_classifier(model_name, cbam=cbam, image_size=size, weights=None)
-    from rmib import training
-    from rmib.config import TrainConfig
-
-    # As the training runner compiles a classifier (fused Adam), as pretrain_throughput does.
     optimizer = training.make_optimizer(TrainConfig(), steps_per_epoch=100)
     model.compile(optimizer=optimizer, loss="binary_crossentropy")
     rng = np.random.default_rng(0)
